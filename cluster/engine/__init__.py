@@ -1,0 +1,1 @@
+"""The tinygrad shard engine and the process it runs in."""

@@ -1,0 +1,307 @@
+"""ShardEngine: layers [start, end) of a model with a KV cache per session, under TinyJit.
+
+Two compiled graphs serve every call: a prefill graph over a symbolic chunk length 1..chunk and a decode
+graph for one token, both at a symbolic position, both writing the session's KV cache in place. Inputs are
+copied into preallocated buffers and sliced symbolically, so nothing compiles after `warmup()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
+from tinygrad.device import Buffer
+from tinygrad.dtype import DType
+
+from cluster.models.config import ModelConfig
+from cluster.models.decoder import ShardModel, load_shard, rope_tables
+from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
+from cluster.weights import Checkpoint
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot serve (unknown session, bad shape, context full, ...)."""
+
+
+class ContextFullError(EngineError):
+    pass
+
+
+@dataclass
+class StepResult:
+    """What one forward call returns: hidden states for the next shard, or the sampled token."""
+
+    hidden: np.ndarray | None = None  # (T, D) from a non-last shard
+    token: int | None = None  # from the last shard
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Session:
+    id: str
+    cache: Tensor  # (layers, 2, 1, n_kv, max_len, head_dim)
+    length: int = 0
+    rng: np.random.Generator | None = None
+    seen: Tensor | None = None  # (V,) for the repetition penalty
+    seen_host: np.ndarray | None = None
+
+
+def default_device() -> str:
+    return Device.DEFAULT
+
+
+def default_dtype(device: str) -> DType:
+    # fp16 math is slower than fp32 on CPUs; accelerators want half precision
+    return dtypes.float32 if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON") else dtypes.float16
+
+
+def copy_into(t: Tensor, arr: np.ndarray) -> None:
+    """Overwrite a realized tensor's buffer with host data (microseconds, no new graph)."""
+    dst = t.uop.base.buffer
+    data = memoryview(np.ascontiguousarray(arr)).cast("B")
+    if hasattr(dst.allocator, "_copyin"):
+        dst.allocator._copyin(dst._buf, data)
+    else:
+        dst.copy_from(Buffer("PYTHON", dst.size, dst.dtype, opaque=memoryview(bytearray(data))))
+
+
+class ShardEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        *,
+        device: str | None = None,
+        dtype: DType | str | None = None,
+        max_context: int = 4096,
+        prefill_chunk: int = 32,
+        max_sessions: int = 8,
+        progress: Progress | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.cfg = ModelConfig.from_dir(self.model_dir)
+        self.device = device or default_device()
+        self.dtype: DType = (
+            getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
+        )
+        end = self.cfg.num_layers if end_layer is None else end_layer
+        self.max_context = min(max_context, self.cfg.max_position_embeddings)
+        self.chunk = prefill_chunk
+        self.max_sessions = max_sessions
+        self._progress = progress or (lambda stage, done, total: None)
+        self.model: ShardModel = load_shard(self.cfg, Checkpoint(self.model_dir), start_layer, end, self.device, self.dtype)
+        self._realize_weights()
+        self.start, self.end = self.model.start, self.model.end
+        self.is_first, self.is_last = self.model.is_first, self.model.is_last
+
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope, self.max_context + self.chunk)
+        self.cos = Tensor(cos, device=self.device).cast(self.dtype).contiguous().realize()
+        self.sin = Tensor(sin, device=self.device).cast(self.dtype).contiguous().realize()
+        D, V = self.cfg.hidden_size, self.cfg.vocab_size
+        # preallocated inputs/outputs: host data is copied in, graphs see a symbolic slice of them
+        self.in_tokens = Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
+        self.in_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        self.out_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
+        self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
+        self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
+        self.v_len = UOp.variable("chunk_len", 1, self.chunk)
+        self._prefill_jit = TinyJit(self._forward)
+        self._decode_jit = TinyJit(self._forward)
+        self._greedy_jit = TinyJit(greedy)
+        self._sample_jit = TinyJit(sample)
+        self.sessions: dict[str, _Session] = {}
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------ loading
+    def _realize_weights(self) -> None:
+        params = list({id(p): p for p in self.model.params()}.values())
+        for i, p in enumerate(params):
+            # contiguous(): the cast/bitcast chain from disk becomes one plain device buffer
+            p.replace(p.contiguous().realize())
+            self._progress("load", i + 1, len(params))
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.model.weight_bytes
+
+    # ------------------------------------------------------------------------------------ graphs
+    def _forward(self, x: Tensor, cache: Tensor, start_pos: int | UOp) -> Tensor:
+        T = x.shape[1]
+        h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
+        cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
+        for i, block in enumerate(self.model.blocks):
+            h = block(h, cache[i], start_pos, cos, sin)
+        if self.is_last:
+            assert self.model.norm is not None and self.model.lm_head is not None
+            last = h[:, T - 1 : T]  # only the final position's logits are needed
+            return self.model.lm_head(self.model.norm(last)).reshape(1, -1).float().realize()  # (1, V)
+        self.out_hidden[:, 0:T].assign(h)
+        return self.out_hidden.realize()
+
+    def _run_chunk(self, session: _Session, x: np.ndarray) -> Tensor:
+        n = x.shape[0]
+        buf = self.in_tokens if self.is_first else self.in_hidden
+        padded = np.zeros(buf.shape[1:], dtype=x.dtype)
+        padded[:n] = x
+        copy_into(buf, padded[None])
+        pos = self.v_pos.bind(session.length)
+        if n == 1:
+            out = self._decode_jit(buf[:, 0:1], session.cache, pos)
+        else:
+            out = self._prefill_jit(buf[:, 0 : self.v_len.bind(n)], session.cache, pos)
+        session.length += n
+        return out
+
+    # ------------------------------------------------------------------------------------ sessions
+    def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
+        sid = session_id or uuid.uuid4().hex
+        if sid in self.sessions:
+            raise EngineError(f"session {sid!r} already exists")
+        if len(self.sessions) >= self.max_sessions:
+            raise EngineError(f"too many sessions ({self.max_sessions}); end one first")
+        cfg = self.cfg
+        shape = (len(self.model.blocks), 2, 1, cfg.num_kv_heads, self.max_context + self.chunk, cfg.head_dim)
+        cache = Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize()
+        self.sessions[sid] = _Session(sid, cache)
+        if sampling is not None:
+            self.configure_sampling(sid, sampling)
+        return sid
+
+    def configure_sampling(self, session_id: str, sampling: SamplingParams) -> None:
+        s = self._session(session_id)
+        s.rng = np.random.default_rng(sampling.seed)
+        if sampling.repetition_penalty != 1.0 and s.seen is None:
+            s.seen_host = np.zeros(self.cfg.vocab_size, dtype=np.float32)
+            s.seen = Tensor(s.seen_host, device=self.device).contiguous().realize()
+
+    def end_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)  # dropping the tensors frees the cache buffers
+
+    def session_length(self, session_id: str) -> int:
+        return self._session(session_id).length
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise EngineError(f"unknown session {session_id!r}") from None
+
+    # ------------------------------------------------------------------------------------ stepping
+    def forward(
+        self,
+        session_id: str,
+        inputs: np.ndarray | Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        token_ids: Sequence[int] | None = None,
+        logprobs: int = 0,
+    ) -> StepResult:
+        """Run `inputs` (token ids on the first shard, hidden states (T, D) otherwise) at the session's
+        current position. The last shard samples one token from the final position's logits.
+
+        token_ids: the ids of the positions processed, for the repetition penalty on the last shard
+        (the first shard knows them already).
+        """
+        s = self._session(session_id)
+        x = self._check_inputs(inputs)
+        n = x.shape[0]
+        if s.length + n > self.max_context:
+            raise ContextFullError(
+                f"session {session_id!r}: {s.length} + {n} positions exceed the context of {self.max_context}"
+            )
+        out: Tensor | None = None
+        hidden: list[np.ndarray] = []
+        for i in range(0, n, self.chunk):
+            out = self._run_chunk(s, x[i : i + self.chunk])
+            if not self.is_last:
+                hidden.append(out.numpy()[0, : min(self.chunk, n - i)].copy())
+        if not self.is_last:
+            return StepResult(hidden=np.concatenate(hidden))
+        assert out is not None
+        ids = list(token_ids) if token_ids is not None else (list(x) if self.is_first else [])
+        return self._sample(s, out, sampling or SamplingParams(), ids, logprobs)
+
+    def _check_inputs(self, inputs: np.ndarray | Sequence[int]) -> np.ndarray:
+        if self.is_first:
+            x = np.asarray(inputs)
+            if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
+                raise EngineError(f"first shard takes a non-empty 1-D array of token ids, got {x.dtype} {x.shape}")
+            if x.min() < 0 or x.max() >= self.cfg.vocab_size:
+                raise EngineError(f"token id out of range [0, {self.cfg.vocab_size})")
+            return x.astype(np.int32)
+        x = np.asarray(inputs)
+        D = self.cfg.hidden_size
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != D or not np.issubdtype(x.dtype, np.floating):
+            raise EngineError(f"shard {self.start} takes hidden states of shape (T, {D}), got {x.dtype} {x.shape}")
+        if not np.isfinite(x).all():
+            raise EngineError("hidden states contain NaN or Inf")
+        return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
+
+    def _sample(
+        self, s: _Session, logits: Tensor, params: SamplingParams, ids: list[int], logprobs: int
+    ) -> StepResult:
+        top = top_logprobs(logits.numpy(), logprobs) if logprobs > 0 else []
+        if params.greedy:
+            token, logprob = self._greedy_jit(logits).tolist()
+        else:
+            if s.rng is None or (params.repetition_penalty != 1.0 and s.seen is None):
+                self.configure_sampling(s.id, params)
+            seen = self.no_seen
+            if s.seen is not None and s.seen_host is not None:
+                if ids:
+                    s.seen_host[np.asarray(ids, dtype=np.int64)] = 1.0
+                    copy_into(s.seen, s.seen_host)
+                seen = s.seen
+            assert s.rng is not None
+            copy_into(self.sample_params, params.as_array())
+            copy_into(self.uniform, np.array([s.rng.random()], dtype=np.float32))
+            token, logprob = self._sample_jit(logits, self.sample_params, self.uniform, seen).tolist()
+        return StepResult(token=int(token), logprob=float(logprob), top=top)
+
+    # ------------------------------------------------------------------------------------ warm-up
+    def warmup(self) -> None:
+        """Compile every graph (prefill, decode, both samplers) before the engine reports ready."""
+        D = self.cfg.hidden_size
+        steps = 3  # call 1 runs eagerly, call 2 captures, call 3 replays
+        total, done = 4 * steps, 0
+        t0 = time.perf_counter()
+
+        def make(n: int) -> np.ndarray:
+            return np.zeros(n, np.int32) if self.is_first else np.zeros((n, D), np.float32)
+
+        sid = self.new_session("__warmup__")
+        try:
+            for n in (self.chunk, max(1, self.chunk // 2), 2)[:steps]:
+                self.forward(sid, make(n), token_ids=[0])
+                done += 1
+                self._progress("warmup", done, total)
+            for _ in range(steps):
+                self.forward(sid, make(1), token_ids=[0])
+                done += 1
+                self._progress("warmup", done, total)
+            if self.is_last:
+                warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
+                self.configure_sampling(sid, warm)
+                for _ in range(steps):
+                    self.forward(sid, make(1), sampling=warm, token_ids=[0])
+                    done += 1
+                    self._progress("warmup", done, total)
+        finally:
+            self.end_session(sid)
+        self._progress("warmup", total, total)
+        self.ready = True
+        log.info("shard [%d, %d) warm in %.1fs", self.start, self.end, time.perf_counter() - t0)

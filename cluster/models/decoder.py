@@ -1,0 +1,258 @@
+"""One tinygrad decoder for every supported architecture, built for a contiguous range of layers.
+
+A shard holds layers [start, end); the first shard also holds the token embedding, the last the final
+norm and lm_head. Weight names follow the Hugging Face layout (MLX checkpoints use it too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.dtype import DType
+from tinygrad.uop.ops import resolve
+
+from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
+from cluster.weights import Checkpoint, CheckpointError
+
+# our attribute -> HF module path inside "model.layers.{i}."
+LAYER_MODULES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+    "mlp_norm": "post_attention_layernorm",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.norm", "lm_head"
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class Linear:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        self.weight, self.bias = weight, bias  # (out, in), (out,)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.linear(self.weight.T, self.bias)
+
+    def params(self) -> list[Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+
+class QuantLinear:
+    """MLX affine-quantized weight; dequantized lazily inside the matmul so only packed bytes are read."""
+
+    def __init__(self, packed: Tensor, scales: Tensor, biases: Tensor, spec: QuantSpec, dtype: DType,
+                 bias: Tensor | None = None):
+        self.packed, self.scales, self.biases, self.spec, self.dtype, self.bias = packed, scales, biases, spec, dtype, bias
+
+    def dequantize(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
+        bits, group = self.spec.bits, self.spec.group_size
+        per_word = 32 // bits
+        shifts = Tensor.arange(per_word, dtype=dtypes.uint32).to(packed.device) * bits
+        q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, per_word), LSB first
+        q = q.reshape(*packed.shape[:-1], scales.shape[-1], group).cast(self.dtype)  # (..., groups, group)
+        w = q * scales.unsqueeze(-1) + biases.unsqueeze(-1)
+        return w.reshape(*packed.shape[:-1], scales.shape[-1] * group)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Dequantized rows `ids` (an embedding lookup on a quantized table)."""
+        return self.dequantize(self.packed[ids], self.scales[ids], self.biases[ids])
+
+    def params(self) -> list[Tensor]:
+        return [self.packed, self.scales, self.biases] + ([self.bias] if self.bias is not None else [])
+
+
+class RMSNorm:
+    def __init__(self, weight: Tensor, eps: float):
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # normalise in float32 like the reference implementations, then scale in the compute dtype
+        xf = x.float()
+        return (xf * (xf.square().mean(-1, keepdim=True) + self.eps).rsqrt()).cast(x.dtype) * self.weight
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse RoPE frequencies (head_dim/2,) in float32, with linear or Llama-3 scaling applied."""
+    inv = (1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    if rope.rope_type == "linear":
+        return (inv / rope.factor).astype(np.float32)
+    if rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(head_dim: int, rope: RopeConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    freqs = np.arange(length, dtype=np.float32)[:, None] * rope_inv_freq(head_dim, rope)[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)  # (length, head_dim/2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, H, T, head_dim) in the half-split layout HF uses; cos/sin: (T, head_dim/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class Block:
+    def __init__(self, cfg: ModelConfig, mods: dict[str, Linear | QuantLinear | RMSNorm]):
+        self.cfg, self.m = cfg, mods
+
+    def __call__(self, x: Tensor, cache: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
+        # x: (B, T, D); cache: (2, B, n_kv, max_len, head_dim) written in place at [start_pos, start_pos+T)
+        cfg, m = self.cfg, self.m
+        B, T, _ = x.shape
+        h = m["attn_norm"](x)
+        q = m["q"](h).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = m["k"](h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = m["v"](h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = m["q_norm"](q), m["k_norm"](k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache[:, :, :, start_pos : start_pos + T, :].assign(Tensor.stack(k, v).cast(cache.dtype))
+        keys = cache[0, :, :, 0 : start_pos + T, :]  # (B, n_kv, S, head_dim)
+        values = cache[1, :, :, 0 : start_pos + T, :]
+        # causal mask aligned to the end: query i sits at absolute position start_pos + i
+        mask = Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1) if resolve(T != 1) else None
+        attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, head_dim)
+        x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+        h = m["mlp_norm"](x)
+        return x + m["down"](m["gate"](h).silu() * m["up"](h))
+
+
+@dataclass
+class ShardModel:
+    """Tensors and callables for layers [start, end) of a model."""
+
+    cfg: ModelConfig
+    start: int
+    end: int
+    dtype: DType
+    blocks: list[Block]
+    embed: Tensor | QuantLinear | None  # first shard only
+    norm: RMSNorm | None  # last shard only
+    lm_head: Linear | QuantLinear | None  # last shard only
+    weight_bytes: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.cfg.num_layers
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        assert self.embed is not None
+        # (B, T) int32 -> (B, T, D)
+        return self.embed.rows(tokens) if isinstance(self.embed, QuantLinear) else self.embed[tokens]
+
+    def params(self) -> list[Tensor]:
+        out: list[Tensor] = []
+        for b in self.blocks:
+            for mod in b.m.values():
+                out += mod.params() if isinstance(mod, Linear | QuantLinear) else [mod.weight]
+        if isinstance(self.embed, Tensor):
+            out.append(self.embed)
+        elif self.embed is not None:
+            out += self.embed.params()
+        if self.norm is not None:
+            out.append(self.norm.weight)
+        if self.lm_head is not None and self.lm_head is not self.embed:
+            out += self.lm_head.params()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class _Loader:
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device: str, dtype: DType):
+        self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
+        self.used: list[str] = []
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: DType | None = None) -> Tensor:
+        self.used.append(name)
+        return self.ckpt.load(name, self.device, self.dtype if dtype is None else dtype, shape)
+
+    def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear | QuantLinear:
+        b = self.tensor(f"{path}.bias", (out_dim,)) if bias else None
+        if f"{path}.scales" not in self.ckpt:
+            return Linear(self.tensor(f"{path}.weight", (out_dim, in_dim)), b)
+        q = self.cfg.quantization
+        spec = q.for_module(path) if q is not None else None
+        if spec is None:
+            raise CheckpointError(f"{self.ckpt.model_dir}: {path} is quantized but config.json has no quantization for it")
+        if in_dim % spec.group_size:
+            raise CheckpointError(f"{path}: input size {in_dim} is not a multiple of group_size {spec.group_size}")
+        words, groups = in_dim * spec.bits // 32, in_dim // spec.group_size
+        return QuantLinear(
+            self.tensor(f"{path}.weight", (out_dim, words), dtypes.uint32),
+            self.tensor(f"{path}.scales", (out_dim, groups)),
+            self.tensor(f"{path}.biases", (out_dim, groups)),
+            spec,
+            self.dtype,
+            b,
+        )
+
+    def norm(self, path: str, dim: int) -> RMSNorm:
+        return RMSNorm(self.tensor(f"{path}.weight", (dim,)), self.cfg.rms_norm_eps)
+
+
+def load_shard(
+    cfg: ModelConfig, ckpt: Checkpoint, start: int, end: int, device: str, dtype: DType
+) -> ShardModel:
+    """Build layers [start, end) reading only their tensors; nothing is realized here."""
+    if not 0 <= start < end <= cfg.num_layers:
+        raise ValueError(f"layer range [{start}, {end}) is outside the model's {cfg.num_layers} layers")
+    ld = _Loader(cfg, ckpt, device, dtype)
+    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    blocks = []
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        mods: dict[str, Linear | QuantLinear | RMSNorm] = {
+            "attn_norm": ld.norm(p + LAYER_MODULES["attn_norm"], D),
+            "q": ld.linear(p + LAYER_MODULES["q"], q_dim, D, cfg.attention_bias),
+            "k": ld.linear(p + LAYER_MODULES["k"], kv_dim, D, cfg.attention_bias),
+            "v": ld.linear(p + LAYER_MODULES["v"], kv_dim, D, cfg.attention_bias),
+            "o": ld.linear(p + LAYER_MODULES["o"], D, q_dim),
+            "mlp_norm": ld.norm(p + LAYER_MODULES["mlp_norm"], D),
+            "gate": ld.linear(p + LAYER_MODULES["gate"], F, D),
+            "up": ld.linear(p + LAYER_MODULES["up"], F, D),
+            "down": ld.linear(p + LAYER_MODULES["down"], D, F),
+        }
+        if cfg.qk_norm:
+            mods["q_norm"] = ld.norm(p + LAYER_MODULES["q_norm"], hd)
+            mods["k_norm"] = ld.norm(p + LAYER_MODULES["k_norm"], hd)
+        blocks.append(Block(cfg, mods))
+
+    is_first, is_last = start == 0, end == cfg.num_layers
+    tied_table = None
+    if is_first or (is_last and cfg.tie_word_embeddings):
+        tied_table = ld.linear(EMBED, cfg.vocab_size, D)
+    embed: Tensor | QuantLinear | None = None
+    if is_first and tied_table is not None:
+        embed = tied_table if isinstance(tied_table, QuantLinear) else tied_table.weight
+    norm = ld.norm(FINAL_NORM, D) if is_last else None
+    lm_head: Linear | QuantLinear | None = None
+    if is_last:
+        lm_head = tied_table if cfg.tie_word_embeddings else ld.linear(LM_HEAD, cfg.vocab_size, D)
+    return ShardModel(cfg, start, end, dtype, blocks, embed, norm, lm_head, ckpt.nbytes(ld.used))

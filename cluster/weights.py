@@ -1,0 +1,156 @@
+"""safetensors checkpoints: validate headers, then read only the tensors a shard needs.
+
+Files are opened through tinygrad's DISK device, so a tensor's bytes are read straight into its device
+buffer when the shard realizes it; nothing else in the file is touched. bf16 is widened on the device
+with integer ops because clang's CPU target has no __bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinygrad import Tensor, dtypes
+from tinygrad.dtype import DType
+from tinygrad.nn.state import safe_load
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or lacks a tensor the model needs."""
+
+
+# safetensors dtype name -> (numpy-style name, bytes per element)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "U32": ("uint32", 4),
+    "I32": ("int32", 4),
+    "I64": ("int64", 8),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors name: "BF16", "F16", "F32", "U32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header against the file's real size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file}: truncated (no safetensors header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8 or header_len > 100 * 2**20:
+                raise CheckpointError(f"{file}: corrupt header length {header_len} (file has {size} bytes)")
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    data_size = size - 8 - header_len
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        info = TensorInfo(name, file, dtype, shape)
+        if end - start != info.nbytes or start < 0:
+            raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{file}: truncated: tensor {name!r} ends at byte {end} but the file holds {data_size} data bytes"
+            )
+        infos[name] = info
+    return infos
+
+
+class Checkpoint:
+    """All safetensors files of a model directory, indexed by tensor name."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.files = self._files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            self.tensors.update(read_header(file))
+        self._opened: dict[Path, dict[str, Tensor]] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: corrupt index ({e})") from None
+            files = sorted({self.model_dir / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"{index} names {f.name}, which is missing")
+            return files
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.model_dir}: no *.safetensors files")
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint") from None
+
+    def load(
+        self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None
+    ) -> Tensor:
+        """A lazy tensor on `device` (cast to `dtype` when given); realized later by the caller."""
+        info = self.info(name)
+        if shape is not None and tuple(shape) != info.shape:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the config needs {list(shape)}"
+            )
+        if info.file not in self._opened:
+            self._opened[info.file] = safe_load(str(info.file))
+        disk = self._opened[info.file][name]
+        if info.dtype == "BF16":
+            # bf16 -> f32 by moving the 16 bits into the top half of a 32-bit word.
+            t = (disk.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+        else:
+            t = disk.to(device)
+        return t if dtype is None or t.dtype == dtype else t.cast(dtype)
+
+    def nbytes(self, names: Iterable[str]) -> int:
+        return sum(self.info(n).nbytes for n in names)
+
+
+def total_file_bytes(model_dir: str | Path) -> int:
+    return sum(os.path.getsize(f) for f in Path(model_dir).glob("*.safetensors"))
