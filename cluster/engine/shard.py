@@ -138,6 +138,22 @@ class ShardEngine:
     def weight_bytes(self) -> int:
         return self.model.weight_bytes
 
+    def info(self) -> dict[str, object]:
+        """What a caller needs to drive this shard (plain values, so it crosses process boundaries)."""
+        return {
+            "architecture": self.cfg.architecture,
+            "layers": [self.start, self.end],
+            "num_layers": self.cfg.num_layers,
+            "hidden_size": self.cfg.hidden_size,
+            "vocab_size": self.cfg.vocab_size,
+            "max_context": self.max_context,
+            "device": self.device,
+            "dtype": self.dtype.name,
+            "weight_bytes": self.weight_bytes,
+            "quantized": self.cfg.quantization is not None,
+            "ready": self.ready,
+        }
+
     # ------------------------------------------------------------------------------------ graphs
     def _forward(self, x: Tensor, cache: Tensor, start_pos: int | UOp) -> Tensor:
         T = x.shape[1]

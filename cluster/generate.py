@@ -1,0 +1,146 @@
+"""The generation loop: drive a chain of shards token by token, detokenise, apply stops.
+
+Shards are anything with the ShardEngine calling convention (an in-process engine, an engine in a runner
+process, later a remote node): hidden states flow from shard to shard, the last one samples a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from cluster.engine.shard import StepResult
+from cluster.sampling import SamplingParams
+from cluster.stop_strings import StopStringFilter
+from cluster.tokenizer import StreamingDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Shard(Protocol):
+    def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str: ...
+    def end_session(self, session_id: str) -> None: ...
+    def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult: ...
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class TokenChunk:
+    """One generated token and the text it completed (may be "" while UTF-8 or a stop string is pending)."""
+
+    id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max tokens or context)
+    prompt_tokens: int
+    ttft_ms: float
+    decode_tok_s: float
+    tail: str = ""  # text released at the very end (held back until then); already part of `text`
+
+    def usage(self) -> dict[str, int]:
+        n = len(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+
+def step(shards: Sequence[Shard], sid: str, ids: list[int], sampling: SamplingParams, logprobs: int) -> StepResult:
+    """Push token ids through every shard; the last returns the sampled token."""
+    x: Any = np.asarray(ids, dtype=np.int32)
+    for i, shard in enumerate(shards):
+        last = i == len(shards) - 1
+        kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": ids, "logprobs": logprobs} if last else {}
+        result = shard.forward(sid, x, **kwargs)
+        if last:
+            return result
+        x = result.hidden
+    raise ValueError("no shards")
+
+
+def generate(
+    shards: Sequence[Shard],
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    logprobs: int = 0,
+    context_limit: int,
+) -> Iterator[TokenChunk | GenerationResult]:
+    """Yield a TokenChunk per generated token, then one GenerationResult."""
+    sampling = sampling or SamplingParams()
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise PromptTooLongError("the prompt is empty")
+    if len(prompt) >= context_limit:
+        raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; the context holds {context_limit}")
+    sid = uuid.uuid4().hex
+    for shard in shards:
+        shard.new_session(sid, sampling)
+    detok, stops = StreamingDetokenizer(tokenizer), StopStringFilter(stop)
+    tokens: list[int] = []
+    text: list[str] = []
+    finish = "length"
+    hit = False
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    try:
+        ids = prompt
+        position = 0
+        while len(tokens) < max_tokens and position + len(ids) <= context_limit:
+            result = step(shards, sid, ids, sampling, logprobs)
+            position += len(ids)
+            t_last = time.perf_counter()
+            if not tokens:
+                t_first = t_last
+            assert result.token is not None and result.logprob is not None
+            token = result.token
+            tokens.append(token)
+            if token in tokenizer.eos_ids:
+                finish = "stop"
+                yield TokenChunk(token, "", result.logprob, result.top)
+                break
+            piece, hit = stops.push(detok.add(token))
+            text.append(piece)
+            yield TokenChunk(token, piece, result.logprob, result.top)
+            if hit:
+                finish = "stop"
+                break
+            ids = [token]
+    finally:
+        for shard in shards:
+            try:
+                shard.end_session(sid)
+            except Exception:  # a dead shard must not hide the real error
+                log.exception("ending session %s failed", sid)
+    tail = ""
+    if not hit:  # after a stop string everything that follows it is discarded
+        tail, _ = stops.push(detok.flush())
+        tail += stops.flush()
+    text.append(tail)
+    decode_s = t_last - t_first
+    return_rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0
+    yield GenerationResult(
+        tokens=tokens,
+        text="".join(text),
+        finish_reason=finish,
+        prompt_tokens=len(prompt),
+        ttft_ms=(t_first - t0) * 1000,
+        decode_tok_s=return_rate,
+        tail=tail,
+    )
