@@ -1,26 +1,37 @@
-"""clusterctl: a peer-to-peer, heterogeneous LLM inference cluster for Linux."""
+"""clusterctl: a peer-to-peer, heterogeneous LLM inference cluster for Linux.
 
-from cluster.engine.shard import ContextFullError, EngineError, ShardEngine, StepResult
-from cluster.generate import GenerationResult, TokenChunk, generate
-from cluster.models.config import ConfigError, ModelConfig
-from cluster.sampling import SamplingParams
-from cluster.tokenizer import StreamingDetokenizer, Tokenizer, TokenizerError
-from cluster.weights import Checkpoint, CheckpointError
+Names are imported on first use, so that `import cluster.engine.runner` in a fresh engine process does not
+load tinygrad before the process has set its environment.
+"""
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "ConfigError",
-    "ContextFullError",
-    "EngineError",
-    "GenerationResult",
-    "ModelConfig",
-    "SamplingParams",
-    "ShardEngine",
-    "StepResult",
-    "StreamingDetokenizer",
-    "TokenChunk",
-    "Tokenizer",
-    "TokenizerError",
-    "generate",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Checkpoint": "cluster.weights",
+    "CheckpointError": "cluster.weights",
+    "ConfigError": "cluster.models.config",
+    "ContextFullError": "cluster.engine.shard",
+    "EngineError": "cluster.engine.shard",
+    "EngineProcess": "cluster.engine.process",
+    "GenerationResult": "cluster.generate",
+    "ModelConfig": "cluster.models.config",
+    "SamplingParams": "cluster.sampling",
+    "ShardEngine": "cluster.engine.shard",
+    "StepResult": "cluster.engine.shard",
+    "StreamingDetokenizer": "cluster.tokenizer",
+    "TokenChunk": "cluster.generate",
+    "Tokenizer": "cluster.tokenizer",
+    "TokenizerError": "cluster.tokenizer",
+    "generate": "cluster.generate",
+    "resolve_model": "cluster.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

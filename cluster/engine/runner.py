@@ -1,0 +1,538 @@
+"""Run an object (the tinygrad engine) in a child process and call its methods over a pipe.
+
+tinygrad wants its own process: it reads DEV/JIT/BEAM from the environment, is happiest on the main
+thread, and a driver crash (segfault, OOM kill) must not take the node down. `Runner("pkg.mod:Factory",
+*args, **kwargs)` spawns a fresh interpreter (multiprocessing "spawn"), builds `Factory(*args, **kwargs)`
+on the child's main thread and then serves `runner.call("method", ...)` requests one at a time.
+
+Progress: when the factory has a parameter named `emit`, the child passes `emit=callable`; calling
+`emit({"stage": "warmup", "step": 3})` in the child delivers the dict to the parent's `on_event`
+callback (on the runner's reader thread, in order with results).
+
+Pipe messages are `(kind, call_id, pickled_payload)`: payloads are pickled separately so that a value one
+side cannot pickle or unpickle fails that one call, not the connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import inspect
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.util
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from multiprocessing.connection import Connection, wait
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+_PR_SET_PDEATHSIG = 1
+_WATCHDOG_INTERVAL_S = 1.0
+
+
+class RunnerError(RuntimeError):
+    """Base class for runner failures."""
+
+
+class RemoteTraceback(Exception):
+    """The child's formatted traceback, attached as `__cause__` so it prints with the parent's."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]) if self.args else ""
+
+
+class RunnerCallError(RunnerError):
+    """The child raised; carries the remote type name, message and traceback text.
+
+    `exception` is the original exception object when it survived pickling both ways, else None.
+    """
+
+    def __init__(
+        self,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str,
+        *,
+        method: str | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        where = f" (in call {method!r})" if method else ""
+        super().__init__(f"{remote_type}: {remote_message}{where}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        self.method = method
+        self.exception = exception
+        self.__cause__ = RemoteTraceback(remote_traceback)
+
+
+class RunnerStartError(RunnerCallError):
+    """Importing the target or constructing the object raised in the child."""
+
+
+class RunnerDied(RunnerError):
+    """The child process exited (crash, kill, exit) while it was expected to serve."""
+
+    def __init__(self, message: str, exitcode: int | None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    @property
+    def signal_name(self) -> str | None:
+        return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else None
+
+
+class RunnerClosed(RunnerError):
+    """The runner was closed by its owner."""
+
+
+class RunnerTimeout(RunnerError, TimeoutError):
+    """The object was not constructed within start()'s timeout (the child is killed)."""
+
+
+class Runner:
+    """A child process that builds `target(*args, **kwargs)` and serves method calls on it.
+
+    Thread-safe: calls from several threads are queued and served in order by the child. The keyword
+    `on_event` belongs to the Runner; every other keyword goes to the target. The child inherits the
+    parent's environment as it is at start(); set DEV/JIT/BEAM there (the child imports `cluster`, and so
+    tinygrad, before the target, so environment changes made inside the child come too late).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *args: Any,
+        on_event: EventCallback | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if target.count(":") != 1 or not all(target.split(":")):
+            raise ValueError(f"target must look like 'package.module:callable', got {target!r}")
+        self.target = target
+        self._on_event = on_event
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_child_main,
+            args=(child_conn, target, args, kwargs, os.getpid()),
+            name=f"runner:{target}",
+        )
+        self._child_conn: Connection | None = child_conn
+        self._ready: Future[None] = Future()
+        self._pending: dict[int, tuple[str, Future[Any]]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards _pending, _ended, _started
+        self._send_lock = threading.Lock()  # one writer at a time; never held while waiting for a reply
+        self._started = False
+        self._closing = False
+        self._ended: RunnerError | None = None
+        self._exitcode: int | None = None
+        self._thread = threading.Thread(target=self._run_reader, name=f"runner-reader:{target}", daemon=True)
+        self._finalizer: multiprocessing.util.Finalize | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> Runner:
+        """Spawn the child (once) and wait until the object is constructed."""
+        with self._lock:
+            closing, first = self._closing, not self._started
+            self._started = True
+        if closing:
+            # After a failed start, keep reporting why it failed rather than just "closed".
+            failure = self._ready.exception() if self._ready.done() else None
+            raise failure or RunnerClosed(f"runner for {self.target} is closed")
+        if first:
+            # The reader thread spawns the child: PR_SET_PDEATHSIG fires when the *thread* that forked
+            # the child exits, so the fork must come from a thread that lives as long as the child.
+            self._thread.start()
+            # Runs at interpreter exit before multiprocessing joins its (non-daemon) children.
+            self._finalizer = multiprocessing.util.Finalize(
+                self, _stop_process, args=(self._process, self._conn, self._send_lock), exitpriority=10
+            )
+        try:
+            self._ready.result(timeout)
+        except FutureTimeout:
+            self.close(timeout=0)
+            raise RunnerTimeout(f"{self.target} was not ready within {timeout} s; process killed") from None
+        except RunnerError:
+            self.close(timeout=1)
+            raise
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the child to exit, then terminate and finally kill it. Safe to call more than once."""
+        if threading.current_thread() is self._thread:
+            # Called from on_event: the reader cannot wait for itself, so close from another thread.
+            threading.Thread(target=self.close, args=(timeout,), daemon=True).start()
+            return
+        with self._lock:
+            self._closing = True
+            started = self._started
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+        if started:
+            _stop_process(self._process, self._conn, self._send_lock, timeout)
+            self._thread.join()
+        elif self._child_conn is not None:
+            self._child_conn.close()
+            self._child_conn = None
+        self._fail_all(RunnerClosed(f"runner for {self.target} was closed"))
+        self._conn.close()
+
+    def __enter__(self) -> Runner:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the child process is running and has not been closed."""
+        if not self._started or self._ended is not None or self._closing or self._process.pid is None:
+            return False
+        # The sentinel turns ready at exit; unlike is_alive() it does not reap (the reader thread does).
+        return not wait([self._process.sentinel], 0)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._exitcode
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `obj.method(*args, **kwargs)` in the child and return its result.
+
+        Raises RunnerCallError when the method raised (the child keeps serving), RunnerDied when the
+        child exited, RunnerClosed after close(). Starts the runner first if needed.
+        """
+        self.start()
+        request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended_error(method)
+            call_id = next(self._ids)
+            self._pending[call_id] = (method, future)
+        try:
+            with self._send_lock:
+                self._conn.send(("call", call_id, request))
+        except (OSError, ValueError) as exc:
+            # Most likely the child just died: the reader will fail this future with the reason.
+            log.debug("send to %s failed: %s", self.target, exc)
+            try:
+                return future.result(timeout=5.0)
+            except FutureTimeout:
+                with self._lock:
+                    self._pending.pop(call_id, None)
+                raise RunnerError(f"could not send {method!r} to {self.target}: {exc}") from exc
+        return future.result()
+
+    # -- reader thread ---------------------------------------------------------------------------
+
+    def _run_reader(self) -> None:
+        try:
+            self._process.start()
+        except BaseException as exc:
+            self._ready.set_exception(RunnerError(f"could not start the process for {self.target}: {exc}"))
+            self._end(RunnerError(f"could not start the process for {self.target}: {exc}"))
+            return
+        finally:
+            # The child holds its own copy; closing ours lets us see EOF when the child dies.
+            assert self._child_conn is not None
+            self._child_conn.close()
+            self._child_conn = None
+        log.debug("started %s as pid %s", self.target, self._process.pid)
+        self._serve_replies()
+        self._exitcode = _reap(self._process)
+        if self._closing:
+            self._end(RunnerClosed(f"runner for {self.target} was closed"))
+        else:
+            self._end(RunnerDied(self._death_message(), self._exitcode))
+
+    def _serve_replies(self) -> None:
+        sentinel = self._process.sentinel
+        while True:
+            ready = wait([self._conn, sentinel])
+            if self._conn in ready:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    return
+                self._dispatch(message)
+            elif sentinel in ready:
+                self._drain()
+                return
+
+    def _drain(self) -> None:
+        # Deliver what the child sent just before it exited (a last result or event).
+        try:
+            while self._conn.poll(0):
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _dispatch(self, message: tuple[str, int | None, bytes]) -> None:
+        kind, call_id, payload = message
+        try:
+            if kind == "event":
+                self._deliver_event(pickle.loads(payload))
+            elif kind == "ready":
+                self._ready.set_result(None)
+            elif kind == "init_error":
+                self._ready.set_exception(_remote_error(payload, RunnerStartError, method=None))
+            elif kind in ("result", "error") and call_id is not None:
+                self._resolve(call_id, kind, payload)
+            else:
+                log.warning("%s sent an unknown message %r", self.target, kind)
+        except Exception:
+            log.exception("%s: could not handle a %r message", self.target, kind)
+
+    def _deliver_event(self, event: dict[str, Any]) -> None:
+        if self._on_event is None:
+            log.debug("%s event: %s", self.target, event)
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("on_event callback of %s raised", self.target)
+
+    def _resolve(self, call_id: int, kind: str, payload: bytes) -> None:
+        with self._lock:
+            method, future = self._pending.pop(call_id, ("?", None))
+        if future is None:
+            log.warning("%s answered unknown call %s", self.target, call_id)
+            return
+        if kind == "error":
+            future.set_exception(_remote_error(payload, RunnerCallError, method=method))
+            return
+        try:
+            future.set_result(pickle.loads(payload))
+        except Exception as exc:
+            future.set_exception(RunnerError(f"could not unpickle the result of {method!r}: {exc!r}"))
+
+    def _end(self, error: RunnerError) -> None:
+        with self._lock:
+            self._ended = error
+        if not self._ready.done():
+            self._ready.set_exception(self._ended_error(None, starting=True))
+        self._fail_all(error)
+
+    def _fail_all(self, error: RunnerError) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for method, future in pending:
+            future.set_exception(self._ended_error(method, base=error))
+
+    def _ended_error(
+        self, method: str | None, *, base: RunnerError | None = None, starting: bool = False
+    ) -> RunnerError:
+        # A fresh exception per caller: one instance raised in several threads would share a traceback.
+        base = base or self._ended or RunnerClosed(f"runner for {self.target} was closed")
+        when = " while starting" if starting else f" during call {method!r}" if method else ""
+        if isinstance(base, RunnerDied):
+            return RunnerDied(f"{base}{when}", base.exitcode)
+        return type(base)(f"{base}{when}")
+
+    def _death_message(self) -> str:
+        code = self._exitcode
+        who = f"engine process {self._process.pid} ({self.target})"
+        if code is None:
+            return f"{who} stopped answering"
+        if code < 0:
+            return f"{who} died with {_signal_name(-code)}"
+        return f"{who} exited with code {code}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _remote_error(payload: bytes, cls: type[RunnerCallError], *, method: str | None) -> RunnerCallError:
+    info = pickle.loads(payload)
+    original: BaseException | None = None
+    if info.get("exception") is not None:
+        try:
+            original = pickle.loads(info["exception"])
+        except Exception:
+            original = None  # e.g. a custom exception class that only exists in the child
+    return cls(info["type"], info["message"], info["traceback"], method=method, exception=original)
+
+
+def _stop_process(
+    process: multiprocessing.process.BaseProcess,
+    conn: Connection,
+    send_lock: threading.Lock,
+    timeout: float = 5.0,
+) -> None:
+    """Graceful close message, then SIGTERM, then SIGKILL."""
+    if process.pid is None or wait([process.sentinel], 0):
+        return
+    if timeout > 0 and send_lock.acquire(timeout=timeout):
+        try:
+            conn.send(("close", None, b""))
+        except (OSError, ValueError):
+            pass  # already gone
+        finally:
+            send_lock.release()
+    if wait([process.sentinel], timeout):
+        return
+    if timeout > 0:
+        log.warning("%s did not exit within %.1f s; terminating it", process.name, timeout)
+    process.terminate()
+    if wait([process.sentinel], 2.0):
+        return
+    process.kill()
+    wait([process.sentinel])
+
+
+def _reap(process: multiprocessing.process.BaseProcess) -> int | None:
+    """Join and return the exit code (negative: killed by that signal)."""
+    process.join()
+    # multiprocessing.active_children() in another thread may reap the child first and leave join()
+    # with no exit code for a moment; the code appears once that thread stores it.
+    for _ in range(100):
+        if process.exitcode is not None:
+            break
+        time.sleep(0.01)
+    return process.exitcode
+
+
+# -- child side -----------------------------------------------------------------------------------
+
+
+class _Channel:
+    """The child's end of the pipe; `emit` may be called from any thread in the child."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, kind: str, call_id: int | None, payload: bytes) -> None:
+        with self.lock:
+            self.conn.send((kind, call_id, payload))
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.send("event", None, pickle.dumps(event, protocol=_PICKLE))
+
+
+def _child_main(
+    conn: Connection,
+    target: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    parent_pid: int,
+) -> None:
+    _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = _Channel(conn)
+    try:
+        factory = _import_target(target)
+        if _accepts_emit(factory):
+            kwargs = {**kwargs, "emit": channel.emit}
+        obj = factory(*args, **kwargs)
+    except BaseException as exc:
+        channel.send("init_error", None, _error_payload(exc))
+        return
+    channel.send("ready", None, b"")
+    _serve(conn, channel, obj)
+
+
+def _serve(conn: Connection, channel: _Channel, obj: Any) -> None:
+    while True:
+        try:
+            kind, call_id, payload = conn.recv()
+        except EOFError:
+            return  # the parent is gone
+        if kind == "close":
+            return
+        try:
+            method, args, kwargs = pickle.loads(payload)
+            result = pickle.dumps(getattr(obj, method)(*args, **kwargs), protocol=_PICKLE)
+        except Exception as exc:
+            channel.send("error", call_id, _error_payload(exc))
+            continue
+        channel.send("result", call_id, result)
+
+
+def _import_target(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _accepts_emit(factory: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get("emit")
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+def _error_payload(exc: BaseException) -> bytes:
+    try:
+        original: bytes | None = pickle.dumps(exc, protocol=_PICKLE)
+    except Exception:
+        original = None
+    info = {
+        "type": _type_name(type(exc)),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "exception": original,
+    }
+    return pickle.dumps(info, protocol=_PICKLE)
+
+
+def _type_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the parent process dies, even while busy in a long call."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl unavailable (%s); relying on the parent watchdog", exc)
+    # The parent may have died before prctl took effect; the watchdog also covers non-Linux hosts.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="runner-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_WATCHDOG_INTERVAL_S)
+    os._exit(1)

@@ -1,0 +1,176 @@
+"""ShardEngine against the references: transformers fp32 logits for the float checkpoints, mlx-lm fp32
+logits for the MLX-quantized ones, and the whole single-node model for every split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ALL_MODELS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
+
+from cluster.engine.shard import ContextFullError, EngineError, ShardEngine
+from cluster.generate import step
+from cluster.sampling import SamplingParams
+
+TOL = 1e-3  # max |logprob difference|; observed ~5e-5 in fp32 on CPU
+
+
+def full_logprobs(result) -> np.ndarray:
+    v = np.full(512, -np.inf)
+    for i, lp in result.top:
+        v[i] = lp
+    return v
+
+
+def run_tokens(shards, prompt, n, sampling=None):
+    sid = "s"
+    for s in shards:
+        s.new_session(sid, sampling)
+    try:
+        ids, out = list(prompt), []
+        for _ in range(n):
+            r = step(shards, sid, ids, sampling or SamplingParams(), 0)
+            out.append(r.token)
+            ids = [r.token]
+        return out
+    finally:
+        for s in shards:
+            s.end_session(sid)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_matches_reference_logits_and_greedy(engines, name):
+    ref, logits = reference(name), reference_logits(name)
+    eng = engines.get(name)
+    prompt, greedy = ref["prompt_ids"], ref["greedy_ids"]
+    sid = eng.new_session()
+    try:
+        r = eng.forward(sid, np.array(prompt), logprobs=512)
+        got, errs = [r.token], [np.abs(full_logprobs(r) - log_softmax(logits[len(prompt) - 1])).max()]
+        assert abs(r.logprob - log_softmax(logits[len(prompt) - 1])[r.token]) < TOL
+        for i in range(len(greedy) - 1):
+            r = eng.forward(sid, np.array([got[-1]]), logprobs=512)
+            got.append(r.token)
+            errs.append(np.abs(full_logprobs(r) - log_softmax(logits[len(prompt) + i])).max())
+    finally:
+        eng.end_session(sid)
+    assert got == greedy
+    assert max(errs) < TOL, f"{name}: logprob error {max(errs):.2e}"
+
+
+@pytest.mark.parametrize("name", ["llama32", "qwen3-4bit-mixed"])
+def test_prefill_positions_match_reference(engines, name):
+    """Prompts ending inside, at and across chunk boundaries give the reference's next-token logits."""
+    ref, logits = reference(name), reference_logits(name)
+    eng = engines.get(name)
+    sequence = ref["prompt_ids"] + ref["greedy_ids"][:-1]  # what the reference logits were computed over
+    for k in (1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 1, 3 * CHUNK):
+        sid = eng.new_session()
+        r = eng.forward(sid, np.array(sequence[:k]), logprobs=512)
+        eng.end_session(sid)
+        assert np.abs(full_logprobs(r) - log_softmax(logits[k - 1])).max() < TOL, f"prefix length {k}"
+
+
+@pytest.mark.parametrize("name", ["llama32", "qwen2", "llama32-4bit"])
+def test_split_into_2_and_3_shards_gives_the_whole_models_tokens(engines, name):
+    ref = reference(name)
+    whole = run_tokens([engines.get(name)], ref["prompt_ids"], 12)
+    for cuts in ([0, 2, 4], [0, 1, 3, 4]):
+        shards = [engines.get(name, a, b) for a, b in zip(cuts, cuts[1:])]
+        assert [s.is_first for s in shards] == [True] + [False] * (len(shards) - 1)
+        assert run_tokens(shards, ref["prompt_ids"], 12) == whole
+        sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+        assert run_tokens(shards, ref["prompt_ids"], 8, sampled) == run_tokens(
+            [engines.get(name)], ref["prompt_ids"], 8, sampled
+        )
+
+
+def test_shard_holds_only_its_own_weights(engines):
+    whole = engines.get("mistral")
+    first, last = engines.get("mistral", 0, 2), engines.get("mistral", 2, 4)
+    assert first.model.lm_head is None and first.model.norm is None and first.model.embed is not None
+    assert last.model.embed is None and last.model.lm_head is not None
+    # untied model: the shards partition the checkpoint's bytes exactly
+    assert first.weight_bytes + last.weight_bytes == whole.weight_bytes
+    assert first.weight_bytes < whole.weight_bytes
+
+
+def test_no_compilation_after_warmup(engines):
+    from tinygrad.engine import realize
+
+    eng = ShardEngine(FIXTURES / "qwen2", prefill_chunk=CHUNK, max_context=128)
+    eng.warmup()
+    before = (len(realize.runtime_cache), eng._prefill_jit.cnt > 1, eng._decode_jit.cnt > 1)
+    assert before[1] and before[2], "warm-up must capture both graphs"
+    prompts = [[5], [5, 6, 7], list(range(10, 10 + CHUNK)), list(range(20, 20 + 3 * CHUNK + 2))]
+    for p in prompts:
+        run_tokens([eng], p, 4)
+    run_tokens([eng], [1, 2, 3], 60)  # a long generation across many positions
+    run_tokens([eng], [9, 8], 5, SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
+                                                  repetition_penalty=1.3, seed=3))
+    assert len(realize.runtime_cache) == before[0], "a kernel was compiled after warm-up"
+
+
+def test_sessions_are_isolated(engines):
+    eng = engines.get("llama32")
+    ref = reference("llama32")
+    a_prompt, b_prompt = ref["prompt_ids"], ref["prompt_ids"][:5]
+    alone_a, alone_b = run_tokens([eng], a_prompt, 6), run_tokens([eng], b_prompt, 6)
+    eng.new_session("a")
+    eng.new_session("b")
+    ra = eng.forward("a", np.array(a_prompt))
+    rb = eng.forward("b", np.array(b_prompt))
+    ta, tb = [ra.token], [rb.token]
+    for _ in range(5):  # interleaved decode steps
+        ta.append(eng.forward("a", np.array([ta[-1]])).token)
+        tb.append(eng.forward("b", np.array([tb[-1]])).token)
+    eng.end_session("a")
+    eng.end_session("b")
+    assert (ta, tb) == (alone_a, alone_b)
+    assert "a" not in eng.sessions and "b" not in eng.sessions
+
+
+def test_bad_input_gets_a_clear_error_and_the_engine_keeps_serving(engines):
+    first, last = engines.get("llama32", 0, 2), engines.get("llama32", 2, 4)
+    sid = first.new_session()
+    with pytest.raises(EngineError, match="out of range"):
+        first.forward(sid, np.array([1, 99999]))
+    with pytest.raises(EngineError, match="token ids"):
+        first.forward(sid, np.zeros((2, 64), np.float32))
+    with pytest.raises(EngineError, match="unknown session"):
+        first.forward("nope", np.array([1]))
+    last.new_session(sid)
+    with pytest.raises(EngineError, match=r"shape \(T, 64\)"):
+        last.forward(sid, np.zeros((3, 63), np.float32))
+    with pytest.raises(EngineError, match="NaN"):
+        last.forward(sid, np.full((1, 64), np.nan, np.float32))
+    with pytest.raises(EngineError, match="already exists"):
+        first.new_session(sid)
+    first.end_session(sid)
+    last.end_session(sid)
+    ref = reference("llama32")
+    assert run_tokens([first, last], ref["prompt_ids"], 12) == ref["greedy_ids"]
+
+
+def test_context_full_is_an_error_not_a_crash(engines):
+    eng = engines.get("llama32", max_context=24)
+    sid = eng.new_session()
+    eng.forward(sid, np.arange(20))
+    with pytest.raises(ContextFullError):
+        eng.forward(sid, np.arange(5))
+    for _ in range(4):
+        eng.forward(sid, np.array([3]))
+    with pytest.raises(ContextFullError):
+        eng.forward(sid, np.array([3]))
+    eng.end_session(sid)
+
+
+def test_too_many_sessions(engines):
+    eng = engines.get("llama32", max_sessions=2)
+    eng.new_session("x")
+    eng.new_session("y")
+    with pytest.raises(EngineError, match="too many sessions"):
+        eng.new_session("z")
+    eng.end_session("x")
+    eng.new_session("z")
+    eng.end_session("y")
+    eng.end_session("z")

@@ -1,0 +1,285 @@
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from cluster.engine.runner import (
+    Runner,
+    RunnerCallError,
+    RunnerClosed,
+    RunnerDied,
+    RunnerStartError,
+    RunnerTimeout,
+)
+
+# Import the targets under whatever name this test module has, so the spawned child finds them too.
+_targets_name = f"{__name__.rpartition('.')[0]}.runner_targets".lstrip(".")
+targets = importlib.import_module(_targets_name)
+TARGET = f"{_targets_name}:Target"
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[Runner]:
+    with Runner(TARGET, 10) as r:
+        yield r
+
+
+def _wait_until(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_calls_return_values(runner: Runner) -> None:
+    assert runner.alive and runner.pid is not None
+    assert runner.call("add", 1) == 11
+    assert runner.call("add", 1, y=5) == 16
+    assert runner.call("pid") == runner.pid != os.getpid()
+
+
+def test_numpy_arrays_cross_both_ways(runner: Runner) -> None:
+    a = runner.call("arange", 6)
+    np.testing.assert_array_equal(a, np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(runner.call("scale", a, 2.0), a * 2.0)
+
+
+def test_target_runs_on_child_main_thread(runner: Runner) -> None:
+    assert runner.call("on_main_thread") is True
+
+
+def test_exception_is_reraised_and_child_keeps_serving(runner: Runner) -> None:
+    with pytest.raises(RunnerCallError) as info:
+        runner.call("fail", "boom")
+    err = info.value
+    assert err.remote_type == "KeyError"
+    assert err.remote_message == "'boom'"
+    assert err.method == "fail"
+    assert "in fail" in err.remote_traceback and "KeyError: 'boom'" in err.remote_traceback
+    assert isinstance(err.exception, KeyError)
+    assert "KeyError" in str(err) and "'fail'" in str(err)
+    assert runner.call("add", 2) == 12
+
+
+def test_custom_exception_type_name(runner: Runner) -> None:
+    with pytest.raises(RunnerCallError) as info:
+        runner.call("fail_custom")
+    assert info.value.remote_type == f"{_targets_name}.CustomError"
+    assert isinstance(info.value.exception, targets.CustomError)
+
+
+def test_unknown_method_is_a_remote_error(runner: Runner) -> None:
+    with pytest.raises(RunnerCallError, match="AttributeError"):
+        runner.call("no_such_method")
+    assert runner.call("add", 0) == 10
+
+
+def test_unpicklable_result_fails_only_that_call(runner: Runner) -> None:
+    with pytest.raises(RunnerCallError) as info:
+        runner.call("unpicklable")
+    assert "pickle" in str(info.value).lower() or "pickle" in info.value.remote_traceback.lower()
+    assert runner.call("add", 3) == 13
+
+
+def test_unpicklable_argument_fails_in_parent(runner: Runner) -> None:
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        runner.call("add", lambda: 1)
+    assert runner.call("add", 4) == 14
+
+
+def test_calls_from_many_threads(runner: Runner) -> None:
+    results: dict[int, list[int]] = {}
+
+    def worker(t: int) -> None:
+        results[t] = [runner.call("add", t, y=i) for i in range(25)]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {t: [10 + t + i for i in range(25)] for t in range(8)}
+
+
+def test_construction_failure_is_raised_in_parent() -> None:
+    r = Runner(TARGET, fail=True)
+    with pytest.raises(RunnerStartError) as info:
+        r.start(timeout=60)
+    assert info.value.remote_type == "ValueError"
+    assert "construction failed on purpose" in str(info.value)
+    assert "__init__" in info.value.remote_traceback
+    assert not r.alive
+    with pytest.raises(RunnerStartError, match="construction failed"):
+        r.call("add", 1)
+
+
+def test_missing_target_module() -> None:
+    with pytest.raises(RunnerStartError, match="ModuleNotFoundError"):
+        Runner("no_such_module_xyz:Thing").start(timeout=60)
+
+
+def test_bad_target_string() -> None:
+    with pytest.raises(ValueError, match="package.module:callable"):
+        Runner("no-colon-here")
+
+
+def test_segfault_raises_runner_died_and_a_new_runner_works() -> None:
+    r = Runner(TARGET).start(timeout=60)
+    with pytest.raises(RunnerDied, match="SIGSEGV") as info:
+        r.call("crash")
+    assert info.value.exitcode == -signal.SIGSEGV
+    assert info.value.signal_name == "SIGSEGV"
+    assert "'crash'" in str(info.value)
+    assert not r.alive
+    with pytest.raises(RunnerDied, match="SIGSEGV"):
+        r.call("add", 1)  # later calls fail fast with the same cause
+    r.close()
+    with Runner(TARGET, 1) as fresh:
+        assert fresh.call("add", 1) == 2
+
+
+def test_os_exit_reports_exit_code() -> None:
+    with Runner(TARGET) as r:
+        with pytest.raises(RunnerDied, match="exited with code 3") as info:
+            r.call("exit", 3)
+        assert info.value.exitcode == 3
+        assert r.exitcode == 3
+
+
+def test_death_while_idle_is_noticed() -> None:
+    with Runner(TARGET) as r:
+        assert r.pid is not None
+        os.kill(r.pid, signal.SIGKILL)
+        assert _wait_until(lambda: not r.alive)
+        with pytest.raises(RunnerDied, match="SIGKILL"):
+            r.call("add", 1)
+
+
+def test_close_stops_the_child_and_fails_pending_calls() -> None:
+    r = Runner(TARGET).start(timeout=60)
+    pid = r.pid
+    assert pid is not None
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            r.call("sleep", 30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    r.close(timeout=0.5)  # the child is busy, so it is terminated
+    thread.join(5)
+    assert time.monotonic() - started < 5
+    assert len(errors) == 1 and isinstance(errors[0], RunnerClosed)
+    assert _gone(pid) and not r.alive
+    r.close()  # idempotent
+    with pytest.raises(RunnerClosed):
+        r.call("add", 1)
+
+
+def test_start_timeout_kills_the_child() -> None:
+    r = Runner(f"{_targets_name}:slow_target", 30)
+    with pytest.raises(RunnerTimeout):
+        r.start(timeout=0.5)
+    assert r.pid is not None and _wait_until(lambda: _gone(r.pid or 0), 5)
+
+
+def test_environment_reaches_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLUSTERCTL_TEST_INHERITED", "from-parent")
+    monkeypatch.setenv("BEAM", "0")
+    with Runner(TARGET) as r:
+        assert r.call("getenv", "CLUSTERCTL_TEST_INHERITED") == "from-parent"
+        assert r.call("getenv", "BEAM") == "0"
+
+
+def test_events_reach_on_event() -> None:
+    events: list[dict[str, Any]] = []
+    with Runner(TARGET, 5, on_event=events.append) as r:
+        assert events == [{"stage": "init", "base": 5}]  # sent before "ready"
+        assert r.call("steps", 3) == 3
+        # Events travel in order with results, so they have all arrived by the time call() returns.
+        assert events[1:] == [{"stage": "step", "i": i} for i in range(3)]
+
+
+def test_emit_is_only_passed_when_accepted() -> None:
+    with Runner(f"{_targets_name}:NoEmit", a=1) as r:
+        assert r.call("keys") == ["a"]
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_child_exits_when_parent_is_killed(busy: bool) -> None:
+    paths = [p for p in sys.path if p]
+    code = "\n".join(
+        [
+            "import sys, time",
+            f"sys.path[:0] = {paths!r}",
+            "from cluster.engine.runner import Runner",
+            f"r = Runner({TARGET!r}).start(timeout=60)",
+            "print(r.pid, flush=True)",
+            "r.call('sleep', 120)" if busy else "time.sleep(120)",
+        ]
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        time.sleep(0.2)  # let the busy parent send its call
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_until(lambda: _gone(child), 5), f"runner child {child} outlived its parent"
+
+
+def test_runner_started_from_a_short_lived_thread_survives_it() -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits; the runner must not die with it.
+    holder: list[Runner] = []
+    thread = threading.Thread(target=lambda: holder.append(Runner(TARGET, 7).start(timeout=60)))
+    thread.start()
+    thread.join()
+    with holder[0] as r:
+        time.sleep(0.3)
+        assert r.alive
+        assert r.call("add", 1) == 8
+
+
+def test_unclosed_runner_does_not_block_interpreter_exit() -> None:
+    paths = [p for p in sys.path if p]
+    code = "\n".join(
+        [
+            "import sys",
+            f"sys.path[:0] = {paths!r}",
+            "from cluster.engine.runner import Runner",
+            f"r = Runner({TARGET!r}).start(timeout=60)",
+            "print(r.pid, flush=True)",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert _wait_until(lambda: _gone(int(result.stdout)), 5)
