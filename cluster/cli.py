@@ -100,7 +100,7 @@ def run_cmd(model: str, prompt: str | None, max_tokens: int, temperature: float 
     from cluster.engine.process import EngineProcess
     from cluster.engine.shard import EngineError, ShardEngine
     from cluster.engine.runner import RunnerError
-    from cluster.models.config import ConfigError
+    from cluster.models.config import ConfigError, ModelConfig
     from cluster.registry import ModelNotFoundError, resolve_model
     from cluster.tokenizer import Tokenizer, TokenizerError
     from cluster.weights import CheckpointError
@@ -108,6 +108,7 @@ def run_cmd(model: str, prompt: str | None, max_tokens: int, temperature: float 
     user_errors = (ModelNotFoundError, ConfigError, CheckpointError, TokenizerError, EngineError, ValueError)
     try:
         model_dir = resolve_model(model, models_dir=models_dir)
+        ModelConfig.from_dir(model_dir)  # an unsupported model fails here, before anything loads
         tokenizer = Tokenizer.from_dir(model_dir)
         defaults = _generation_defaults(model_dir)
         chosen = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,

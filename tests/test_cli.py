@@ -1,0 +1,75 @@
+"""`clusterctl run` as a user runs it: a real subprocess, real checkpoint, engine in its own process.
+
+Reference: the transformers greedy continuation in each fixture's reference.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, reference
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+
+
+def clusterctl(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=input, env=full_env,
+                          timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+def json_lines(stdout: str) -> tuple[list[dict], dict]:
+    objs = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert objs[-1]["done"] is True
+    return objs[:-1], objs[-1]
+
+
+def test_run_raw_json_gives_the_reference_tokens():
+    ref = reference("llama32")
+    p = clusterctl("run", str(FIXTURES / "llama32"), ref["prompt_text"], "--raw", "--json", "--max-tokens", "6",
+                   "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    tokens, summary = json_lines(p.stdout)
+    assert [t["id"] for t in tokens] == ref["greedy_ids"][:6] == summary["tokens"]
+    assert all(set(t) == {"id", "text", "logprob"} and t["logprob"] <= 0 for t in tokens)
+    assert summary["finish_reason"] == "length"
+    assert summary["usage"] == {"prompt_tokens": len(ref["prompt_ids"]), "completion_tokens": 6,
+                                "total_tokens": len(ref["prompt_ids"]) + 6}
+    assert summary["timing"]["ttft_ms"] > 0 and summary["timing"]["decode_tok_s"] > 0
+
+
+def test_run_chat_with_logprobs_in_process():
+    ref = reference("qwen3")
+    p = clusterctl("run", str(FIXTURES / "qwen3"), ref["chat_messages"][0]["content"], "--json", "--logprobs", "3",
+                   "--max-tokens", "4", "--temperature", "0", "--local")
+    assert p.returncode == 0, p.stderr
+    tokens, summary = json_lines(p.stdout)
+    assert summary["usage"]["prompt_tokens"] == len(ref["chat_prompt_ids"])  # the chat template was applied
+    for t in tokens:
+        assert len(t["top"]) == 3
+        assert t["top"][0][0] == t["id"]  # greedy picks the most likely id
+        assert t["top"][0][1] == pytest.approx(t["logprob"], abs=1e-4)
+
+
+def test_interactive_chat_reads_turns_until_an_empty_line():
+    p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("tokens, length") == 2  # one summary per turn
+    assert "TTFT" in p.stderr and "tok/s" in p.stderr
+
+
+def test_clear_errors_without_a_traceback(tmp_path):
+    p = clusterctl("run", "llama-3.2-1bb", "hi")
+    assert p.returncode != 0 and "llama-3.2-1b" in p.stderr and "Traceback" not in p.stderr
+    p = clusterctl("run", "some-org/some-model", "hi")
+    assert p.returncode != 0 and "offline" in p.stderr.lower() and "Traceback" not in p.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    p = clusterctl("run", str(tmp_path), "hi", "--raw")
+    assert p.returncode != 0 and "gemma2" in p.stderr and "Traceback" not in p.stderr
+    p = clusterctl("run", str(FIXTURES / "llama32"), "hi", "--top-p", "0")
+    assert p.returncode == 2 and "top-p" in p.stderr
