@@ -71,35 +71,69 @@ class _Bars:
 @click.argument("model")
 @click.argument("prompt", required=False)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="0 = greedy. Default: the model's generation_config.json, else 0.")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="0 = greedy. Default: the model's generation_config.json, else 0.",
+)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--top-k", type=click.IntRange(min=0), default=None)
 @click.option("--min-p", type=click.FloatRange(0, 1), default=None)
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
+@click.option(
+    "--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary.")
-@click.option("--logprobs", type=click.IntRange(min=0), default=0, help="With --json: the top K logprobs per token.")
+@click.option(
+    "--logprobs", type=click.IntRange(min=0), default=0, help="With --json: the top K logprobs per token."
+)
 @click.option("--local", is_flag=True, help="Run the model inside this process (no engine process).")
-@click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
-              help="Compute dtype. Default: float32 on CPU, float16 on accelerators.")
+@click.option(
+    "--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default=None,
+    help="Compute dtype. Default: float32 on CPU, float16 on accelerators.",
+)
 @click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where downloaded models live (default: the Hugging Face cache).")
-def run_cmd(model: str, prompt: str | None, max_tokens: int, temperature: float | None, top_p: float | None,
-            top_k: int | None, min_p: float | None, repetition_penalty: float | None, seed: int | None,
-            stop: tuple[str, ...], raw: bool, as_json: bool, logprobs: int, local: bool, device: str | None,
-            dtype: str | None, max_context: int, models_dir: Path | None) -> None:
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where downloaded models live (default: the Hugging Face cache).",
+)
+def run_cmd(
+    model: str,
+    prompt: str | None,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    raw: bool,
+    as_json: bool,
+    logprobs: int,
+    local: bool,
+    device: str | None,
+    dtype: str | None,
+    max_context: int,
+    models_dir: Path | None,
+) -> None:
     """Generate with MODEL: a registry name (see `clusterctl models`), an HF repo id or a local directory.
 
     Without PROMPT, starts an interactive chat.
     """
     from cluster.engine.process import EngineProcess
-    from cluster.engine.shard import EngineError, ShardEngine
     from cluster.engine.runner import RunnerError
+    from cluster.engine.shard import EngineError, ShardEngine
     from cluster.models.config import ConfigError, ModelConfig
     from cluster.registry import ModelNotFoundError, resolve_model
     from cluster.tokenizer import Tokenizer, TokenizerError
@@ -111,12 +145,19 @@ def run_cmd(model: str, prompt: str | None, max_tokens: int, temperature: float 
         ModelConfig.from_dir(model_dir)  # an unsupported model fails here, before anything loads
         tokenizer = Tokenizer.from_dir(model_dir)
         defaults = _generation_defaults(model_dir)
-        chosen = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-                  "repetition_penalty": repetition_penalty}
+        chosen = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "repetition_penalty": repetition_penalty,
+        }
         params = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
         sampling = SamplingParams(**params, seed=seed)
         if not raw and not tokenizer.has_chat_template:
-            raise TokenizerError(f"{model_dir} has no chat template; use --raw to send the prompt as plain text")
+            raise TokenizerError(
+                f"{model_dir} has no chat template; use --raw to send the prompt as plain text"
+            )
     except user_errors as e:
         raise click.ClickException(str(e)) from None
 
@@ -147,8 +188,18 @@ def run_cmd(model: str, prompt: str | None, max_tokens: int, temperature: float 
 
 
 class _Session:
-    def __init__(self, engine: Shard, tokenizer: Any, sampling: SamplingParams, max_tokens: int,
-                 stop: tuple[str, ...], logprobs: int, as_json: bool, raw: bool, context: int):
+    def __init__(
+        self,
+        engine: Shard,
+        tokenizer: Any,
+        sampling: SamplingParams,
+        max_tokens: int,
+        stop: tuple[str, ...],
+        logprobs: int,
+        as_json: bool,
+        raw: bool,
+        context: int,
+    ):
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
         self.stop, self.logprobs, self.as_json, self.raw, self.context = stop, logprobs, as_json, raw, context
         self.messages: list[dict[str, str]] = []
@@ -160,8 +211,16 @@ class _Session:
             self.messages.append({"role": "user", "content": text})
             ids = self.tok.encode_chat(self.messages, add_generation_prompt=True)
         result = None
-        for item in generate([self.engine], self.tok, ids, max_tokens=self.max_tokens, sampling=self.sampling,
-                             stop=self.stop, logprobs=self.logprobs, context_limit=self.context):
+        for item in generate(
+            [self.engine],
+            self.tok,
+            ids,
+            max_tokens=self.max_tokens,
+            sampling=self.sampling,
+            stop=self.stop,
+            logprobs=self.logprobs,
+            context_limit=self.context,
+        ):
             if isinstance(item, TokenChunk):
                 self._emit_token(item)
             else:
@@ -184,16 +243,23 @@ class _Session:
 
     def _emit_summary(self, r: GenerationResult) -> None:
         if self.as_json:
-            click.echo(json.dumps({
-                "done": True, "tokens": r.tokens, "text": r.text, "finish_reason": r.finish_reason,
-                "usage": r.usage(), "timing": {"ttft_ms": round(r.ttft_ms, 2), "decode_tok_s": round(r.decode_tok_s, 2)},
-            }, ensure_ascii=False))
+            click.echo(
+                json.dumps(
+                    {
+                        "done": True,
+                        "tokens": r.tokens,
+                        "text": r.text,
+                        "finish_reason": r.finish_reason,
+                        "usage": r.usage(),
+                        "timing": {"ttft_ms": round(r.ttft_ms, 2), "decode_tok_s": round(r.decode_tok_s, 2)},
+                    },
+                    ensure_ascii=False,
+                )
+            )
             return
         click.echo(r.tail)
-        click.echo(
-            f"[{len(r.tokens)} tokens, {r.finish_reason}; TTFT {r.ttft_ms:.0f} ms, {r.decode_tok_s:.1f} tok/s]",
-            err=True,
-        )
+        timing = f"TTFT {r.ttft_ms:.0f} ms, {r.decode_tok_s:.1f} tok/s"
+        click.echo(f"[{len(r.tokens)} tokens, {r.finish_reason}; {timing}]", err=True)
 
     def chat(self) -> None:
         click.echo("Chat started; an empty line or Ctrl-D ends it.", err=True)

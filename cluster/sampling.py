@@ -32,7 +32,10 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty), "repetition_penalty must be > 0"),
+            (
+                self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+                "repetition_penalty must be > 0",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -79,7 +82,7 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the penalty applies to. Returns (2,).
     """
     flat = logits.reshape(-1)
-    V = flat.shape[0]
+    V = int(flat.shape[0])
     temp, top_k, top_p, min_p, penalty = (params[i] for i in range(5))
     # HF semantics: positive logits divided by the penalty, negative ones multiplied
     penalised = (seen > 0).where((flat > 0).where(flat / penalty, flat * penalty), flat)

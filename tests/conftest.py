@@ -25,7 +25,7 @@ def reference(name: str) -> dict[str, Any]:
 
 
 def reference_logits(name: str) -> np.ndarray:
-    """(L, V) float32 logits from transformers (float models) or mlx-lm (MLX models) for prompt+greedy[:-1]."""
+    """(L, V) float32 logits for prompt + greedy[:-1], from transformers (float) or mlx-lm (MLX models)."""
     return np.load(FIXTURES / name / "reference_logits.npy")
 
 

@@ -19,8 +19,15 @@ CLI = [sys.executable, "-m", "cluster.cli"]
 
 def clusterctl(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=input, env=full_env,
-                          timeout=timeout, cwd=Path(__file__).parent.parent)
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        env=full_env,
+        timeout=timeout,
+        cwd=Path(__file__).parent.parent,
+    )
 
 
 def json_lines(stdout: str) -> tuple[list[dict], dict]:
@@ -31,22 +38,45 @@ def json_lines(stdout: str) -> tuple[list[dict], dict]:
 
 def test_run_raw_json_gives_the_reference_tokens():
     ref = reference("llama32")
-    p = clusterctl("run", str(FIXTURES / "llama32"), ref["prompt_text"], "--raw", "--json", "--max-tokens", "6",
-                   "--temperature", "0")
+    p = clusterctl(
+        "run",
+        str(FIXTURES / "llama32"),
+        ref["prompt_text"],
+        "--raw",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    )
     assert p.returncode == 0, p.stderr
     tokens, summary = json_lines(p.stdout)
     assert [t["id"] for t in tokens] == ref["greedy_ids"][:6] == summary["tokens"]
     assert all(set(t) == {"id", "text", "logprob"} and t["logprob"] <= 0 for t in tokens)
     assert summary["finish_reason"] == "length"
-    assert summary["usage"] == {"prompt_tokens": len(ref["prompt_ids"]), "completion_tokens": 6,
-                                "total_tokens": len(ref["prompt_ids"]) + 6}
+    assert summary["usage"] == {
+        "prompt_tokens": len(ref["prompt_ids"]),
+        "completion_tokens": 6,
+        "total_tokens": len(ref["prompt_ids"]) + 6,
+    }
     assert summary["timing"]["ttft_ms"] > 0 and summary["timing"]["decode_tok_s"] > 0
 
 
 def test_run_chat_with_logprobs_in_process():
     ref = reference("qwen3")
-    p = clusterctl("run", str(FIXTURES / "qwen3"), ref["chat_messages"][0]["content"], "--json", "--logprobs", "3",
-                   "--max-tokens", "4", "--temperature", "0", "--local")
+    p = clusterctl(
+        "run",
+        str(FIXTURES / "qwen3"),
+        ref["chat_messages"][0]["content"],
+        "--json",
+        "--logprobs",
+        "3",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--local",
+    )
     assert p.returncode == 0, p.stderr
     tokens, summary = json_lines(p.stdout)
     assert summary["usage"]["prompt_tokens"] == len(ref["chat_prompt_ids"])  # the chat template was applied
@@ -57,7 +87,9 @@ def test_run_chat_with_logprobs_in_process():
 
 
 def test_interactive_chat_reads_turns_until_an_empty_line():
-    p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")
+    p = clusterctl(
+        "run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n"
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("tokens, length") == 2  # one summary per turn
     assert "TTFT" in p.stderr and "tok/s" in p.stderr

@@ -75,7 +75,7 @@ def test_split_into_2_and_3_shards_gives_the_whole_models_tokens(engines, name):
     ref = reference(name)
     whole = run_tokens([engines.get(name)], ref["prompt_ids"], 12)
     for cuts in ([0, 2, 4], [0, 1, 3, 4]):
-        shards = [engines.get(name, a, b) for a, b in zip(cuts, cuts[1:])]
+        shards = [engines.get(name, a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
         assert [s.is_first for s in shards] == [True] + [False] * (len(shards) - 1)
         assert run_tokens(shards, ref["prompt_ids"], 12) == whole
         sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
@@ -105,8 +105,12 @@ def test_no_compilation_after_warmup(engines):
     for p in prompts:
         run_tokens([eng], p, 4)
     run_tokens([eng], [1, 2, 3], 60)  # a long generation across many positions
-    run_tokens([eng], [9, 8], 5, SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
-                                                  repetition_penalty=1.3, seed=3))
+    run_tokens(
+        [eng],
+        [9, 8],
+        5,
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=3),
+    )
     assert len(realize.runtime_cache) == before[0], "a kernel was compiled after warm-up"
 
 

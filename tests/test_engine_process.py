@@ -30,8 +30,9 @@ def greedy(shard, prompt, n):
 def test_engine_process_generates_recovers_from_errors_and_from_death():
     ref = reference("llama32")
     events: list[tuple[str, int, int]] = []
-    proc = EngineProcess(FIXTURES / "llama32", on_progress=lambda *e: events.append(e), prefill_chunk=CHUNK,
-                         max_context=64).start(timeout=120)
+    proc = EngineProcess(
+        FIXTURES / "llama32", on_progress=lambda *e: events.append(e), prefill_chunk=CHUNK, max_context=64
+    ).start(timeout=120)
     try:
         proc.warmup()
         assert {e[0] for e in events} == {"load", "warmup"}

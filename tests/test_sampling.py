@@ -84,8 +84,14 @@ def test_greedy_graph_and_top_logprobs():
 
 
 def test_invalid_params_are_rejected():
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 2},
-                {"repetition_penalty": 0}):
+    for bad in (
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"min_p": 2},
+        {"repetition_penalty": 0},
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -109,7 +115,10 @@ def test_engine_seeds_are_reproducible(engines):
     others = [_tokens(eng, prompt, SamplingParams(**hot, seed=s)) for s in (2, 3, 4)]
     assert any(o != a for o in others)
     # top_k=1 leaves only the argmax, whatever the temperature and seed
-    assert _tokens(eng, prompt, SamplingParams(temperature=2.0, top_k=1, seed=9)) == reference("llama32")["greedy_ids"][:10]
+    assert (
+        _tokens(eng, prompt, SamplingParams(temperature=2.0, top_k=1, seed=9))
+        == reference("llama32")["greedy_ids"][:10]
+    )
 
 
 def test_engine_repetition_penalty_tracks_every_processed_id(engines):

@@ -11,13 +11,16 @@ from cluster.engine.shard import ShardEngine, StepResult
 from cluster.sampling import SamplingParams
 
 
-def build_engine(model_dir: str, start: int, end: int | None, emit: Callable[[dict], None] | None = None,
-                 **options: Any) -> ShardEngine:
+def build_engine(
+    model_dir: str, start: int, end: int | None, emit: Callable[[dict], None] | None = None, **options: Any
+) -> ShardEngine:
     """Runner factory: build the engine in the child, reporting load/warm-up progress to the parent."""
     progress = None
     if emit is not None:
+
         def progress(stage: str, done: int, total: int) -> None:
             emit({"stage": stage, "done": done, "total": total})
+
     return ShardEngine(model_dir, start, end, progress=progress, **options)
 
 
@@ -35,10 +38,13 @@ class EngineProcess:
     ):
         on_event = None
         if on_progress is not None:
+
             def on_event(event: dict[str, Any]) -> None:
                 on_progress(event["stage"], event["done"], event["total"])
-        self.runner = Runner("cluster.engine.process:build_engine", str(model_dir), start, end,
-                             on_event=on_event, **options)
+
+        self.runner = Runner(
+            "cluster.engine.process:build_engine", str(model_dir), start, end, on_event=on_event, **options
+        )
 
     def start(self, timeout: float | None = None) -> EngineProcess:
         """Spawn the process and load the weights (construction errors re-raised as themselves)."""

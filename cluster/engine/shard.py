@@ -69,7 +69,8 @@ def default_dtype(device: str) -> DType:
 def copy_into(t: Tensor, arr: np.ndarray) -> None:
     """Overwrite a realized tensor's buffer with host data (microseconds, no new graph)."""
     dst = t.uop.base.buffer
-    data = memoryview(np.ascontiguousarray(arr)).cast("B")
+    assert isinstance(dst, Buffer), "engine buffers live on one device"
+    data = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]
     if hasattr(dst.allocator, "_copyin"):
         dst.allocator._copyin(dst._buf, data)
     else:
@@ -101,7 +102,9 @@ class ShardEngine:
         self.chunk = prefill_chunk
         self.max_sessions = max_sessions
         self._progress = progress or (lambda stage, done, total: None)
-        self.model: ShardModel = load_shard(self.cfg, Checkpoint(self.model_dir), start_layer, end, self.device, self.dtype)
+        self.model: ShardModel = load_shard(
+            self.cfg, Checkpoint(self.model_dir), start_layer, end, self.device, self.dtype
+        )
         self._realize_weights()
         self.start, self.end = self.model.start, self.model.end
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
@@ -111,9 +114,15 @@ class ShardEngine:
         self.sin = Tensor(sin, device=self.device).cast(self.dtype).contiguous().realize()
         D, V = self.cfg.hidden_size, self.cfg.vocab_size
         # preallocated inputs/outputs: host data is copied in, graphs see a symbolic slice of them
-        self.in_tokens = Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
-        self.in_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
-        self.out_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        self.in_tokens = (
+            Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
+        )
+        self.in_hidden = (
+            Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        )
+        self.out_hidden = (
+            Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        )
         self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
@@ -255,14 +264,18 @@ class ShardEngine:
         if self.is_first:
             x = np.asarray(inputs)
             if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
-                raise EngineError(f"first shard takes a non-empty 1-D array of token ids, got {x.dtype} {x.shape}")
+                raise EngineError(
+                    f"first shard takes a non-empty 1-D array of token ids, got {x.dtype} {x.shape}"
+                )
             if x.min() < 0 or x.max() >= self.cfg.vocab_size:
                 raise EngineError(f"token id out of range [0, {self.cfg.vocab_size})")
             return x.astype(np.int32)
         x = np.asarray(inputs)
         D = self.cfg.hidden_size
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != D or not np.issubdtype(x.dtype, np.floating):
-            raise EngineError(f"shard {self.start} takes hidden states of shape (T, {D}), got {x.dtype} {x.shape}")
+            raise EngineError(
+                f"shard {self.start} takes hidden states of shape (T, {D}), got {x.dtype} {x.shape}"
+            )
         if not np.isfinite(x).all():
             raise EngineError("hidden states contain NaN or Inf")
         return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
@@ -272,7 +285,7 @@ class ShardEngine:
     ) -> StepResult:
         top = top_logprobs(logits.numpy(), logprobs) if logprobs > 0 else []
         if params.greedy:
-            token, logprob = self._greedy_jit(logits).tolist()
+            token, logprob = self._greedy_jit(logits).tolist()  # type: ignore[misc]
         else:
             if s.rng is None or (params.repetition_penalty != 1.0 and s.seen is None):
                 self.configure_sampling(s.id, params)
@@ -285,7 +298,9 @@ class ShardEngine:
             assert s.rng is not None
             copy_into(self.sample_params, params.as_array())
             copy_into(self.uniform, np.array([s.rng.random()], dtype=np.float32))
-            token, logprob = self._sample_jit(logits, self.sample_params, self.uniform, seen).tolist()
+            token, logprob = self._sample_jit(  # type: ignore[misc]
+                logits, self.sample_params, self.uniform, seen
+            ).tolist()
         return StepResult(token=int(token), logprob=float(logprob), top=top)
 
     # ------------------------------------------------------------------------------------ warm-up
@@ -310,7 +325,9 @@ class ShardEngine:
                 done += 1
                 self._progress("warmup", done, total)
             if self.is_last:
-                warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
+                warm = SamplingParams(
+                    temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0
+                )
                 self.configure_sampling(sid, warm)
                 for _ in range(steps):
                     self.forward(sid, make(1), sampling=warm, token_ids=[0])
