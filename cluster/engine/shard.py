@@ -50,7 +50,7 @@ class StepResult:
 @dataclass
 class _Session:
     id: str
-    cache: Tensor  # (layers, 2, 1, n_kv, max_len, head_dim)
+    cache: list[Tensor]  # per layer (2, 1, n_kv, max_len, head_dim); separate buffers keep layers independent
     length: int = 0
     rng: np.random.Generator | None = None
     seen: Tensor | None = None  # (V,) for the repetition penalty
@@ -164,7 +164,7 @@ class ShardEngine:
         }
 
     # ------------------------------------------------------------------------------------ graphs
-    def _forward(self, x: Tensor, cache: Tensor, start_pos: int | UOp) -> Tensor:
+    def _forward(self, x: Tensor, cache: list[Tensor], start_pos: int | UOp) -> Tensor:
         T = x.shape[1]
         h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
@@ -199,8 +199,11 @@ class ShardEngine:
         if len(self.sessions) >= self.max_sessions:
             raise EngineError(f"too many sessions ({self.max_sessions}); end one first")
         cfg = self.cfg
-        shape = (len(self.model.blocks), 2, 1, cfg.num_kv_heads, self.max_context + self.chunk, cfg.head_dim)
-        cache = Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize()
+        shape = (2, 1, cfg.num_kv_heads, self.max_context + self.chunk, cfg.head_dim)
+        cache = [
+            Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize()
+            for _ in self.model.blocks
+        ]
         self.sessions[sid] = _Session(sid, cache)
         if sampling is not None:
             self.configure_sampling(sid, sampling)
