@@ -70,20 +70,29 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            dtype, shape, (start, end) = (
+                meta["dtype"],
+                tuple(int(d) for d in meta["shape"]),
+                meta["data_offsets"],
+            )
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
         info = TensorInfo(name, file, dtype, shape)
         if end - start != info.nbytes or start < 0:
-            raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}"
+            )
         if end > data_size:
             raise CheckpointError(
                 f"{file}: truncated: tensor {name!r} ends at byte {end} but the file holds {data_size} data bytes"
@@ -105,11 +114,15 @@ class Checkpoint:
 
     def _files(self) -> list[Path]:
         index = self.model_dir / "model.safetensors.index.json"
+        self._weight_map: dict[str, str] = {}
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: corrupt index ({e})") from None
+            self._weight_map = weight_map
             files = sorted({self.model_dir / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
@@ -127,7 +140,11 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint") from None
+            # name the file that should hold it: the index's entry, else the checkpoint's files
+            where = self._weight_map.get(name) or ", ".join(f.name for f in self.files)
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is missing from the checkpoint (looked in {where})"
+            ) from None
 
     def load(
         self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None

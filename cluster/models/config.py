@@ -100,6 +100,8 @@ class ModelConfig:
             raise ConfigError(f"{path} not found: a model directory needs config.json") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}")
         try:
             return cls.from_dict(raw)
         except ConfigError as e:
@@ -115,10 +117,13 @@ class ModelConfig:
             if raw.get(key):
                 raise ConfigError(f"{key}=true (sliding-window attention) is not supported")
         hidden, heads = _req(raw, "hidden_size"), _req(raw, "num_attention_heads")
-        head_dim = raw.get("head_dim") or hidden // heads
-        if head_dim % 2:
-            raise ConfigError(f"head_dim={head_dim} must be even for RoPE")
-        max_pos = int(raw.get("max_position_embeddings", 4096))
+        head_dim = _opt(raw, "head_dim", hidden // heads)
+        if head_dim <= 0 or head_dim % 2:
+            raise ConfigError(f"head_dim={head_dim} must be positive and even for RoPE")
+        max_pos = _opt(raw, "max_position_embeddings", 4096)
+        rms_norm_eps = float(raw.get("rms_norm_eps", 1e-6))
+        if not rms_norm_eps > 0:
+            raise ConfigError(f"field 'rms_norm_eps'={rms_norm_eps!r} must be positive")
         window = raw.get("sliding_window")
         if arch == "mistral" and window and window < max_pos:
             # Mistral v0.1 attends within a window; capping the context keeps every attention in-window.
@@ -132,9 +137,9 @@ class ModelConfig:
             intermediate_size=_req(raw, "intermediate_size"),
             num_layers=_req(raw, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_opt(raw, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=rms_norm_eps,
             rope=_rope(raw),
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -157,9 +162,14 @@ def _req(raw: dict[str, Any], key: str) -> int:
     if key not in raw:
         raise ConfigError(f"missing field {key!r}")
     value = raw[key]
-    if not isinstance(value, int) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"field {key!r}={value!r} must be a positive integer")
     return value
+
+
+def _opt(raw: dict[str, Any], key: str, default: int) -> int:
+    # optional positive integer: absent or null means the default (HF writes null for derived values)
+    return default if raw.get(key) is None else _req(raw, key)
 
 
 def _architecture(raw: dict[str, Any]) -> str:
@@ -212,7 +222,9 @@ def _quantization(raw: dict[str, Any]) -> QuantConfig | None:
     if not block:
         return None
     if "quant_method" in block and block.get("quant_method") not in (None, "mlx", "affine"):
-        raise ConfigError(f"quantization.quant_method={block['quant_method']!r} is not supported (MLX affine only)")
+        raise ConfigError(
+            f"quantization.quant_method={block['quant_method']!r} is not supported (MLX affine only)"
+        )
     if block.get("mode", "affine") != "affine":
         raise ConfigError(f"quantization.mode={block['mode']!r} is not supported (only 'affine')")
     try:
@@ -222,9 +234,12 @@ def _quantization(raw: dict[str, Any]) -> QuantConfig | None:
     overrides: dict[str, QuantSpec | None] = {}
     for key, value in block.items():
         if isinstance(value, dict):
-            overrides[key] = QuantSpec(
-                int(value.get("group_size", default.group_size)), int(value.get("bits", default.bits))
-            )
+            try:
+                overrides[key] = QuantSpec(
+                    int(value.get("group_size", default.group_size)), int(value.get("bits", default.bits))
+                )
+            except ConfigError as e:
+                raise ConfigError(f"{e} (module {key!r})") from None
         elif value is False:
             overrides[key] = None
     return QuantConfig(default, overrides)
