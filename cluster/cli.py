@@ -83,17 +83,11 @@ class _Bars:
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option(
-    "--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens."
-)
+@click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary.")
-@click.option(
-    "--logprobs", type=click.IntRange(min=0), default=0, help="With --json: the top K logprobs per token."
-)
+@click.option("--logprobs", type=click.IntRange(min=0), default=0, help="With --json: the top K logprobs per token.")
 @click.option("--local", is_flag=True, help="Run the model inside this process (no engine process).")
-@click.option(
-    "--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's."
-)
+@click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
@@ -155,9 +149,7 @@ def run_cmd(
         params = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
         sampling = SamplingParams(**params, seed=seed)
         if not raw and not tokenizer.has_chat_template:
-            raise TokenizerError(
-                f"{model_dir} has no chat template; use --raw to send the prompt as plain text"
-            )
+            raise TokenizerError(f"{model_dir} has no chat template; use --raw to send the prompt as plain text")
     except user_errors as e:
         raise click.ClickException(str(e)) from None
 

@@ -62,16 +62,12 @@ class GenerationResult:
         }
 
 
-def step(
-    shards: Sequence[Shard], sid: str, ids: list[int], sampling: SamplingParams, logprobs: int
-) -> StepResult:
+def step(shards: Sequence[Shard], sid: str, ids: list[int], sampling: SamplingParams, logprobs: int) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token."""
     x: Any = np.asarray(ids, dtype=np.int32)
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
-        kwargs: dict[str, Any] = (
-            {"sampling": sampling, "token_ids": ids, "logprobs": logprobs} if last else {}
-        )
+        kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": ids, "logprobs": logprobs} if last else {}
         result = shard.forward(sid, x, **kwargs)
         if last:
             return result

@@ -134,10 +134,7 @@ def _unknown_model_message(model: str, path: Path) -> str:
     else:
         base = [name for name in REGISTRY if not name.endswith(("-4bit", "-8bit"))]
         hint = f"known models: {', '.join(base)} (each also as -4bit and -8bit)"
-    return (
-        f"unknown model {model!r}: not a directory, a registry name or a Hugging Face repo id (org/name); "
-        f"{hint}"
-    )
+    return f"unknown model {model!r}: not a directory, a registry name or a Hugging Face repo id (org/name); {hint}"
 
 
 def _checked_dir(path: Path, *, source: str) -> Path:

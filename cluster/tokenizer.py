@@ -65,9 +65,7 @@ class _GenerationTag(Extension):
 
 
 def _template_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -293,17 +291,13 @@ class Tokenizer:
     def _template(self, tools: Sequence[Mapping[str, Any]] | None) -> jinja2.Template:
         # Same choice as transformers: "tool_use" when tools are given and it exists, else "default".
         if not self._templates:
-            raise TokenizerError(
-                "this model has no chat template; use raw mode (--raw) and pass the prompt text as is"
-            )
+            raise TokenizerError("this model has no chat template; use raw mode (--raw) and pass the prompt text as is")
         if tools and _TOOL_TEMPLATE in self._templates:
             name = _TOOL_TEMPLATE
         elif _DEFAULT_TEMPLATE in self._templates:
             name = _DEFAULT_TEMPLATE
         else:
-            raise TokenizerError(
-                f"no 'default' chat template among {sorted(self._templates)}; use raw mode (--raw)"
-            )
+            raise TokenizerError(f"no 'default' chat template among {sorted(self._templates)}; use raw mode (--raw)")
         if name not in self._compiled:
             if self._env is None:
                 self._env = _template_env()

@@ -90,9 +90,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
         info = TensorInfo(name, file, dtype, shape)
         if end - start != info.nbytes or start < 0:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}"
-            )
+            raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}")
         if end > data_size:
             raise CheckpointError(
                 f"{file}: truncated: tensor {name!r} ends at byte {end} but the file holds {data_size} data bytes"
@@ -146,9 +144,7 @@ class Checkpoint:
                 f"{self.model_dir}: tensor {name!r} is missing from the checkpoint (looked in {where})"
             ) from None
 
-    def load(
-        self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None
-    ) -> Tensor:
+    def load(self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None) -> Tensor:
         """A lazy tensor on `device` (cast to `dtype` when given); realized later by the caller."""
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:

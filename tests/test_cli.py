@@ -87,9 +87,7 @@ def test_run_chat_with_logprobs_in_process():
 
 
 def test_interactive_chat_reads_turns_until_an_empty_line():
-    p = clusterctl(
-        "run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n"
-    )
+    p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("tokens, length") == 2  # one summary per turn
     assert "TTFT" in p.stderr and "tok/s" in p.stderr

@@ -196,9 +196,7 @@ def test_rope_defaults_without_any_rope_fields():
 # ------------------------------------------------------------------------------------------ errors
 def test_unsupported_model_type():
     raw = with_changes("llama32", model_type="gemma2", architectures=["Gemma2ForCausalLM"])
-    with pytest.raises(
-        ConfigError, match=r"model_type='gemma2' is not supported \(supported: llama, mistral"
-    ):
+    with pytest.raises(ConfigError, match=r"model_type='gemma2' is not supported \(supported: llama, mistral"):
         ModelConfig.from_dict(raw)
 
 
@@ -251,9 +249,7 @@ def test_sliding_window_attention_rejected():
 
 def test_heads_not_multiple_of_kv_heads():
     raw = with_changes("llama32", num_attention_heads=4, num_key_value_heads=3)
-    with pytest.raises(
-        ConfigError, match=r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"
-    ):
+    with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
         ModelConfig.from_dict(raw)
 
 
@@ -280,9 +276,7 @@ def test_missing_required_field(key):
 )
 @pytest.mark.parametrize("value", [0, -4, 2.5, "64", True])
 def test_non_positive_or_non_integer_field(key, value):
-    with pytest.raises(
-        ConfigError, match=rf"field '{key}'={re.escape(repr(value))} must be a positive integer"
-    ):
+    with pytest.raises(ConfigError, match=rf"field '{key}'={re.escape(repr(value))} must be a positive integer"):
         ModelConfig.from_dict(with_changes("llama32", **{key: value}))
 
 
@@ -352,9 +346,7 @@ def test_invalid_json_names_path(tmp_path):
 
 def test_json_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
-    with pytest.raises(
-        ConfigError, match=rf"{re.escape(str(tmp_path / 'config.json'))} must hold a JSON object"
-    ):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path / 'config.json'))} must hold a JSON object"):
         ModelConfig.from_dir(tmp_path)
 
 
@@ -369,9 +361,7 @@ def test_config_error_is_a_value_error():
 
 
 # ------------------------------------------------------------------------------------------ rope_inv_freq
-def llama31_inv_freq(
-    head_dim: int, theta: float, factor: float, low: float, high: float, old: int
-) -> np.ndarray:
+def llama31_inv_freq(head_dim: int, theta: float, factor: float, low: float, high: float, old: int) -> np.ndarray:
     """Meta's Llama 3.1 `apply_scaling`, one frequency at a time, in float64."""
     out = []
     for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):

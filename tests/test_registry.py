@@ -114,9 +114,7 @@ def test_repo_id_resolves_from_cache_offline(tmp_path: Path, no_internet: list[A
     assert no_internet == []
 
 
-def test_env_offline_uses_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_internet: list[Any]
-) -> None:
+def test_env_offline_uses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_internet: list[Any]) -> None:
     snapshot = _cached_repo(tmp_path, "someorg/tiny-model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("someorg/tiny-model", models_dir=tmp_path) == snapshot

@@ -109,9 +109,7 @@ def test_matches_a_whole_text_search_for_random_chunking() -> None:
     rng = random.Random(2024)
     for _ in range(3000):
         text = "".join(rng.choice("abc😀") for _ in range(rng.randint(0, 30)))
-        stops = [
-            "".join(rng.choice("abc😀") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))
-        ]
+        stops = ["".join(rng.choice("abc😀") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))]
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 8))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         f = StopStringFilter(stops)

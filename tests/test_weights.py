@@ -35,8 +35,7 @@ def read_raw(path: Path) -> tuple[dict[str, tuple[str, list[int], bytes]], dict 
     meta = header.pop("__metadata__", None)
     body = data[8 + n :]
     tensors = {
-        k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]])
-        for k, v in header.items()
+        k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()
     }
     return tensors, meta
 
@@ -134,9 +133,7 @@ def test_bf16_matches_numpy_bits(tmp_path):
         0x7FC0,
     ]
     rng = np.random.default_rng(1)
-    bits = np.concatenate(
-        [np.array(special, np.uint16), rng.integers(0, 2**16, 3 * 64 - len(special), np.uint16)]
-    )
+    bits = np.concatenate([np.array(special, np.uint16), rng.integers(0, 2**16, 3 * 64 - len(special), np.uint16)])
     bits = bits.reshape(3, 64)
     write_raw(tmp_path / "model.safetensors", {"w": ("BF16", [3, 64], bits.tobytes())})
     got = Checkpoint(tmp_path).load("w", "CPU").numpy()
@@ -167,9 +164,7 @@ def test_float_dtypes_roundtrip(tmp_path):
     save_file(arrays, str(tmp_path / "model.safetensors"))
     ckpt = Checkpoint(tmp_path)
     np.testing.assert_array_equal(ckpt.load("f32", "CPU").numpy(), arrays["f32"])
-    np.testing.assert_array_equal(
-        ckpt.load("f16", "CPU", dtypes.float32).numpy(), arrays["f16"].astype(np.float32)
-    )
+    np.testing.assert_array_equal(ckpt.load("f16", "CPU", dtypes.float32).numpy(), arrays["f16"].astype(np.float32))
     np.testing.assert_array_equal(ckpt.load("u32", "CPU", dtypes.uint32).numpy(), arrays["u32"])
 
 
@@ -325,9 +320,7 @@ def test_index_names_missing_file(tmp_path):
 def test_corrupt_index(tmp_path, text):
     d = copy_fixture("mistral", tmp_path)
     (d / "model.safetensors.index.json").write_text(text)
-    with pytest.raises(
-        CheckpointError, match=rf"{re.escape(str(d / 'model.safetensors.index.json'))}: corrupt index"
-    ):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(d / 'model.safetensors.index.json'))}: corrupt index"):
         Checkpoint(d)
 
 
@@ -367,9 +360,7 @@ def test_group_size_must_divide_input(tmp_path):
     raw = json.loads((d / "config.json").read_text())
     raw["quantization"] = raw["quantization_config"] = {"group_size": 48, "bits": 4}
     (d / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(
-        CheckpointError, match=r"self_attn\.q_proj: input size 64 is not a multiple of group_size 48"
-    ):
+    with pytest.raises(CheckpointError, match=r"self_attn\.q_proj: input size 64 is not a multiple of group_size 48"):
         shard_of("llama32-4bit", 1, 2, d)
 
 
@@ -400,10 +391,7 @@ def test_first_shard_has_embedding_but_no_head():
     shard = shard_of("mistral", 0, 2)
     assert shard.is_first and not shard.is_last
     assert shard.embed is not None and shard.lm_head is None and shard.norm is None
-    assert (
-        shard.weight_bytes
-        == sum(sizes[n] for n in layer_names(sizes, 0, 2)) + sizes["model.embed_tokens.weight"]
-    )
+    assert shard.weight_bytes == sum(sizes[n] for n in layer_names(sizes, 0, 2)) + sizes["model.embed_tokens.weight"]
 
 
 def test_last_shard_untied_has_lm_head():

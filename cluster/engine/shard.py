@@ -94,9 +94,7 @@ class ShardEngine:
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = device or default_device()
-        self.dtype: DType = (
-            getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
-        )
+        self.dtype: DType = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.chunk = prefill_chunk
@@ -114,15 +112,9 @@ class ShardEngine:
         self.sin = Tensor(sin, device=self.device).cast(self.dtype).contiguous().realize()
         D, V = self.cfg.hidden_size, self.cfg.vocab_size
         # preallocated inputs/outputs: host data is copied in, graphs see a symbolic slice of them
-        self.in_tokens = (
-            Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
-        )
-        self.in_hidden = (
-            Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
-        )
-        self.out_hidden = (
-            Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
-        )
+        self.in_tokens = Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
+        self.in_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        self.out_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
         self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
@@ -201,8 +193,7 @@ class ShardEngine:
         cfg = self.cfg
         shape = (2, 1, cfg.num_kv_heads, self.max_context + self.chunk, cfg.head_dim)
         cache = [
-            Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize()
-            for _ in self.model.blocks
+            Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize() for _ in self.model.blocks
         ]
         self.sessions[sid] = _Session(sid, cache)
         if sampling is not None:
@@ -267,25 +258,19 @@ class ShardEngine:
         if self.is_first:
             x = np.asarray(inputs)
             if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
-                raise EngineError(
-                    f"first shard takes a non-empty 1-D array of token ids, got {x.dtype} {x.shape}"
-                )
+                raise EngineError(f"first shard takes a non-empty 1-D array of token ids, got {x.dtype} {x.shape}")
             if x.min() < 0 or x.max() >= self.cfg.vocab_size:
                 raise EngineError(f"token id out of range [0, {self.cfg.vocab_size})")
             return x.astype(np.int32)
         x = np.asarray(inputs)
         D = self.cfg.hidden_size
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != D or not np.issubdtype(x.dtype, np.floating):
-            raise EngineError(
-                f"shard {self.start} takes hidden states of shape (T, {D}), got {x.dtype} {x.shape}"
-            )
+            raise EngineError(f"shard {self.start} takes hidden states of shape (T, {D}), got {x.dtype} {x.shape}")
         if not np.isfinite(x).all():
             raise EngineError("hidden states contain NaN or Inf")
         return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
 
-    def _sample(
-        self, s: _Session, logits: Tensor, params: SamplingParams, ids: list[int], logprobs: int
-    ) -> StepResult:
+    def _sample(self, s: _Session, logits: Tensor, params: SamplingParams, ids: list[int], logprobs: int) -> StepResult:
         top = top_logprobs(logits.numpy(), logprobs) if logprobs > 0 else []
         if params.greedy:
             token, logprob = self._greedy_jit(logits).tolist()  # type: ignore[misc]
@@ -328,9 +313,7 @@ class ShardEngine:
                 done += 1
                 self._progress("warmup", done, total)
             if self.is_last:
-                warm = SamplingParams(
-                    temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0
-                )
+                warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
                 self.configure_sampling(sid, warm)
                 for _ in range(steps):
                     self.forward(sid, make(1), sampling=warm, token_ids=[0])

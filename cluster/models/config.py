@@ -222,9 +222,7 @@ def _quantization(raw: dict[str, Any]) -> QuantConfig | None:
     if not block:
         return None
     if "quant_method" in block and block.get("quant_method") not in (None, "mlx", "affine"):
-        raise ConfigError(
-            f"quantization.quant_method={block['quant_method']!r} is not supported (MLX affine only)"
-        )
+        raise ConfigError(f"quantization.quant_method={block['quant_method']!r} is not supported (MLX affine only)")
     if block.get("mode", "affine") != "affine":
         raise ConfigError(f"quantization.mode={block['mode']!r} is not supported (only 'affine')")
     try:

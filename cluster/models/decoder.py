@@ -49,9 +49,17 @@ class Linear:
 class QuantLinear:
     """MLX affine-quantized weight; dequantized lazily inside the matmul so only packed bytes are read."""
 
-    def __init__(self, packed: Tensor, scales: Tensor, biases: Tensor, spec: QuantSpec, dtype: DType,
-                 bias: Tensor | None = None):
-        self.packed, self.scales, self.biases, self.spec, self.dtype, self.bias = packed, scales, biases, spec, dtype, bias
+    def __init__(
+        self, packed: Tensor, scales: Tensor, biases: Tensor, spec: QuantSpec, dtype: DType, bias: Tensor | None = None
+    ):
+        self.packed, self.scales, self.biases, self.spec, self.dtype, self.bias = (
+            packed,
+            scales,
+            biases,
+            spec,
+            dtype,
+            bias,
+        )
 
     def dequantize(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
         bits, group = self.spec.bits, self.spec.group_size
@@ -85,7 +93,9 @@ class RMSNorm:
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
     """Inverse RoPE frequencies (head_dim/2,) in float32, with linear or Llama-3 scaling applied."""
-    inv = (1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    inv = (1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(
+        np.float32
+    )
     if rope.rope_type == "linear":
         return (inv / rope.factor).astype(np.float32)
     if rope.rope_type == "llama3":
@@ -132,7 +142,11 @@ class Block:
         keys = cache[0, :, :, 0 : start_pos + T, :]  # (B, n_kv, S, head_dim)
         values = cache[1, :, :, 0 : start_pos + T, :]
         # causal mask aligned to the end: query i sits at absolute position start_pos + i
-        mask = Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1) if resolve(T != 1) else None
+        mask = (
+            Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1)
+            if resolve(T != 1)
+            else None
+        )
         attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, head_dim)
         x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
         h = m["mlp_norm"](x)
@@ -199,7 +213,9 @@ class _Loader:
         q = self.cfg.quantization
         spec = q.for_module(path) if q is not None else None
         if spec is None:
-            raise CheckpointError(f"{self.ckpt.model_dir}: {path} is quantized but config.json has no quantization for it")
+            raise CheckpointError(
+                f"{self.ckpt.model_dir}: {path} is quantized but config.json has no quantization for it"
+            )
         if in_dim % spec.group_size:
             raise CheckpointError(f"{path}: input size {in_dim} is not a multiple of group_size {spec.group_size}")
         words, groups = in_dim * spec.bits // 32, in_dim // spec.group_size
@@ -216,9 +232,7 @@ class _Loader:
         return RMSNorm(self.tensor(f"{path}.weight", (dim,)), self.cfg.rms_norm_eps)
 
 
-def load_shard(
-    cfg: ModelConfig, ckpt: Checkpoint, start: int, end: int, device: str, dtype: DType
-) -> ShardModel:
+def load_shard(cfg: ModelConfig, ckpt: Checkpoint, start: int, end: int, device: str, dtype: DType) -> ShardModel:
     """Build layers [start, end) reading only their tensors; nothing is realized here."""
     if not 0 <= start < end <= cfg.num_layers:
         raise ValueError(f"layer range [{start}, {end}) is outside the model's {cfg.num_layers} layers")
