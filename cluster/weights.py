@@ -1,8 +1,9 @@
 """safetensors checkpoints: validate headers, then read only the tensors a shard needs.
 
-Files are opened through tinygrad's DISK device, so a tensor's bytes are read straight into its device
-buffer when the shard realizes it; nothing else in the file is touched. bf16 is widened on the device
-with integer ops because clang's CPU target has no __bf16.
+`load` hands out placeholders; `materialize` then reads each tensor's byte range with one pread and moves
+it to the device, one tensor at a time, so host memory holds at most one tensor beyond what the shard keeps
+and nothing else in the file is touched (files may be read-only). bf16 is widened on the device with
+integer ops because clang's CPU target has no __bf16.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
-from tinygrad.nn.state import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or lacks a tensor the model needs."""
 
 
-# safetensors dtype name -> (numpy-style name, bytes per element)
+# safetensors dtype name -> (numpy dtype the bytes are read as, bytes per element); bf16 is read as its bits
+# and widened to float32 on the device
 _DTYPES: dict[str, tuple[str, int]] = {
     "F32": ("float32", 4),
     "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
+    "BF16": ("uint16", 2),
     "U32": ("uint32", 4),
     "I32": ("int32", 4),
     "I64": ("int64", 8),
@@ -45,6 +47,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors name: "BF16", "F16", "F32", "U32", ...
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +91,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        info = TensorInfo(name, file, dtype, shape)
+        info = TensorInfo(name, file, dtype, shape, 8 + header_len + start)
         if end - start != info.nbytes or start < 0:
             raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {info.nbytes}")
         if end > data_size:
@@ -108,7 +111,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self.tensors.update(read_header(file))
-        self._opened: dict[Path, dict[str, Tensor]] = {}
+        self._pending: list[tuple[Tensor, TensorInfo]] = []
 
     def _files(self) -> list[Path]:
         index = self.model_dir / "model.safetensors.index.json"
@@ -145,21 +148,40 @@ class Checkpoint:
             ) from None
 
     def load(self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None) -> Tensor:
-        """A lazy tensor on `device` (cast to `dtype` when given); realized later by the caller."""
+        """A placeholder on `device` (of `dtype` when given) that `materialize()` fills from the file."""
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:
             raise CheckpointError(
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the config needs {list(shape)}"
             )
-        if info.file not in self._opened:
-            self._opened[info.file] = safe_load(str(info.file))
-        disk = self._opened[info.file][name]
-        if info.dtype == "BF16":
-            # bf16 -> f32 by moving the 16 bits into the top half of a 32-bit word.
-            t = (disk.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
-        else:
-            t = disk.to(device)
-        return t if dtype is None or t.dtype == dtype else t.cast(dtype)
+        if dtype is None:
+            dtype = dtypes.float32 if info.dtype == "BF16" else getattr(dtypes, _DTYPES[info.dtype][0])
+        placeholder = Tensor.empty(*info.shape, dtype=dtype, device=device)
+        self._pending.append((placeholder, info))
+        return placeholder
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as numpy (bf16 as uint16 bit patterns)."""
+        count = info.nbytes // _DTYPES[info.dtype][1]
+        try:
+            arr = np.fromfile(info.file, dtype=_DTYPES[info.dtype][0], count=count, offset=info.offset)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e})") from None
+        if arr.size != count:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        return arr.reshape(info.shape)
+
+    def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
+        pending, self._pending = self._pending, []
+        for i, (placeholder, info) in enumerate(pending):
+            t = Tensor(self.read(info), device=placeholder.device)
+            if info.dtype == "BF16":
+                # bf16 -> f32 by moving the 16 bits into the top half of a 32-bit word
+                t = (t.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+            placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
+            if progress is not None:
+                progress(i + 1, len(pending))
 
     def nbytes(self, names: Iterable[str]) -> int:
         return sum(self.info(n).nbytes for n in names)

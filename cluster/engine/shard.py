@@ -100,10 +100,9 @@ class ShardEngine:
         self.chunk = prefill_chunk
         self.max_sessions = max_sessions
         self._progress = progress or (lambda stage, done, total: None)
-        self.model: ShardModel = load_shard(
-            self.cfg, Checkpoint(self.model_dir), start_layer, end, self.device, self.dtype
-        )
-        self._realize_weights()
+        checkpoint = Checkpoint(self.model_dir)
+        self.model: ShardModel = load_shard(self.cfg, checkpoint, start_layer, end, self.device, self.dtype)
+        checkpoint.materialize(lambda done, total: self._progress("load", done, total))
         self.start, self.end = self.model.start, self.model.end
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
 
@@ -128,13 +127,6 @@ class ShardEngine:
         self.ready = False
 
     # ------------------------------------------------------------------------------------ loading
-    def _realize_weights(self) -> None:
-        params = list({id(p): p for p in self.model.params()}.values())
-        for i, p in enumerate(params):
-            # contiguous(): the cast/bitcast chain from disk becomes one plain device buffer
-            p.replace(p.contiguous().realize())
-            self._progress("load", i + 1, len(params))
-
     @property
     def weight_bytes(self) -> int:
         return self.model.weight_bytes
