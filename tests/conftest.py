@@ -16,7 +16,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FLOAT_MODELS = ["llama32", "mistral", "qwen2", "qwen3"]
 MLX_MODELS = ["llama32-4bit", "llama32-8bit", "qwen3-4bit-mixed"]
 ALL_MODELS = FLOAT_MODELS + MLX_MODELS
-CHUNK = 8  # small prefill chunk so the ~17-token prompts span several chunks
+CHUNK = 8  # small prefill chunks so the ~17-token prompts span several of them
+BUCKETS = (4, CHUNK)
 
 
 def reference(name: str) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class EngineCache:
 
         key = (name, start, end, tuple(sorted(opts.items())))
         if key not in self._engines:
-            opts = {"prefill_chunk": CHUNK, "max_context": 128, **opts}
+            opts = {"prefill_buckets": BUCKETS, "max_context": 128, **opts}
             self._engines[key] = ShardEngine(FIXTURES / name, start, end, **opts)
         return self._engines[key]
 

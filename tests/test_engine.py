@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ALL_MODELS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
+from conftest import ALL_MODELS, BUCKETS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
 
 from cluster.engine.shard import ContextFullError, EngineError, ShardEngine
 from cluster.generate import step
@@ -97,9 +97,9 @@ def test_shard_holds_only_its_own_weights(engines):
 def test_no_compilation_after_warmup(engines):
     from tinygrad.engine import realize
 
-    eng = ShardEngine(FIXTURES / "qwen2", prefill_chunk=CHUNK, max_context=128)
+    eng = ShardEngine(FIXTURES / "qwen2", prefill_buckets=BUCKETS, max_context=128)
     eng.warmup()
-    before = (len(realize.runtime_cache), eng._prefill_jit.cnt > 1, eng._decode_jit.cnt > 1)
+    before = (len(realize.runtime_cache), all(j.cnt > 1 for j in eng._prefill_jits.values()), eng._decode_jit.cnt > 1)
     assert before[1] and before[2], "warm-up must capture both graphs"
     prompts = [[5], [5, 6, 7], list(range(10, 10 + CHUNK)), list(range(20, 20 + 3 * CHUNK + 2))]
     for p in prompts:
@@ -178,3 +178,12 @@ def test_too_many_sessions(engines):
     eng.new_session("z")
     eng.end_session("y")
     eng.end_session("z")
+
+
+def test_prompt_chunk_plan(engines):
+    eng = engines.get("llama32")  # buckets (4, 8)
+    assert eng._plan(1) == [(1, 4)]
+    assert eng._plan(5) == [(5, 8)]  # one padded 8-chunk beats 4 + a padded 4
+    assert eng._plan(11) == [(8, 8), (3, 4)]
+    assert eng._plan(17) == [(8, 8), (8, 8), (1, 4)]
+    assert sum(rows for rows, _ in eng._plan(100)) == 100

@@ -8,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import CHUNK, FIXTURES, reference
+from conftest import BUCKETS, FIXTURES, reference
 
 from cluster.engine.process import EngineProcess
 from cluster.engine.runner import RunnerDied
@@ -31,7 +31,7 @@ def test_engine_process_generates_recovers_from_errors_and_from_death():
     ref = reference("llama32")
     events: list[tuple[str, int, int]] = []
     proc = EngineProcess(
-        FIXTURES / "llama32", on_progress=lambda *e: events.append(e), prefill_chunk=CHUNK, max_context=64
+        FIXTURES / "llama32", on_progress=lambda *e: events.append(e), prefill_buckets=BUCKETS, max_context=64
     ).start(timeout=120)
     try:
         proc.warmup()
@@ -48,7 +48,7 @@ def test_engine_process_generates_recovers_from_errors_and_from_death():
             proc.new_session()
     finally:
         proc.close()
-    with EngineProcess(FIXTURES / "llama32", prefill_chunk=CHUNK, max_context=64) as fresh:
+    with EngineProcess(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=64) as fresh:
         assert greedy(fresh, ref["prompt_ids"], 4) == ref["greedy_ids"][:4]
 
 

@@ -194,7 +194,7 @@ def test_missing_tensor_names_tensor_and_file(tmp_path):
     from cluster.engine.shard import ShardEngine
 
     with pytest.raises(CheckpointError, match=pattern):
-        ShardEngine(d, 1, 3, device="CPU", max_context=16, prefill_chunk=4)
+        ShardEngine(d, 1, 3, device="CPU", max_context=16, prefill_buckets=(2, 4))
 
 
 def test_missing_tensor_in_sharded_checkpoint_names_index_file(tmp_path):
@@ -517,7 +517,7 @@ MEASURE = textwrap.dedent(
         f.write("5")
     base = status()
     if sys.argv[2] == "engine":
-        eng = ShardEngine(sys.argv[1], 2, 4, device="CPU", dtype="float32", max_context=64, prefill_chunk=8)
+        eng = ShardEngine(sys.argv[1], 2, 4, device="CPU", dtype="float32", max_context=64, prefill_buckets=(4, 8))
         weight_bytes, loaded = eng.weight_bytes, status()
     else:  # the same steps as the engine, with the checkpoint kept open to see which pages are resident
         ckpt = Checkpoint(sys.argv[1])

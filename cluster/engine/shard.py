@@ -1,8 +1,11 @@
 """ShardEngine: layers [start, end) of a model with a KV cache per session, under TinyJit.
 
-Two compiled graphs serve every call: a prefill graph over a symbolic chunk length 1..chunk and a decode
-graph for one token, both at a symbolic position, both writing the session's KV cache in place. Inputs are
-copied into preallocated buffers and sliced symbolically, so nothing compiles after `warmup()`.
+A few compiled graphs serve every call: one prefill graph per chunk size ("bucket", e.g. 16 and 64 tokens;
+a prompt is covered by chunks, the last one padded) and a decode graph for one token, all at a symbolic
+position and all writing the session's KV cache in place. Chunk shapes are fixed because tinygrad tiles a
+matmul of known size ~10x better than one over a symbolic length; padded rows write cache slots past the
+real end, which the next call overwrites before anything attends to them. Inputs are copied into
+preallocated buffers, so nothing compiles after `warmup()`.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class ShardEngine:
         device: str | None = None,
         dtype: DType | str | None = None,
         max_context: int = 4096,
-        prefill_chunk: int = 32,
+        prefill_buckets: Sequence[int] = (16, 64),
         max_sessions: int = 8,
         progress: Progress | None = None,
     ):
@@ -97,7 +100,10 @@ class ShardEngine:
         self.dtype: DType = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
-        self.chunk = prefill_chunk
+        self.buckets = tuple(sorted(set(prefill_buckets)))
+        if not self.buckets or self.buckets[0] < 2:
+            raise ValueError(f"prefill_buckets must be chunk sizes >= 2, got {prefill_buckets!r}")
+        self.chunk = self.buckets[-1]
         self.max_sessions = max_sessions
         self._progress = progress or (lambda stage, done, total: None)
         checkpoint = Checkpoint(self.model_dir)
@@ -118,8 +124,8 @@ class ShardEngine:
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
-        self.v_len = UOp.variable("chunk_len", 1, self.chunk)
-        self._prefill_jit = TinyJit(self._forward)
+        self.v_last = UOp.variable("last_row", 0, self.chunk - 1)
+        self._prefill_jits = {b: TinyJit(self._forward) for b in self.buckets}
         self._decode_jit = TinyJit(self._forward)
         self._greedy_jit = TinyJit(greedy)
         self._sample_jit = TinyJit(sample)
@@ -148,7 +154,7 @@ class ShardEngine:
         }
 
     # ------------------------------------------------------------------------------------ graphs
-    def _forward(self, x: Tensor, cache: list[Tensor], start_pos: int | UOp) -> Tensor:
+    def _forward(self, x: Tensor, cache: list[Tensor], start_pos: int | UOp, last_row: int | UOp = 0) -> Tensor:
         T = x.shape[1]
         h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
@@ -156,12 +162,24 @@ class ShardEngine:
             h = block(h, cache[i], start_pos, cos, sin)
         if self.is_last:
             assert self.model.norm is not None and self.model.lm_head is not None
-            last = h[:, T - 1 : T]  # only the final position's logits are needed
+            last = h[:, last_row : last_row + 1]  # only the last real position's logits are needed
             return self.model.lm_head(self.model.norm(last)).reshape(1, -1).float().realize()  # (1, V)
         self.out_hidden[:, 0:T].assign(h)
         return self.out_hidden.realize()
 
-    def _run_chunk(self, session: _Session, x: np.ndarray) -> Tensor:
+    def _plan(self, n: int) -> list[tuple[int, int]]:
+        """Cover n positions with (real rows, bucket) chunks: big buckets first, then the smallest bucket
+        that holds the rest when that wastes less than one small chunk, else the biggest that fits."""
+        plan, small = [], self.buckets[0]
+        while n > 0:
+            fits = [b for b in self.buckets if b <= n]
+            holds = [b for b in self.buckets if b >= n]
+            b = holds[0] if holds and (holds[0] - n < small or not fits) else fits[-1]
+            plan.append((min(n, b), b))
+            n -= min(n, b)
+        return plan
+
+    def _run_chunk(self, session: _Session, x: np.ndarray, bucket: int) -> Tensor:
         n = x.shape[0]
         buf = self.in_tokens if self.is_first else self.in_hidden
         padded = np.zeros(buf.shape[1:], dtype=x.dtype)
@@ -171,7 +189,7 @@ class ShardEngine:
         if n == 1:
             out = self._decode_jit(buf[:, 0:1], session.cache, pos)
         else:
-            out = self._prefill_jit(buf[:, 0 : self.v_len.bind(n)], session.cache, pos)
+            out = self._prefill_jits[bucket](buf[:, 0:bucket], session.cache, pos, self.v_last.bind(n - 1))
         session.length += n
         return out
 
@@ -236,10 +254,12 @@ class ShardEngine:
             )
         out: Tensor | None = None
         hidden: list[np.ndarray] = []
-        for i in range(0, n, self.chunk):
-            out = self._run_chunk(s, x[i : i + self.chunk])
+        i = 0
+        for rows, bucket in self._plan(n):
+            out = self._run_chunk(s, x[i : i + rows], bucket)
             if not self.is_last:
-                hidden.append(out.numpy()[0, : min(self.chunk, n - i)].copy())
+                hidden.append(out.numpy()[0, :rows].copy())
+            i += rows
         if not self.is_last:
             return StepResult(hidden=np.concatenate(hidden))
         assert out is not None
@@ -288,7 +308,7 @@ class ShardEngine:
         """Compile every graph (prefill, decode, both samplers) before the engine reports ready."""
         D = self.cfg.hidden_size
         steps = 3  # call 1 runs eagerly, call 2 captures, call 3 replays
-        total, done = 4 * steps, 0
+        total, done = (len(self.buckets) + 2) * steps, 0
         t0 = time.perf_counter()
 
         def make(n: int) -> np.ndarray:
@@ -296,11 +316,15 @@ class ShardEngine:
 
         sid = self.new_session("__warmup__")
         try:
-            for n in (self.chunk, max(1, self.chunk // 2), 2)[:steps]:
-                self.forward(sid, make(n), token_ids=[0])
-                done += 1
-                self._progress("warmup", done, total)
+            session = self._session(sid)
+            for bucket in self.buckets:
+                for n in (bucket, bucket - 1, 2)[:steps]:  # different real lengths, one graph
+                    session.length = 0  # positions do not matter here; stay inside a small context
+                    self._run_chunk(session, make(n), bucket)
+                    done += 1
+                    self._progress("warmup", done, total)
             for _ in range(steps):
+                session.length = 0
                 self.forward(sid, make(1), token_ids=[0])
                 done += 1
                 self._progress("warmup", done, total)
@@ -308,6 +332,7 @@ class ShardEngine:
                 warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
                 self.configure_sampling(sid, warm)
                 for _ in range(steps):
+                    session.length = 0
                     self.forward(sid, make(1), sampling=warm, token_ids=[0])
                     done += 1
                     self._progress("warmup", done, total)
