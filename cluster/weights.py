@@ -111,7 +111,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self.tensors.update(read_header(file))
-        self._pending: list[tuple[Tensor, TensorInfo]] = []
+        self._pending: list[tuple[Tensor, TensorInfo, bool]] = []
 
     def _files(self) -> list[Path]:
         index = self.model_dir / "model.safetensors.index.json"
@@ -147,17 +147,29 @@ class Checkpoint:
                 f"{self.model_dir}: tensor {name!r} is missing from the checkpoint (looked in {where})"
             ) from None
 
-    def load(self, name: str, device: str, dtype: DType | None = None, shape: Iterable[int] | None = None) -> Tensor:
-        """A placeholder on `device` (of `dtype` when given) that `materialize()` fills from the file."""
+    def load(
+        self,
+        name: str,
+        device: str,
+        dtype: DType | None = None,
+        shape: Iterable[int] | None = None,
+        *,
+        raw: bool = False,
+    ) -> Tensor:
+        """A placeholder on `device` that `materialize()` fills from the file: cast to `dtype` (default: float32
+        for bf16, else the stored dtype), or with raw=True the stored values as they are (bf16 as uint16 bits)."""
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:
             raise CheckpointError(
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the config needs {list(shape)}"
             )
-        if dtype is None:
-            dtype = dtypes.float32 if info.dtype == "BF16" else getattr(dtypes, _DTYPES[info.dtype][0])
+        stored = getattr(dtypes, _DTYPES[info.dtype][0])
+        if raw:
+            dtype = stored
+        elif dtype is None:
+            dtype = dtypes.float32 if info.dtype == "BF16" else stored
         placeholder = Tensor.empty(*info.shape, dtype=dtype, device=device)
-        self._pending.append((placeholder, info))
+        self._pending.append((placeholder, info, raw))
         return placeholder
 
     def read(self, info: TensorInfo) -> np.ndarray:
@@ -174,17 +186,21 @@ class Checkpoint:
     def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
-        for i, (placeholder, info) in enumerate(pending):
+        for i, (placeholder, info, raw) in enumerate(pending):
             t = Tensor(self.read(info), device=placeholder.device)
-            if info.dtype == "BF16":
-                # bf16 -> f32 by moving the 16 bits into the top half of a 32-bit word
-                t = (t.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+            if info.dtype == "BF16" and not raw:
+                t = widen_bf16(t)
             placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
             if progress is not None:
                 progress(i + 1, len(pending))
 
     def nbytes(self, names: Iterable[str]) -> int:
         return sum(self.info(n).nbytes for n in names)
+
+
+def widen_bf16(bits: Tensor) -> Tensor:
+    """bf16 bit patterns (uint16) -> float32, exactly; fuses into whatever kernel reads the weight."""
+    return (bits.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
 
 
 def total_file_bytes(model_dir: str | Path) -> int:

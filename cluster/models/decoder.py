@@ -15,7 +15,7 @@ from tinygrad.dtype import DType
 from tinygrad.uop.ops import resolve
 
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
-from cluster.weights import Checkpoint, CheckpointError
+from cluster.weights import Checkpoint, CheckpointError, widen_bf16
 
 # our attribute -> HF module path inside "model.layers.{i}."
 LAYER_MODULES: dict[str, str] = {
@@ -35,12 +35,40 @@ EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.norm", "lm_head"
 
 
 # ---------------------------------------------------------------------------------------------- layers
+_LANES = 4
+
+
+def _matvec(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., 1, in) @ w.T as _LANES independent partial sums then one short sum: tinygrad's CPU code for the
+    plain form adds every product into one running sum, which stalls on that dependency (~1.2x slower)."""
+    out, n = w.shape
+    parts = (x.reshape(*x.shape[:-1], 1, n // _LANES, _LANES) * w.reshape(out, n // _LANES, _LANES)).sum(-2)
+    y = parts.sum(-1)  # (..., 1, out)
+    return y if bias is None else y + bias
+
+
 class Linear:
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+    """A dense weight, kept in its stored dtype (bf16 as uint16 bits) and widened to the compute dtype inside
+    the kernel that reads it: half the bytes of a float32 copy, and faster on CPUs."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, dtype: DType | None = None):
         self.weight, self.bias = weight, bias  # (out, in), (out,)
+        self.dtype = dtype or weight.dtype
+
+    def widen(self, w: Tensor) -> Tensor:
+        if w.dtype == dtypes.uint16:
+            w = widen_bf16(w)
+        return w if w.dtype == self.dtype else w.cast(self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x.linear(self.weight.T, self.bias)
+        w = self.widen(self.weight)
+        if x.shape[-2] == 1 and w.shape[1] % _LANES == 0:
+            return _matvec(x, w, self.bias)
+        return x.linear(w.T, self.bias)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` in the compute dtype (an embedding lookup)."""
+        return self.widen(self.weight[ids])
 
     def params(self) -> list[Tensor]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -61,17 +89,28 @@ class QuantLinear:
             bias,
         )
 
+    def unpack(self, packed: Tensor, groups: int) -> Tensor:
+        """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
+        bits = self.spec.bits
+        shifts = Tensor.arange(32 // bits, dtype=dtypes.uint32).to(packed.device) * bits
+        q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, values per word)
+        return q.reshape(*packed.shape[:-1], groups, self.spec.group_size).cast(self.dtype)
+
     def dequantize(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
-        bits, group = self.spec.bits, self.spec.group_size
-        per_word = 32 // bits
-        shifts = Tensor.arange(per_word, dtype=dtypes.uint32).to(packed.device) * bits
-        q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, per_word), LSB first
-        q = q.reshape(*packed.shape[:-1], scales.shape[-1], group).cast(self.dtype)  # (..., groups, group)
-        w = q * scales.unsqueeze(-1) + biases.unsqueeze(-1)
-        return w.reshape(*packed.shape[:-1], scales.shape[-1] * group)
+        groups = scales.shape[-1]
+        w = self.unpack(packed, groups) * scales.unsqueeze(-1) + biases.unsqueeze(-1)  # (..., groups, group)
+        return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
+        if x.shape[-2] != 1:
+            return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
+        # decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of three
+        # (~2x faster on CPUs, bench/)
+        out, groups = self.scales.shape
+        xg = x.reshape(*x.shape[:-1], 1, groups, self.spec.group_size)  # (..., 1, 1, groups, group)
+        dots = (self.unpack(self.packed, groups) * xg).sum(-1)  # (..., 1, out, groups)
+        y = (dots * self.scales).sum(-1) + (xg.sum(-1) * self.biases).sum(-1)  # (..., 1, out)
+        return y if self.bias is None else y + self.bias
 
     def rows(self, ids: Tensor) -> Tensor:
         """Dequantized rows `ids` (an embedding lookup on a quantized table)."""
@@ -164,7 +203,7 @@ class ShardModel:
     end: int
     dtype: DType
     blocks: list[Block]
-    embed: Tensor | QuantLinear | None  # first shard only
+    embed: Linear | QuantLinear | None  # first shard only
     norm: RMSNorm | None  # last shard only
     lm_head: Linear | QuantLinear | None  # last shard only
     weight_bytes: int
@@ -179,17 +218,14 @@ class ShardModel:
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         assert self.embed is not None
-        # (B, T) int32 -> (B, T, D)
-        return self.embed.rows(tokens) if isinstance(self.embed, QuantLinear) else self.embed[tokens]
+        return self.embed.rows(tokens)  # (B, T) int32 -> (B, T, D)
 
     def params(self) -> list[Tensor]:
         out: list[Tensor] = []
         for b in self.blocks:
             for mod in b.m.values():
                 out += mod.params() if isinstance(mod, Linear | QuantLinear) else [mod.weight]
-        if isinstance(self.embed, Tensor):
-            out.append(self.embed)
-        elif self.embed is not None:
+        if self.embed is not None:
             out += self.embed.params()
         if self.norm is not None:
             out.append(self.norm.weight)
@@ -211,7 +247,13 @@ class _Loader:
     def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear | QuantLinear:
         b = self.tensor(f"{path}.bias", (out_dim,)) if bias else None
         if f"{path}.scales" not in self.ckpt:
-            return Linear(self.tensor(f"{path}.weight", (out_dim, in_dim)), b)
+            name = f"{path}.weight"
+            # float32 compute keeps bf16/fp16 weights narrow and widens them in-kernel; half precision compute
+            # converts once at load (bf16 does not fit fp16 kernels)
+            if self.dtype == dtypes.float32 and self.ckpt.info(name).dtype in ("BF16", "F16"):
+                self.used.append(name)
+                return Linear(self.ckpt.load(name, self.device, shape=(out_dim, in_dim), raw=True), b, self.dtype)
+            return Linear(self.tensor(name, (out_dim, in_dim)), b, self.dtype)
         q = self.cfg.quantization
         spec = q.for_module(path) if q is not None else None
         if spec is None:
@@ -261,14 +303,10 @@ def load_shard(cfg: ModelConfig, ckpt: Checkpoint, start: int, end: int, device:
         blocks.append(Block(cfg, mods))
 
     is_first, is_last = start == 0, end == cfg.num_layers
-    tied_table = None
-    if is_first or (is_last and cfg.tie_word_embeddings):
-        tied_table = ld.linear(EMBED, cfg.vocab_size, D)
-    embed: Tensor | QuantLinear | None = None
-    if is_first and tied_table is not None:
-        embed = tied_table if isinstance(tied_table, QuantLinear) else tied_table.weight
+    table = ld.linear(EMBED, cfg.vocab_size, D) if is_first or (is_last and cfg.tie_word_embeddings) else None
+    embed = table if is_first else None
     norm = ld.norm(FINAL_NORM, D) if is_last else None
     lm_head: Linear | QuantLinear | None = None
     if is_last:
-        lm_head = tied_table if cfg.tie_word_embeddings else ld.linear(LM_HEAD, cfg.vocab_size, D)
+        lm_head = table if cfg.tie_word_embeddings else ld.linear(LM_HEAD, cfg.vocab_size, D)
     return ShardModel(cfg, start, end, dtype, blocks, embed, norm, lm_head, ckpt.nbytes(ld.used))
