@@ -97,7 +97,7 @@ class QuantLinear:
         return q.reshape(*packed.shape[:-1], groups, self.spec.group_size).cast(self.dtype)
 
     def dequantize(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
-        groups = scales.shape[-1]
+        groups = int(scales.shape[-1])
         w = self.unpack(packed, groups) * scales.unsqueeze(-1) + biases.unsqueeze(-1)  # (..., groups, group)
         return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
 
@@ -106,7 +106,7 @@ class QuantLinear:
             return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
         # decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of three
         # (~2x faster on CPUs, bench/)
-        out, groups = self.scales.shape
+        groups = int(self.scales.shape[-1])
         xg = x.reshape(*x.shape[:-1], 1, groups, self.spec.group_size)  # (..., 1, 1, groups, group)
         dots = (self.unpack(self.packed, groups) * xg).sum(-1)  # (..., 1, out, groups)
         y = (dots * self.scales).sum(-1) + (xg.sum(-1) * self.biases).sum(-1)  # (..., 1, out)
