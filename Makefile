@@ -22,8 +22,8 @@ test:
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check cluster tests scripts
-	$(BIN)/ruff format --check cluster tests scripts
+	$(BIN)/ruff check cluster tests scripts bench
+	$(BIN)/ruff format --check cluster tests scripts bench
 	$(BIN)/mypy cluster
 
 # Rebuild the committed test checkpoints and their reference outputs (needs torch, transformers, mlx-lm;

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes
+from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import resolve
 
@@ -38,6 +38,12 @@ EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.norm", "lm_head"
 _LANES = 4
 
 
+def cpu_codegen(t: Tensor) -> bool:
+    """True on backends without local memory (tinygrad's CPU): there the matvec forms below beat the plain
+    one; GPU backends keep the plain form their matvec heuristics are written for."""
+    return not Device[str(t.device)].renderer.has_local
+
+
 def _matvec(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x (..., 1, in) @ w.T as _LANES independent partial sums then one short sum: tinygrad's CPU code for the
     plain form adds every product into one running sum, which stalls on that dependency (~1.2x slower)."""
@@ -62,7 +68,7 @@ class Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         w = self.widen(self.weight)
-        if x.shape[-2] == 1 and w.shape[1] % _LANES == 0:
+        if x.shape[-2] == 1 and w.shape[1] % _LANES == 0 and cpu_codegen(w):
             return _matvec(x, w, self.bias)
         return x.linear(w.T, self.bias)
 
@@ -102,10 +108,10 @@ class QuantLinear:
         return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[-2] != 1:
+        if x.shape[-2] != 1 or not cpu_codegen(self.packed):
             return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
-        # decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of three
-        # (~2x faster on CPUs, bench/)
+        # CPU decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of
+        # three (~2x faster, bench/)
         groups = int(self.scales.shape[-1])
         xg = x.reshape(*x.shape[:-1], 1, groups, self.spec.group_size)  # (..., 1, 1, groups, group)
         dots = (self.unpack(self.packed, groups) * xg).sum(-1)  # (..., 1, out, groups)
