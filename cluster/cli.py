@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from cluster.generate import GenerationResult, Shard, TokenChunk, generate
+from cluster.generate import Conversation, GenerationResult, Shard, TokenChunk, generate
 from cluster.sampling import SamplingParams
 
 
@@ -195,6 +195,7 @@ class _Session:
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
         self.stop, self.logprobs, self.as_json, self.raw, self.context = stop, logprobs, as_json, raw, context
         self.messages: list[dict[str, str]] = []
+        self.conversation = Conversation()  # chat turns reuse the KV cache of the conversation so far
 
     def turn(self, text: str) -> str:
         if self.raw:
@@ -212,6 +213,7 @@ class _Session:
             stop=self.stop,
             logprobs=self.logprobs,
             context_limit=self.context,
+            conversation=self.conversation,
         ):
             if isinstance(item, TokenChunk):
                 self._emit_token(item)
@@ -263,6 +265,7 @@ class _Session:
             if not text.strip():
                 break
             self.turn(text)
+        self.conversation.close([self.engine])
 
 
 if __name__ == "__main__":

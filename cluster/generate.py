@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class Shard(Protocol):
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str: ...
     def end_session(self, session_id: str) -> None: ...
+    def truncate(self, session_id: str, length: int) -> None: ...
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult: ...
 
 
@@ -62,12 +63,56 @@ class GenerationResult:
         }
 
 
-def step(shards: Sequence[Shard], sid: str, ids: list[int], sampling: SamplingParams, logprobs: int) -> StepResult:
-    """Push token ids through every shard; the last returns the sampled token."""
+@dataclass
+class Conversation:
+    """A session kept open across turns: the next prompt reuses the KV cache of the longest prefix it shares
+    with what the shards already hold, so a chat turn prefills only its new tokens."""
+
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tokens: list[int] = field(default_factory=list)  # ids whose K/V the shards hold, in order
+    open: bool = False
+
+    def close(self, shards: Sequence[Shard]) -> None:
+        if self.open:
+            _end(shards, self.session_id)
+        self.open, self.tokens = False, []
+
+
+def _end(shards: Sequence[Shard], sid: str) -> None:
+    for shard in shards:
+        try:
+            shard.end_session(sid)
+        except Exception:  # a dead shard must not hide the real error
+            log.exception("ending session %s failed", sid)
+
+
+def _reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many leading positions of the cache serve `prompt` (at least one prompt token is always re-run,
+    since the last position's logits are not kept)."""
+    k = 0
+    for a, b in zip(cached, prompt, strict=False):
+        if a != b:
+            break
+        k += 1
+    return min(k, len(prompt) - 1)
+
+
+def step(
+    shards: Sequence[Shard],
+    sid: str,
+    ids: list[int],
+    sampling: SamplingParams,
+    logprobs: int,
+    context_ids: list[int] | None = None,
+) -> StepResult:
+    """Push token ids through every shard; the last returns the sampled token.
+
+    context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix)."""
     x: Any = np.asarray(ids, dtype=np.int32)
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
-        kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": ids, "logprobs": logprobs} if last else {}
+        penalised = ids if context_ids is None else context_ids
+        kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
         result = shard.forward(sid, x, **kwargs)
         if last:
             return result
@@ -85,17 +130,28 @@ def generate(
     stop: Sequence[str] = (),
     logprobs: int = 0,
     context_limit: int,
+    conversation: Conversation | None = None,
 ) -> Iterator[TokenChunk | GenerationResult]:
-    """Yield a TokenChunk per generated token, then one GenerationResult."""
+    """Yield a TokenChunk per generated token, then one GenerationResult.
+
+    Without `conversation` the session lives for this call only; with one it stays open for the next turn.
+    """
     sampling = sampling or SamplingParams()
     prompt = list(prompt_ids)
     if not prompt:
         raise PromptTooLongError("the prompt is empty")
     if len(prompt) >= context_limit:
         raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; the context holds {context_limit}")
-    sid = uuid.uuid4().hex
+    conv = conversation or Conversation()
+    sid = conv.session_id
+    if not conv.open:
+        for shard in shards:
+            shard.new_session(sid, sampling)
+        conv.open, conv.tokens = True, []
+    reused = _reusable(conv.tokens, prompt)
     for shard in shards:
-        shard.new_session(sid, sampling)
+        shard.truncate(sid, reused)
+    conv.tokens = prompt[:reused]
     detok, stops = StreamingDetokenizer(tokenizer), StopStringFilter(stop)
     tokens: list[int] = []
     text: list[str] = []
@@ -103,11 +159,15 @@ def generate(
     hit = False
     t0 = time.perf_counter()
     t_first = t_last = t0
+    ok = False
     try:
-        ids = prompt
-        position = 0
+        ids = prompt[reused:]
+        position = reused
+        context: list[int] | None = prompt if reused else None  # the penalty covers the reused prefix too
         while len(tokens) < max_tokens and position + len(ids) <= context_limit:
-            result = step(shards, sid, ids, sampling, logprobs)
+            result = step(shards, sid, ids, sampling, logprobs, context)
+            context = None
+            conv.tokens += ids
             position += len(ids)
             t_last = time.perf_counter()
             if not tokens:
@@ -126,12 +186,10 @@ def generate(
                 finish = "stop"
                 break
             ids = [token]
+        ok = True
     finally:
-        for shard in shards:
-            try:
-                shard.end_session(sid)
-            except Exception:  # a dead shard must not hide the real error
-                log.exception("ending session %s failed", sid)
+        if conversation is None or not ok:
+            conv.close(shards)
     tail = ""
     if not hit:  # after a stop string everything that follows it is discarded
         tail, _ = stops.push(detok.flush())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import FIXTURES, reference
 
-from cluster.generate import GenerationResult, PromptTooLongError, TokenChunk, generate
+from cluster.generate import Conversation, GenerationResult, PromptTooLongError, TokenChunk, generate
+from cluster.sampling import SamplingParams
 from cluster.tokenizer import Tokenizer
 
 
@@ -70,3 +71,43 @@ def test_prompt_errors(engines, tok):
     with pytest.raises(PromptTooLongError, match="empty"):
         run(engines.get("llama32"), tok, [])
     assert not engines.get("llama32").sessions  # nothing leaked
+
+
+class Recorder:
+    """A real engine, with the number of positions each forward call ran recorded."""
+
+    def __init__(self, engine):
+        self.engine, self.ran = engine, []
+
+    def forward(self, sid, inputs, **kw):
+        self.ran.append(len(inputs))
+        return self.engine.forward(sid, inputs, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("sampling", [None, SamplingParams(temperature=0.0, repetition_penalty=1.5)])
+def test_conversation_reuses_the_cached_prefix(engines, tok, sampling):
+    """Reference: the same prompts generated from scratch in fresh sessions."""
+    eng = engines.get("llama32")
+    prompt = reference("llama32")["prompt_ids"]
+    fresh = lambda p: run(eng, tok, p, max_tokens=5, sampling=sampling)[1].tokens  # noqa: E731
+    shard, conv = Recorder(eng), Conversation()
+    first = run(shard, tok, prompt, max_tokens=5, sampling=sampling, conversation=conv)[1].tokens
+    assert first == fresh(prompt)
+    assert conv.open and conv.tokens == prompt + first[:-1]  # the last sampled id was never run
+
+    follow_up = prompt + first + [7, 8, 9]  # the next turn extends the conversation
+    shard.ran.clear()
+    second = run(shard, tok, follow_up, max_tokens=5, sampling=sampling, conversation=conv)[1].tokens
+    assert second == fresh(follow_up)
+    assert shard.ran[0] == 4  # only first[-1] and the three new ids were prefilled
+
+    diverged = prompt[:6] + [11, 12]  # a prompt that leaves the conversation: the cache is cut back to 6
+    shard.ran.clear()
+    third = run(shard, tok, diverged, max_tokens=5, sampling=sampling, conversation=conv)[1].tokens
+    assert third == fresh(diverged)
+    assert shard.ran[0] == 2
+    conv.close([eng])
+    assert conv.session_id not in eng.sessions

@@ -73,6 +73,9 @@ class EngineProcess:
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         return self._call("new_session", session_id, sampling)
 
+    def truncate(self, session_id: str, length: int) -> None:
+        self._call("truncate", session_id, length)
+
     def end_session(self, session_id: str) -> None:
         self._call("end_session", session_id)
 

@@ -217,6 +217,17 @@ class ShardEngine:
             s.seen_host = np.zeros(self.cfg.vocab_size, dtype=np.float32)
             s.seen = Tensor(s.seen_host, device=self.device).contiguous().realize()
 
+    def truncate(self, session_id: str, length: int) -> None:
+        """Forget positions >= length (cached K/V past the end are overwritten before anything reads them).
+        The repetition-penalty marks are cleared: the next forward passes every id it should cover."""
+        s = self._session(session_id)
+        if not 0 <= length <= s.length:
+            raise EngineError(f"session {session_id!r} holds {s.length} positions; cannot keep {length}")
+        s.length = length
+        if s.seen is not None and s.seen_host is not None:
+            s.seen_host[:] = 0
+            copy_into(s.seen, s.seen_host)
+
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)  # dropping the tensors frees the cache buffers
 
