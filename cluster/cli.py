@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,8 @@ def run_cmd(
         if local:
             engine = ShardEngine(model_dir, progress=bars, **options)
         else:
+            if device:  # the engine process's default device, so everything tinygrad builds lands there
+                os.environ["DEV"] = device
             engine = EngineProcess(model_dir, on_progress=bars, **options).start()
         engine.warmup()
         bars.close()
