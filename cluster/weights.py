@@ -183,6 +183,10 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
         return arr.reshape(info.shape)
 
+    def pending_bytes(self) -> int:
+        """Device bytes the placeholders handed out so far will take once materialized."""
+        return sum(t.nbytes() for t, _, _ in self._pending)
+
     def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []

@@ -209,3 +209,10 @@ def test_float16_compute_stays_close_to_the_reference(engines, name):
     errs = [np.abs(full_logprobs(r) - log_softmax(want)).max() for r, want in results]
     assert max(errs) < 0.15, f"{name}: float16 logprob error {max(errs):.3f}"
     assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
+
+
+def test_a_shard_that_does_not_fit_is_refused_before_loading():
+    with pytest.raises(EngineError, match=r"need 0\.\d MiB .* float32.* only 0\.1 MiB is available"):
+        ShardEngine(FIXTURES / "llama32", 0, 2, max_context=64, memory_budget=100_000)
+    eng = ShardEngine(FIXTURES / "llama32", 0, 2, max_context=64, memory_budget=10 * 2**20)
+    assert eng.weight_bytes < 10 * 2**20

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType
@@ -69,6 +70,14 @@ def default_dtype(device: str) -> DType:
     return dtypes.float32 if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON") else dtypes.float16
 
 
+def dtype_name(dtype: DType) -> str:
+    return {dtypes.float32: "float32", dtypes.float16: "float16", dtypes.bfloat16: "bfloat16"}.get(dtype, dtype.name)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def copy_into(t: Tensor, arr: np.ndarray) -> None:
     """Overwrite a realized tensor's buffer with host data (microseconds, no new graph)."""
     dst = t.uop.base.buffer
@@ -92,8 +101,11 @@ class ShardEngine:
         max_context: int = 4096,
         prefill_buckets: Sequence[int] = (16, 64),
         max_sessions: int = 8,
+        memory_budget: int | None = None,
         progress: Progress | None = None,
     ):
+        """memory_budget: bytes this shard may use for weights plus one session's KV cache; default on CPU
+        devices: the memory the OS reports available (accelerators report no budget to tinygrad)."""
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = device or default_device()
@@ -108,6 +120,7 @@ class ShardEngine:
         self._progress = progress or (lambda stage, done, total: None)
         checkpoint = Checkpoint(self.model_dir)
         self.model: ShardModel = load_shard(self.cfg, checkpoint, start_layer, end, self.device, self.dtype)
+        self._check_fits(checkpoint.pending_bytes(), memory_budget)
         checkpoint.materialize(lambda done, total: self._progress("load", done, total))
         self.start, self.end = self.model.start, self.model.end
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
@@ -133,6 +146,26 @@ class ShardEngine:
         self.ready = False
 
     # ------------------------------------------------------------------------------------ loading
+    def kv_bytes_per_session(self) -> int:
+        cfg = self.cfg
+        positions = self.max_context + self.chunk
+        return len(self.model.blocks) * 2 * cfg.num_kv_heads * positions * cfg.head_dim * self.dtype.itemsize
+
+    def _check_fits(self, weight_bytes: int, budget: int | None) -> None:
+        """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway."""
+        if budget is None and self.device.split(":")[0] == "CPU":
+            budget = psutil.virtual_memory().available
+        if budget is None:
+            return
+        needed = weight_bytes + self.kv_bytes_per_session()
+        if needed > budget:
+            raise EngineError(
+                f"layers [{self.model.start}, {self.model.end}) of {self.model_dir.name} need {_size(needed)} "
+                f"({_size(weight_bytes)} of weights computed in {dtype_name(self.dtype)}, plus the KV cache of "
+                f"one session at {self.max_context} positions), but only {_size(budget)} is available; use "
+                "fewer layers per node, a quantized model or a smaller --max-context"
+            )
+
     @property
     def weight_bytes(self) -> int:
         return self.model.weight_bytes
@@ -147,7 +180,7 @@ class ShardEngine:
             "vocab_size": self.cfg.vocab_size,
             "max_context": self.max_context,
             "device": self.device,
-            "dtype": self.dtype.name,
+            "dtype": dtype_name(self.dtype),
             "weight_bytes": self.weight_bytes,
             "quantized": self.cfg.quantization is not None,
             "ready": self.ready,
