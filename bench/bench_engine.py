@@ -251,7 +251,7 @@ def table(rows: list[Row]) -> str:
 def report(args: argparse.Namespace, rows: list[Row], notes: list[str]) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = [
-        f"### {args.preset}, prompt {args.prompt_len} tokens, decode {args.tokens} tokens ({now})",
+        f"### {args.model_dir or args.preset}, prompt {args.prompt_len} tokens, decode {args.tokens} tokens ({now})",
         "",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB RAM, "
         f"Python {platform.python_version()}, tinygrad {version('tinygrad')}",
@@ -266,6 +266,9 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
+    ap.add_argument(
+        "--model-dir", type=Path, help="time this checkpoint instead of a preset (e.g. an MLX-quantized one)"
+    )
     ap.add_argument("--device", default=None, help="tinygrad device (default: Device.DEFAULT)")
     ap.add_argument("--dtype", default=None, help="engine compute dtype (default: per device)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens timed after 2 warm ones")
@@ -287,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer and not Path(args.ref_python).exists():
         sys.exit(f"{args.ref_python} not found: pass --ref-python (a venv with torch + transformers) or --no-peer")
     t0 = time.perf_counter()
-    model_dir, built = ensure_checkpoint(args.preset, args.cache_dir, args.seed)
-    log(f"checkpoint {model_dir} ({'built in %.0fs' % (time.perf_counter() - t0) if built else 'reused'})")
-    vocab = int(PRESETS[args.preset]["vocab_size"])
+    if args.model_dir:
+        model_dir, vocab = args.model_dir, int(json.loads((args.model_dir / "config.json").read_text())["vocab_size"])
+    else:
+        model_dir, built = ensure_checkpoint(args.preset, args.cache_dir, args.seed)
+        log(f"checkpoint {model_dir} ({'built in %.0fs' % (time.perf_counter() - t0) if built else 'reused'})")
+        vocab = int(PRESETS[args.preset]["vocab_size"])
     prompt = np.random.default_rng(args.seed).integers(0, vocab, args.prompt_len)
     host_bw, all_cores = read_bandwidth(), read_bandwidth(os.cpu_count() or 1)
     log(f"memory read {host_bw / 1e9:.1f} GB/s, all cores {all_cores / 1e9:.1f} GB/s")
