@@ -11,21 +11,22 @@ from typing import Any
 
 _EXPORTS = {
     "Checkpoint": "cluster.weights",
+    "Conversation": "cluster.generation",
     "CheckpointError": "cluster.weights",
     "ConfigError": "cluster.models.config",
     "ContextFullError": "cluster.engine.shard",
     "EngineError": "cluster.engine.shard",
     "EngineProcess": "cluster.engine.process",
-    "GenerationResult": "cluster.generate",
+    "GenerationResult": "cluster.generation",
     "ModelConfig": "cluster.models.config",
     "SamplingParams": "cluster.sampling",
     "ShardEngine": "cluster.engine.shard",
     "StepResult": "cluster.engine.shard",
     "StreamingDetokenizer": "cluster.tokenizer",
-    "TokenChunk": "cluster.generate",
+    "TokenChunk": "cluster.generation",
     "Tokenizer": "cluster.tokenizer",
     "TokenizerError": "cluster.tokenizer",
-    "generate": "cluster.generate",
+    "generate": "cluster.generation",
     "resolve_model": "cluster.registry",
 }
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cluster.generate import Conversation, GenerationResult, Shard, TokenChunk, generate
+from cluster.generation import Conversation, GenerationResult, Shard, TokenChunk, generate
 from cluster.sampling import SamplingParams
 
 

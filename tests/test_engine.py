@@ -8,7 +8,7 @@ import pytest
 from conftest import ALL_MODELS, BUCKETS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
 
 from cluster.engine.shard import ContextFullError, EngineError, ShardEngine
-from cluster.generate import step
+from cluster.generation import step
 from cluster.sampling import SamplingParams
 
 TOL = 1e-3  # max |logprob difference|; observed ~5e-5 in fp32 on CPU

@@ -13,7 +13,7 @@ from conftest import BUCKETS, FIXTURES, reference
 from cluster.engine.process import EngineProcess
 from cluster.engine.runner import RunnerDied
 from cluster.engine.shard import EngineError
-from cluster.generate import step
+from cluster.generation import step
 from cluster.sampling import SamplingParams
 
 

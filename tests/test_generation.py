@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import FIXTURES, reference
 
-from cluster.generate import Conversation, GenerationResult, PromptTooLongError, TokenChunk, generate
+from cluster.generation import Conversation, GenerationResult, PromptTooLongError, TokenChunk, generate
 from cluster.sampling import SamplingParams
 from cluster.tokenizer import Tokenizer
 
