@@ -7,6 +7,7 @@ process, later a remote node): hidden states flow from shard to shard, the last 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -89,12 +90,7 @@ def _end(shards: Sequence[Shard], sid: str) -> None:
 def _reusable(cached: list[int], prompt: list[int]) -> int:
     """How many leading positions of the cache serve `prompt` (at least one prompt token is always re-run,
     since the last position's logits are not kept)."""
-    k = 0
-    for a, b in zip(cached, prompt, strict=False):
-        if a != b:
-            break
-        k += 1
-    return min(k, len(prompt) - 1)
+    return min(len(os.path.commonprefix([cached, prompt])), len(prompt) - 1)
 
 
 def step(
@@ -109,9 +105,9 @@ def step(
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix)."""
     x: Any = np.asarray(ids, dtype=np.int32)
+    penalised = ids if context_ids is None else context_ids
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
-        penalised = ids if context_ids is None else context_ids
         kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
         result = shard.forward(sid, x, **kwargs)
         if last:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -205,7 +204,3 @@ class Checkpoint:
 def widen_bf16(bits: Tensor) -> Tensor:
     """bf16 bit patterns (uint16) -> float32, exactly; fuses into whatever kernel reads the weight."""
     return (bits.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
-
-
-def total_file_bytes(model_dir: str | Path) -> int:
-    return sum(os.path.getsize(f) for f in Path(model_dir).glob("*.safetensors"))

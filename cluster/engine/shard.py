@@ -129,9 +129,14 @@ class ShardEngine:
         self.cos = Tensor(cos, device=self.device).cast(self.dtype).contiguous().realize()
         self.sin = Tensor(sin, device=self.device).cast(self.dtype).contiguous().realize()
         D, V = self.cfg.hidden_size, self.cfg.vocab_size
-        # preallocated inputs/outputs: host data is copied in, graphs see a symbolic slice of them
-        self.in_tokens = Tensor.zeros(1, self.chunk, dtype=dtypes.int32, device=self.device).contiguous().realize()
-        self.in_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
+        # preallocated inputs/outputs: host data is copied in and out, so every call reuses the same graphs
+        # one input buffer per graph, sized to it, so a decode step copies one row, not a whole chunk
+        row = () if self.is_first else (D,)
+        in_dtype = dtypes.int32 if self.is_first else self.dtype
+        self.inputs = {
+            rows: Tensor.zeros(1, rows, *row, dtype=in_dtype, device=self.device).contiguous().realize()
+            for rows in (1, *self.buckets)
+        }
         self.out_hidden = Tensor.zeros(1, self.chunk, D, dtype=self.dtype, device=self.device).contiguous().realize()
         self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
@@ -218,15 +223,16 @@ class ShardEngine:
 
     def _run_chunk(self, session: _Session, x: np.ndarray, bucket: int) -> Tensor:
         n = x.shape[0]
-        buf = self.in_tokens if self.is_first else self.in_hidden
-        padded = np.zeros(buf.shape[1:], dtype=x.dtype)
+        rows = 1 if n == 1 else bucket
+        padded = np.zeros((rows, *x.shape[1:]), dtype=x.dtype)  # padding rows: id 0 / zeros, never attended
         padded[:n] = x
+        buf = self.inputs[rows]
         copy_into(buf, padded[None])
         pos = self.v_pos.bind(session.length)
         if n == 1:
-            out = self._decode_jit(buf[:, 0:1], session.cache, pos)
+            out = self._decode_jit(buf, session.cache, pos)
         else:
-            out = self._prefill_jits[bucket](buf[:, 0:bucket], session.cache, pos, self.v_last.bind(n - 1))
+            out = self._prefill_jits[bucket](buf, session.cache, pos, self.v_last.bind(n - 1))
         session.length += n
         return out
 
@@ -267,9 +273,6 @@ class ShardEngine:
 
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)  # dropping the tensors frees the cache buffers
-
-    def session_length(self, session_id: str) -> int:
-        return self._session(session_id).length
 
     def _session(self, session_id: str) -> _Session:
         try:

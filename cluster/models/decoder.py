@@ -86,14 +86,8 @@ class QuantLinear:
     def __init__(
         self, packed: Tensor, scales: Tensor, biases: Tensor, spec: QuantSpec, dtype: DType, bias: Tensor | None = None
     ):
-        self.packed, self.scales, self.biases, self.spec, self.dtype, self.bias = (
-            packed,
-            scales,
-            biases,
-            spec,
-            dtype,
-            bias,
-        )
+        self.packed, self.scales, self.biases = packed, scales, biases  # (out, in*bits/32), (out, groups) x2
+        self.spec, self.dtype, self.bias = spec, dtype, bias
 
     def unpack(self, packed: Tensor, groups: int) -> Tensor:
         """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
@@ -246,9 +240,9 @@ class _Loader:
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         self.used: list[str] = []
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: DType | None = None) -> Tensor:
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: DType | None = None, raw: bool = False) -> Tensor:
         self.used.append(name)
-        return self.ckpt.load(name, self.device, self.dtype if dtype is None else dtype, shape)
+        return self.ckpt.load(name, self.device, self.dtype if dtype is None else dtype, shape, raw=raw)
 
     def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear | QuantLinear:
         b = self.tensor(f"{path}.bias", (out_dim,)) if bias else None
@@ -256,10 +250,8 @@ class _Loader:
             name = f"{path}.weight"
             # float32 compute keeps bf16 weights narrow and widens them in-kernel (two integer ops);
             # fp16 is widened once at load, since CPU backends convert it ~10x slower than bf16
-            if self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16":
-                self.used.append(name)
-                return Linear(self.ckpt.load(name, self.device, shape=(out_dim, in_dim), raw=True), b, self.dtype)
-            return Linear(self.tensor(name, (out_dim, in_dim)), b, self.dtype)
+            keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
+            return Linear(self.tensor(name, (out_dim, in_dim), raw=keep_bf16), b, self.dtype)
         q = self.cfg.quantization
         spec = q.for_module(path) if q is not None else None
         if spec is None:
