@@ -11,12 +11,7 @@ install:
 	$(MAKE) protos
 
 protos:
-	mkdir -p cluster/rpc/pb
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=cluster/rpc/pb --pyi_out=cluster/rpc/pb \
-		--grpc_python_out=cluster/rpc/pb protos/*.proto
-	# generated modules import each other as top-level names; make them package-relative
-	sed -i -E 's/^import (\w+_pb2)/from . import \1/' cluster/rpc/pb/*_pb2*.py
-	touch cluster/rpc/pb/__init__.py
+	$(BIN)/python setup.py -q build_protos
 
 test:
 	$(BIN)/python -m pytest -q

@@ -7,9 +7,24 @@ load tinygrad before the process has set its environment.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+try:
+    __version__ = version("clusterctl")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
 _EXPORTS = {
+    "AsyncClient": "cluster.client",
+    "Chunk": "cluster.client",
+    "Client": "cluster.client",
+    "ClusterError": "cluster.client",
+    "DoesNotFit": "cluster.client",
+    "InvalidRequest": "cluster.client",
+    "ModelNotFound": "cluster.client",
+    "NodeUnavailable": "cluster.client",
+    "NotAuthorised": "cluster.client",
     "Checkpoint": "cluster.weights",
     "Conversation": "cluster.generation",
     "CheckpointError": "cluster.weights",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from cluster.generation import Conversation, GenerationResult, Shard, TokenChunk, generate
+from cluster.generation import Conversation, TokenChunk, generate, generation_defaults
 from cluster.sampling import SamplingParams
+
+DEFAULT_NODE = "127.0.0.1:50051"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,33 +34,26 @@ def models_cmd() -> None:
         click.echo(f"{name:24s} {repo}")
 
 
-def _generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """Sampling defaults from generation_config.json, the way the model's authors ship them."""
-    path = model_dir / "generation_config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not raw.get("do_sample", True):
-        return {"temperature": 0.0}
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in raw}
-
-
 class _Bars:
-    """tqdm bars for the engine's load and warm-up progress (on stderr)."""
+    """tqdm bars for load, pull and warm-up progress (on stderr), one per stage and node."""
+
+    STAGES = {"load": "loading weights", "warmup": "compiling", "pull": "pulling weights", "plan": "planning"}
 
     def __init__(self, enabled: bool):
         self.enabled, self.bars = enabled, {}  # type: ignore[var-annotated]
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
+    def __call__(self, stage: str, done: int, total: int, node: str = "") -> None:
+        if not self.enabled or total <= 0:
             return
         from tqdm import tqdm
 
-        desc = {"load": "loading weights", "warmup": "compiling"}.get(stage, stage)
-        bar = self.bars.get(stage)
+        desc = self.STAGES.get(stage, stage) + (f" on {node}" if node else "")
+        bar = self.bars.get((stage, node))
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+            unit, scale = ("B", True) if stage == "pull" else ("step", False)
+            bar = self.bars[(stage, node)] = tqdm(
+                total=total, desc=desc, unit=unit, unit_scale=scale, file=sys.stderr, leave=False
+            )
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -66,6 +61,26 @@ class _Bars:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+def _node_option(f: Any) -> Any:
+    return click.option(
+        "--node",
+        default=DEFAULT_NODE,
+        show_default=True,
+        metavar="HOST:PORT",
+        help="The node to ask (any node of the cluster).",
+    )(f)
+
+
+def _client(node: str) -> Any:
+    from cluster.client import Client
+
+    return Client(node)
+
+
+def _fail(e: Exception) -> NoReturn:
+    raise click.ClickException(str(e)) from None
 
 
 @main.command("run")
@@ -86,8 +101,15 @@ class _Bars:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary.")
-@click.option("--logprobs", type=click.IntRange(min=0), default=0, help="With --json: the top K logprobs per token.")
-@click.option("--local", is_flag=True, help="Run the model inside this process (no engine process).")
+@click.option("--logprobs", type=click.IntRange(min=0, max=20), default=0, help="With --json: the top K logprobs.")
+@_node_option
+@click.option("--local", is_flag=True, help="Run the whole model inside this process, with no cluster at all.")
+@click.option(
+    "--no-mdns",
+    is_flag=True,
+    help="When this command starts its own node: do not use mDNS (it then works alone or with --peer).",
+)
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="For the node this command starts.")
 @click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
 @click.option(
     "--dtype",
@@ -100,7 +122,7 @@ class _Bars:
     "--models-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where downloaded models live (default: the Hugging Face cache).",
+    help="Where models live (--local: the Hugging Face cache by default; a node: ~/.cache/clusterctl/models).",
 )
 def run_cmd(
     model: str,
@@ -116,7 +138,10 @@ def run_cmd(
     raw: bool,
     as_json: bool,
     logprobs: int,
+    node: str,
     local: bool,
+    no_mdns: bool,
+    peers: tuple[str, ...],
     device: str | None,
     dtype: str | None,
     max_context: int,
@@ -124,10 +149,184 @@ def run_cmd(
 ) -> None:
     """Generate with MODEL: a registry name (see `clusterctl models`), an HF repo id or a local directory.
 
-    Without PROMPT, starts an interactive chat.
+    Without PROMPT, starts an interactive chat. The request goes to the node at --node; when none answers
+    there, this command starts a node inside its own process (it joins the cluster like `clusterctl join`).
     """
-    from cluster.engine.process import EngineProcess
-    from cluster.engine.runner import RunnerError
+    sampling = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    bars = _Bars(enabled=sys.stderr.isatty() or not as_json)
+    out = _Output(as_json, logprobs)
+    if local:
+        _run_local(
+            model, prompt, raw, max_tokens, sampling, stop, logprobs, out, bars, device, dtype, max_context, models_dir
+        )
+        return
+    from cluster.client import ClusterError
+
+    own = None
+    client = _client(node)
+    try:
+        if not client.wait_ready(timeout=1.0):
+            own = _start_own_node(node, no_mdns, peers, device, dtype, max_context, models_dir)
+            client.close()  # the failed connection backs off; a fresh channel connects at once
+            client = _client(node)
+        turn = _ClusterTurns(client, model, raw, max_tokens, sampling, stop, logprobs, out, bars)
+        if prompt is not None:
+            turn(prompt)
+        else:
+            _chat_loop(turn)
+    except ClusterError as e:
+        _fail(e)
+    finally:
+        bars.close()
+        client.close()
+        if own is not None:
+            own.stop()
+
+
+def _start_own_node(
+    node: str,
+    no_mdns: bool,
+    peers: tuple[str, ...],
+    device: str | None,
+    dtype: str | None,
+    max_context: int,
+    models_dir: Path | None,
+) -> Any:
+    from cluster.node import NodeSettings, NodeThread
+
+    host, _, port = node.rpartition(":")
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    options: dict[str, Any] = {
+        # reachable from other nodes only when it may be part of a cluster
+        "host": "127.0.0.1" if no_mdns and not peers and loopback else "0.0.0.0",
+        "port": int(port) if port.isdigit() else 50051,
+        "device": device,
+        "dtype": dtype,
+        "mdns": not no_mdns,
+        "peers": peers,
+        "max_context": max_context,
+    }
+    if models_dir is not None:
+        options["models_dir"] = models_dir
+    try:
+        return NodeThread(NodeSettings(**options)).start()
+    except OSError as e:
+        _fail(OSError(f"no node answers at {node} and this command could not start one: {e}"))
+
+
+class _Output:
+    """What `run` prints: text as it streams, or one JSON object per token and a summary (DESIGN's format)."""
+
+    def __init__(self, as_json: bool, logprobs: int):
+        self.as_json, self.logprobs = as_json, logprobs
+
+    def token(self, token_id: int, text: str, logprob: float, top: list[tuple[int, float]]) -> None:
+        if self.as_json:
+            obj: dict[str, Any] = {"id": token_id, "text": text, "logprob": logprob}
+            if self.logprobs:
+                obj["top"] = [[i, lp] for i, lp in top]
+            click.echo(json.dumps(obj, ensure_ascii=False))
+        else:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+
+    def summary(
+        self, tokens: list[int], text: str, tail: str, finish: str, usage: dict[str, int], timing: dict[str, float]
+    ) -> None:
+        if self.as_json:
+            summary = {
+                "done": True,
+                "tokens": tokens,
+                "text": text,
+                "finish_reason": finish,
+                "usage": usage,
+                "timing": {k: round(v, 2) for k, v in timing.items()},
+            }
+            click.echo(json.dumps(summary, ensure_ascii=False))
+            return
+        click.echo(tail)
+        rate = f"TTFT {timing['ttft_ms']:.0f} ms, {timing['decode_tok_s']:.1f} tok/s"
+        click.echo(f"[{len(tokens)} tokens, {finish}; {rate}]", err=True)
+
+
+class _ClusterTurns:
+    """Chat turns sent to a node of the cluster."""
+
+    def __init__(
+        self,
+        client: Any,
+        model: str,
+        raw: bool,
+        max_tokens: int,
+        sampling: dict[str, Any],
+        stop: tuple[str, ...],
+        logprobs: int,
+        out: _Output,
+        bars: _Bars,
+    ):
+        self.client, self.model, self.raw, self.out, self.bars = client, model, raw, out, bars
+        self.options = {"max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling}
+        self.messages: list[dict[str, str]] = []
+
+    def __call__(self, text: str) -> None:
+        def progress(stage: str, node: str, done: int, total: int) -> None:
+            self.bars(stage, done, total, node)
+
+        if self.raw:
+            chunks = self.client.generate(self.model, text, raw=True, on_progress=progress, **self.options)
+        else:
+            self.messages.append({"role": "user", "content": text})
+            chunks = self.client.chat(self.model, self.messages, on_progress=progress, **self.options)
+        parts = []
+        for chunk in chunks:
+            if chunk.finish_reason is None:
+                self.bars.close()
+                parts.append(chunk.text)
+                self.out.token(chunk.token_id, chunk.text, chunk.logprob, chunk.top)
+            else:
+                parts.append(chunk.text)
+                answer = "".join(parts)
+                self.out.summary(chunk.tokens, answer, chunk.text, chunk.finish_reason, chunk.usage, chunk.timing)
+                if not self.raw:
+                    self.messages.append({"role": "assistant", "content": answer})
+
+
+def _chat_loop(turn: Callable[[str], Any]) -> None:
+    click.echo("Chat started; an empty line or Ctrl-D ends it.", err=True)
+    while True:
+        try:
+            text = click.prompt(">", prompt_suffix=" ", default="", show_default=False, err=True)
+        except (EOFError, click.Abort):
+            break
+        if not text.strip():
+            break
+        turn(text)
+
+
+def _run_local(
+    model: str,
+    prompt: str | None,
+    raw: bool,
+    max_tokens: int,
+    sampling_options: dict[str, Any],
+    stop: tuple[str, ...],
+    logprobs: int,
+    out: _Output,
+    bars: _Bars,
+    device: str | None,
+    dtype: str | None,
+    max_context: int,
+    models_dir: Path | None,
+) -> None:
+    """The whole model in this process: no node, no network."""
     from cluster.engine.shard import EngineError, ShardEngine
     from cluster.models.config import ConfigError, ModelConfig
     from cluster.registry import ModelNotFoundError, resolve_model
@@ -139,74 +338,46 @@ def run_cmd(
         model_dir = resolve_model(model, models_dir=models_dir)
         ModelConfig.from_dir(model_dir)  # an unsupported model fails here, before anything loads
         tokenizer = Tokenizer.from_dir(model_dir)
-        defaults = _generation_defaults(model_dir)
-        chosen = {
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "min_p": min_p,
-            "repetition_penalty": repetition_penalty,
-        }
-        params = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
-        sampling = SamplingParams(**params, seed=seed)
+        sampling = SamplingParams(**{**generation_defaults(model_dir), **sampling_options})
         if not raw and not tokenizer.has_chat_template:
             raise TokenizerError(f"{model_dir} has no chat template; use --raw to send the prompt as plain text")
-    except user_errors as e:
-        raise click.ClickException(str(e)) from None
-
-    bars = _Bars(enabled=sys.stderr.isatty() or not as_json)
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "max_context": max_context}
-    engine: Any = None
-    try:
-        if local:
-            engine = ShardEngine(model_dir, progress=bars, **options)
-        else:
-            if device:  # the engine process's default device, so everything tinygrad builds lands there
-                os.environ["DEV"] = device
-            engine = EngineProcess(model_dir, on_progress=bars, **options).start()
+        engine = ShardEngine(model_dir, progress=bars, device=device, dtype=dtype, max_context=max_context)
         engine.warmup()
         bars.close()
-        context = engine.info()["max_context"]
-        session = _Session(engine, tokenizer, sampling, max_tokens, stop, logprobs, as_json, raw, context)
+        session = _LocalTurns(engine, tokenizer, sampling, max_tokens, stop, logprobs, out, raw)
         if prompt is not None:
-            session.turn(prompt)
+            session(prompt)
         else:
-            session.chat()
+            _chat_loop(session)
+            session.conversation.close([engine])
     except user_errors as e:
-        raise click.ClickException(str(e)) from None
-    except RunnerError as e:
-        raise click.ClickException(f"the engine process failed: {e}") from None
-    finally:
-        bars.close()
-        if engine is not None and hasattr(engine, "close"):
-            engine.close()
+        _fail(e)
 
 
-class _Session:
+class _LocalTurns:
     def __init__(
         self,
-        engine: Shard,
+        engine: Any,
         tokenizer: Any,
         sampling: SamplingParams,
         max_tokens: int,
         stop: tuple[str, ...],
         logprobs: int,
-        as_json: bool,
+        out: _Output,
         raw: bool,
-        context: int,
     ):
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
-        self.stop, self.logprobs, self.as_json, self.raw, self.context = stop, logprobs, as_json, raw, context
+        self.stop, self.logprobs, self.out, self.raw = stop, logprobs, out, raw
+        self.context = int(engine.info()["max_context"])  # type: ignore[attr-defined]
         self.messages: list[dict[str, str]] = []
         self.conversation = Conversation()  # chat turns reuse the KV cache of the conversation so far
 
-    def turn(self, text: str) -> str:
+    def __call__(self, text: str) -> None:
         if self.raw:
             ids = self.tok.encode(text, add_special_tokens=True)
         else:
             self.messages.append({"role": "user", "content": text})
             ids = self.tok.encode_chat(self.messages, add_generation_prompt=True)
-        result = None
         for item in generate(
             [self.engine],
             self.tok,
@@ -219,56 +390,145 @@ class _Session:
             conversation=self.conversation,
         ):
             if isinstance(item, TokenChunk):
-                self._emit_token(item)
+                self.out.token(item.id, item.text, item.logprob, item.top)
             else:
-                result = item
-        assert result is not None
-        self._emit_summary(result)
-        if not self.raw:
-            self.messages.append({"role": "assistant", "content": result.text})
-        return result.text
+                timing = {"ttft_ms": item.ttft_ms, "decode_tok_s": item.decode_tok_s}
+                self.out.summary(item.tokens, item.text, item.tail, item.finish_reason, item.usage(), timing)
+                if not self.raw:
+                    self.messages.append({"role": "assistant", "content": item.text})
 
-    def _emit_token(self, chunk: TokenChunk) -> None:
-        if self.as_json:
-            obj: dict[str, Any] = {"id": chunk.id, "text": chunk.text, "logprob": chunk.logprob}
-            if self.logprobs:
-                obj["top"] = [[i, lp] for i, lp in chunk.top]
-            click.echo(json.dumps(obj, ensure_ascii=False))
-        else:
-            click.echo(chunk.text, nl=False)
-            sys.stdout.flush()
 
-    def _emit_summary(self, r: GenerationResult) -> None:
-        if self.as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "done": True,
-                        "tokens": r.tokens,
-                        "text": r.text,
-                        "finish_reason": r.finish_reason,
-                        "usage": r.usage(),
-                        "timing": {"ttft_ms": round(r.ttft_ms, 2), "decode_tok_s": round(r.decode_tok_s, 2)},
-                    },
-                    ensure_ascii=False,
-                )
-            )
-            return
-        click.echo(r.tail)
-        timing = f"TTFT {r.ttft_ms:.0f} ms, {r.decode_tok_s:.1f} tok/s"
-        click.echo(f"[{len(r.tokens)} tokens, {r.finish_reason}; {timing}]", err=True)
+# ------------------------------------------------------------------------------------------------ cluster
+@main.command("join")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True, help="gRPC port (0: any).")
+@click.option("--name", default=None, help="Node name shown to the cluster. Default: the host name.")
+@click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype.")
+@click.option(
+    "--memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GiB",
+    help="Memory this node offers, instead of what its device reports free.",
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where models pulled from peers are kept. Default: ~/.cache/clusterctl/models.",
+)
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A node to join directly (repeatable).")
+@click.option("--no-mdns", is_flag=True, help="Neither announce nor browse over mDNS (use --peer).")
+@click.option(
+    "--mdns-interface",
+    "mdns_interfaces",
+    multiple=True,
+    metavar="ADDR",
+    help="Announce and browse only on the interface with this IPv4 address (repeatable). Default: all.",
+)
+@click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
+def join_cmd(
+    host: str,
+    port: int,
+    name: str | None,
+    device: str | None,
+    dtype: str | None,
+    memory: float | None,
+    models_dir: Path | None,
+    peers: tuple[str, ...],
+    no_mdns: bool,
+    mdns_interfaces: tuple[str, ...],
+    max_context: int,
+) -> None:
+    """Run a node of the cluster until interrupted (Ctrl-C or SIGTERM)."""
+    import asyncio
+    import signal
 
-    def chat(self) -> None:
-        click.echo("Chat started; an empty line or Ctrl-D ends it.", err=True)
-        while True:
-            try:
-                text = click.prompt(">", prompt_suffix=" ", default="", show_default=False, err=True)
-            except (EOFError, click.Abort):
-                break
-            if not text.strip():
-                break
-            self.turn(text)
-        self.conversation.close([self.engine])
+    from cluster.node import Node, NodeSettings
+
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)  # membership changes and plans are what `join` shows
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "device": device,
+        "dtype": dtype,
+        "memory_gib": memory,
+        "peers": peers,
+        "mdns": not no_mdns,
+        "mdns_interfaces": mdns_interfaces or None,
+        "max_context": max_context,
+    }
+    if name:
+        options["name"] = name
+    if models_dir is not None:
+        options["models_dir"] = models_dir
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        await Node(NodeSettings(**options)).serve(stopped)
+
+    try:
+        asyncio.run(serve())
+    except OSError as e:
+        _fail(e)
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+@main.command("nodes")
+@_node_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def nodes_cmd(node: str, as_json: bool) -> None:
+    """The members of the cluster: device, memory, and the layers each holds."""
+    from cluster.client import ClusterError
+
+    with _client(node) as client:
+        try:
+            nodes = client.nodes()
+        except ClusterError as e:
+            _fail(e)
+    if as_json:
+        click.echo(json.dumps([n.__dict__ for n in nodes], indent=2))
+        return
+    click.echo(f"{'NAME':16s} {'ADDRESS':22s} {'DEVICE':10s} {'FREE':>10s} {'TOTAL':>10s}  SHARDS")
+    for n in nodes:
+        shards = ", ".join(f"{s['model_id']} [{s['layers'][0]},{s['layers'][1]})" for s in n.shards) or "-"
+        free, total = _gib(n.free_memory), _gib(n.total_memory)
+        click.echo(f"{n.name:16s} {n.address:22s} {n.device:10s} {free:>10s} {total:>10s}  {shards}")
+
+
+@main.command("plan")
+@click.argument("model")
+@_node_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(model: str, node: str, as_json: bool) -> None:
+    """How MODEL's layers would be split over the cluster now (memory-weighted)."""
+    from cluster.client import ClusterError
+
+    with _client(node) as client:
+        try:
+            plan = client.plan(model)
+        except ClusterError as e:
+            _fail(e)
+    if as_json:
+        click.echo(json.dumps(plan.__dict__, indent=2))
+        return
+    click.echo(f"{plan.model_id}: {plan.num_layers} layers, context {plan.max_context}")
+    for s in plan.shards:
+        start, end = s["layers"]
+        click.echo(
+            f"  {s['name']:16s} {s['address']:22s} layers [{start:3d}, {end:3d})  {end - start:3d} layers  "
+            f"needs {_gib(s['bytes'])} of {_gib(s['free_memory'])} free"
+        )
+    for line in plan.left_out:
+        click.echo(f"  left out: {line}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ process, later a remote node): hidden states flow from shard to shard, the last 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +30,29 @@ class Shard(Protocol):
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str: ...
     def end_session(self, session_id: str) -> None: ...
     def truncate(self, session_id: str, length: int) -> None: ...
-    def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult: ...
+    def forward(
+        self,
+        session_id: str,
+        inputs: Any,
+        *,
+        sampling: SamplingParams | None = ...,
+        token_ids: Sequence[int] | None = ...,
+        logprobs: int = ...,
+    ) -> StepResult: ...
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json, the way the model's authors ship them."""
+    try:
+        raw = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    if not raw.get("do_sample", True):
+        return {"temperature": 0.0}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: raw[k] for k in keys if isinstance(raw.get(k), (int, float))}
 
 
 class PromptTooLongError(ValueError):

@@ -191,6 +191,7 @@ class ShardEngine:
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "weight_bytes": self.weight_bytes,
+            "kv_bytes_per_session": self.kv_bytes_per_session(),
             "quantized": self.cfg.quantization is not None,
             "ready": self.ready,
         }

@@ -1,0 +1,377 @@
+"""The coordinator: the node that receives a request plans the layers over the cluster, places the shards and
+drives each step's hidden states through them in order.
+
+Blocking code (each request runs in its own thread). Shards on this node are called in-process through the
+node's ShardHost; shards elsewhere through one gRPC stream per session and shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cluster.discovery import Peer
+from cluster.engine.shard import ContextFullError, EngineError, StepResult
+from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
+from cluster.host import ShardHost, check_model_id
+from cluster.models.config import ModelConfig
+from cluster.models.costs import model_costs, tensor_costs
+from cluster.partition import ModelCosts, NodeCapacity, Plan, plan_layers
+from cluster.registry import REGISTRY, resolve_model
+from cluster.rpc import wire
+from cluster.rpc.pb import cluster_pb2 as pb
+from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+from cluster.sampling import SamplingParams
+from cluster.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, str, int, int], None]  # (stage, node name, done, total)
+
+
+class ShardUnavailableError(RuntimeError):
+    """A node holding a shard stopped answering."""
+
+
+@dataclass
+class ModelRef:
+    """A model the coordinator can serve: its files (at least config and tokenizer) and what each layer costs."""
+
+    model_id: str
+    path: Path
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    costs: ModelCosts
+    defaults: dict[str, Any]
+
+
+@dataclass
+class PlacedShard:
+    node_id: str
+    name: str
+    address: str
+    shard_id: str
+    start: int
+    end: int
+    bytes: int
+    local: bool
+
+
+@dataclass
+class Placement:
+    model_id: str
+    plan: Plan
+    shards: list[PlacedShard]
+    members: frozenset[str]
+    limit: int  # message bytes the model's hidden states need
+    active: int = 0  # sessions running on it
+    sources: list[str] = field(default_factory=list)
+
+
+def model_id_for(model: str) -> str:
+    """The name other nodes know a model by: its HF repo id, or a local directory's name."""
+    repo = REGISTRY.get(model.lower())
+    if repo:
+        return repo
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return check_model_id(path.resolve().name)
+    return check_model_id(model)
+
+
+class RemoteShard:
+    """One session on a shard of another node: a bidirectional stream, one response per request."""
+
+    def __init__(self, stub: pb_grpc.WorkerStub, shard_id: str, node: str):
+        self.stub, self.shard_id, self.node = stub, shard_id, node
+        self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
+        self._responses: Any = None
+        self._first: pb.ForwardRequest | None = None
+        self._truncate: int | None = None
+
+    def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
+        sid = session_id or uuid.uuid4().hex
+        self._first = pb.ForwardRequest(
+            shard_id=self.shard_id, session_id=sid, sampling=wire.sampling_to_pb(sampling or SamplingParams())
+        )
+        self._responses = self.stub.Forward(iter(self._requests.get, None))
+        return sid
+
+    def truncate(self, session_id: str, length: int) -> None:
+        self._truncate = length  # travels with the next input
+
+    def forward(
+        self,
+        session_id: str,
+        inputs: Any,
+        *,
+        sampling: SamplingParams | None = None,
+        token_ids: Sequence[int] | None = None,
+        logprobs: int = 0,
+    ) -> StepResult:
+        request, self._first = self._first or pb.ForwardRequest(), None
+        if self._truncate is not None:
+            request.truncate, self._truncate = self._truncate, None
+        x = np.asarray(inputs)
+        if x.ndim == 1:
+            request.tokens.CopyFrom(wire.to_tensor(x.astype(np.int32)))
+        else:
+            request.hidden.CopyFrom(wire.to_tensor(x))
+        if token_ids is not None:
+            request.context_ids.extend(token_ids)
+        request.top_logprobs = logprobs
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as e:
+            raise _shard_error(e, self.node) from None
+        except StopIteration:
+            raise ShardUnavailableError(f"node {self.node} closed the session") from None
+        if response.WhichOneof("output") == "hidden":
+            return StepResult(hidden=wire.from_tensor(response.hidden, wire.HIDDEN_DTYPES))
+        top = wire.top_pairs(response.top_ids, response.top_logprobs)
+        return StepResult(token=response.token, logprob=response.logprob, top=top)
+
+    def end_session(self, session_id: str) -> None:
+        self._requests.put(None)  # closing the stream ends the session there
+        if self._responses is not None:
+            self._responses.cancel()
+
+
+def _shard_error(e: grpc.RpcError, node: str) -> Exception:
+    code, details = e.code(), e.details()  # type: ignore[attr-defined]
+    if code == wire.EXHAUSTED:
+        return ContextFullError(details)
+    if code in (wire.INVALID, wire.NOT_FOUND, wire.PRECONDITION):
+        return EngineError(f"{node}: {details}")
+    return ShardUnavailableError(f"node {node} failed: {code.name} {details}")
+
+
+class Coordinator:
+    def __init__(
+        self,
+        host: ShardHost,
+        members: Callable[[], list[Peer]],
+        *,
+        self_id: str,
+        self_address: str,
+        max_context: int = 4096,
+        headroom: float = 0.1,
+    ):
+        """members: every node to plan over, this one included (the node's discovery)."""
+        self.host = host
+        self.members = members
+        self.self_id, self.self_address = self_id, self_address
+        self.max_context = max_context
+        self.headroom = headroom
+        self.models: dict[str, ModelRef] = {}
+        self.placements: dict[str, Placement] = {}
+        self._lock = threading.Lock()  # guards models and placements; held while placing
+        self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self.on_plan: Callable[[Plan], None] = lambda plan: None
+
+    # ------------------------------------------------------------------------------------ models
+    def resolve(self, model: str) -> ModelRef:
+        """Find MODEL's files here, else the config/tokenizer from a peer (weights come later, per shard)."""
+        model_id = model_id_for(model)
+        with self._lock:
+            ref = self.models.get(model_id)
+        if ref is not None:
+            return ref
+        path = self.host.full_copy(model_id)
+        if path is None and (Path(model).expanduser().is_dir() or "/" in model_id):
+            path = resolve_model(model)  # a local directory, or a download / the HF cache
+        if path is not None:
+            self.host.register_model(model_id, path)
+            cfg = ModelConfig.from_dir(path)
+            costs = model_costs(path, max_context=self.max_context, model_id=model_id)
+        else:
+            path, cfg, costs = self._manifest_from_peers(model_id)
+        ref = ModelRef(model_id, path, cfg, Tokenizer.from_dir(path), costs, generation_defaults(path))
+        with self._lock:
+            self.models[model_id] = ref
+        return ref
+
+    def _manifest_from_peers(self, model_id: str) -> tuple[Path, ModelConfig, ModelCosts]:
+        from cluster import transfer
+        from cluster.host import PARTIAL_MARKER
+
+        for peer in self.members():
+            if peer.node_id == self.self_id:
+                continue
+            try:
+                manifest = self._stub(peer.address).GetManifest(pb.ManifestRequest(model_id=model_id), timeout=30)
+            except grpc.RpcError:
+                continue
+            dest = self.host._pulled_dir(model_id)
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / PARTIAL_MARKER).touch()
+            transfer.save_manifest_files(manifest, dest)
+            cfg = ModelConfig.from_dir(dest)
+            sizes = {t.name: t.nbytes for t in manifest.tensors}
+            costs = tensor_costs(cfg, sizes, max_context=self.max_context, model_id=model_id)
+            return dest, cfg, costs
+        raise LookupError(f"no node of the cluster has {model_id!r} and it is not a Hugging Face repo id")
+
+    # ------------------------------------------------------------------------------------ planning
+    def plan(self, model: str) -> Plan:
+        ref = self.resolve(model)
+        return self._plan(ref, self.members())
+
+    def _plan(self, ref: ModelRef, members: list[Peer]) -> Plan:
+        held: dict[str, int] = {}
+        current = self.placements.get(ref.model_id)
+        if current is not None:  # memory this model already holds is available to it again
+            for s in current.shards:
+                held[s.node_id] = held.get(s.node_id, 0) + s.bytes
+        nodes = [NodeCapacity(p.node_id, p.name, p.address, p.free_memory + held.get(p.node_id, 0)) for p in members]
+        return plan_layers(ref.costs, nodes, headroom=self.headroom)
+
+    def _stub(self, address: str, limit: int = wire.SERVER_MAX_MESSAGE) -> pb_grpc.WorkerStub:
+        key = (address, limit)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = grpc.insecure_channel(address, options=wire.channel_options(limit))
+        return pb_grpc.WorkerStub(channel)
+
+    def placement(self, ref: ModelRef, progress: Progress) -> Placement:
+        """The model's shards, placed now unless a placement over the same members exists. A new member or a
+        lost one gives a new plan once the old placement has no sessions left."""
+        with self._lock:
+            members = self.members()
+            ids = frozenset(p.node_id for p in members)
+            current = self.placements.get(ref.model_id)
+            if current is not None:
+                alive = {s.node_id for s in current.shards} <= ids
+                if alive and (current.members == ids or current.active > 0):
+                    current.active += 1
+                    return current
+                self._unload(current)
+                del self.placements[ref.model_id]
+            progress("plan", "", 0, 1)
+            plan = self._plan(ref, members)
+            self.on_plan(plan)
+            placed = self._load(ref, plan, progress)
+            limit = wire.message_limit(ref.cfg.hidden_size, plan.max_context)
+            placement = Placement(ref.model_id, plan, placed, ids, limit, active=1)
+            self.placements[ref.model_id] = placement
+            return placement
+
+    def _load(self, ref: ModelRef, plan: Plan, progress: Progress) -> list[PlacedShard]:
+        sources = [self.self_address] if self.host.full_copy(ref.model_id) else []
+        sources += [a.address for a in plan.shards if a.node_id != self.self_id and a.address not in sources]
+
+        def load_one(a: Any) -> PlacedShard:
+            def report(stage: str, done: int, total: int) -> None:
+                progress(stage, a.name, done, total)
+
+            if a.node_id == self.self_id:
+                shard = self.host.load(
+                    ref.model_id, a.start, a.end, max_context=plan.max_context, sources=sources, progress=report
+                )
+                return PlacedShard(a.node_id, a.name, a.address, shard.shard_id, a.start, a.end, a.bytes, True)
+            request = pb.LoadShardRequest(
+                model_id=ref.model_id, start=a.start, end=a.end, max_context=plan.max_context, sources=sources
+            )
+            try:
+                for event in self._stub(a.address).LoadShard(request):
+                    if event.HasField("shard"):
+                        return PlacedShard(
+                            a.node_id, a.name, a.address, event.shard.shard_id, a.start, a.end, a.bytes, False
+                        )
+                    report(event.stage, event.done, event.total)
+            except grpc.RpcError as e:
+                raise _shard_error(e, a.name) from None
+            raise ShardUnavailableError(f"node {a.name} ended the load of layers [{a.start}, {a.end}) without a shard")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(plan.shards))) as pool:
+            futures = [pool.submit(load_one, a) for a in plan.shards]
+            placed, errors = [], []
+            for f in futures:
+                try:
+                    placed.append(f.result())
+                except Exception as e:  # noqa: BLE001 - every failure is reported after the others are undone
+                    errors.append(e)
+        if errors:
+            self._unload(Placement(ref.model_id, plan, placed, frozenset(), 0))
+            raise errors[0]
+        return placed
+
+    def _unload(self, placement: Placement) -> None:
+        for s in placement.shards:
+            try:
+                if s.local:
+                    self.host.unload(s.shard_id)
+                else:
+                    self._stub(s.address).UnloadShard(pb.UnloadShardRequest(shard_id=s.shard_id), timeout=10)
+            except Exception as e:  # noqa: BLE001 - a node that left took its shard with it
+                log.info("unloading shard on %s: %s", s.name, e)
+
+    def release(self, placement: Placement) -> None:
+        with self._lock:
+            placement.active -= 1
+
+    def shards_for_session(self, placement: Placement) -> list[Any]:
+        shards: list[Any] = []
+        for s in placement.shards:
+            if s.local:
+                shards.append(self.host.shard(s.shard_id).engine)
+            else:
+                shards.append(RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name))
+        return shards
+
+    # ------------------------------------------------------------------------------------ requests
+    def generate(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        raw: bool = False,
+        max_tokens: int = 256,
+        sampling: dict[str, Any] | None = None,
+        stop: Sequence[str] = (),
+        logprobs: int = 0,
+        progress: Progress = lambda stage, node, done, total: None,
+    ) -> Generator[TokenChunk | GenerationResult, None, None]:
+        """Chunks of one generation; closing the iterator ends the session on every shard."""
+        ref = self.resolve(model)
+        params = SamplingParams(**{**ref.defaults, **(sampling or {})})
+        if messages is not None:
+            ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        elif raw:
+            ids = ref.tokenizer.encode(prompt or "", add_special_tokens=True)
+        else:
+            ids = ref.tokenizer.encode_chat([{"role": "user", "content": prompt or ""}], add_generation_prompt=True)
+        placement = self.placement(ref, progress)
+        try:
+            yield from generate(
+                self.shards_for_session(placement),
+                ref.tokenizer,
+                ids,
+                max_tokens=max_tokens,
+                sampling=params,
+                stop=stop,
+                logprobs=logprobs,
+                context_limit=placement.plan.max_context,
+            )
+        finally:
+            self.release(placement)
+
+    def close(self) -> None:
+        with self._lock:
+            for placement in self.placements.values():
+                self._unload(placement)
+            self.placements.clear()
+        for channel in self._channels.values():
+            channel.close()

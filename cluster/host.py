@@ -1,0 +1,249 @@
+"""What one node holds: model files on disk and loaded shards, each a ShardEngine in its own process.
+
+Blocking code, called from the node's gRPC servicer through threads and, for shards on the coordinating node,
+directly by the coordinator (no network in between).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cluster import transfer
+from cluster.engine.process import EngineProcess
+from cluster.models.config import ModelConfig
+from cluster.registry import ModelNotFoundError, resolve_model
+from cluster.rpc import wire
+from cluster.rpc.pb import cluster_pb2 as pb
+from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+PARTIAL_MARKER = ".clusterctl-partial"  # a directory holding only the tensors pulled so far
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class ModelUnavailableError(LookupError):
+    """No local copy, no peer that has it and no download."""
+
+
+class UnknownShardError(LookupError):
+    pass
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("CLUSTERCTL_MODELS", "~/.cache/clusterctl/models")).expanduser()
+
+
+def check_model_id(model_id: str) -> str:
+    """Model ids name directories on other nodes: a repo id ("org/name") or a directory name, nothing else."""
+    if not _MODEL_ID.match(model_id) or ".." in model_id:
+        raise ValueError(f"not a valid model id: {model_id!r}")
+    return model_id
+
+
+@dataclass
+class HostedShard:
+    shard_id: str
+    model_id: str
+    start: int
+    end: int
+    engine: EngineProcess
+    info: dict[str, Any]
+    sessions: set[str] = field(default_factory=set)
+
+    @property
+    def held_bytes(self) -> int:
+        """Weights plus one session's KV cache: what the planner counted for this shard."""
+        return int(self.info["weight_bytes"]) + int(self.info["kv_bytes_per_session"])
+
+    def to_pb(self) -> pb.ShardInfo:
+        return pb.ShardInfo(
+            shard_id=self.shard_id,
+            model_id=self.model_id,
+            start=self.start,
+            end=self.end,
+            num_layers=int(self.info["num_layers"]),
+            device=str(self.info["device"]),
+            dtype=str(self.info["dtype"]),
+            weight_bytes=self.held_bytes,
+            max_context=int(self.info["max_context"]),
+            sessions=len(self.sessions),
+        )
+
+
+class ShardHost:
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        prefill_buckets: Sequence[int] | None = None,
+        max_sessions: int = 8,
+        memory_budget: Callable[[], int | None] = lambda: None,
+    ):
+        self.models_dir = models_dir
+        self.device, self.dtype = device, dtype
+        self.engine_options: dict[str, Any] = {"max_sessions": max_sessions}
+        if prefill_buckets:
+            self.engine_options["prefill_buckets"] = tuple(prefill_buckets)
+        self.memory_budget = memory_budget
+        self.models: dict[str, Path] = {}  # model id -> a directory holding the whole checkpoint
+        self.shards: dict[str, HostedShard] = {}
+        self._lock = threading.Lock()
+        self._pull_lock = threading.Lock()  # one pull at a time writes a model directory
+
+    # ------------------------------------------------------------------------------------ files
+    def register_model(self, model_id: str, path: Path) -> None:
+        self.models[check_model_id(model_id)] = path
+
+    def _pulled_dir(self, model_id: str) -> Path:
+        return self.models_dir / check_model_id(model_id).replace("/", "--")
+
+    def full_copy(self, model_id: str) -> Path | None:
+        """A local directory with the whole checkpoint: registered, in --models-dir, or in the HF cache."""
+        if model_id in self.models:
+            return self.models[model_id]
+        local = self._pulled_dir(model_id)
+        if (local / "config.json").exists() and not (local / PARTIAL_MARKER).exists():
+            return local
+        if "/" in model_id:
+            try:
+                return resolve_model(model_id, offline=True, progress=False)
+            except ModelNotFoundError:
+                return None
+        return None
+
+    def served_copy(self, model_id: str) -> Path | None:
+        """A directory whose tensors this node can send to a peer (whole, or pulled in part)."""
+        full = self.full_copy(model_id)
+        if full is not None:
+            return full
+        local = self._pulled_dir(model_id)
+        return local if (local / "config.json").exists() else None
+
+    def ensure_files(self, model_id: str, start: int, end: int, sources: Sequence[str], progress: Progress) -> Path:
+        """A directory holding at least the tensors of layers [start, end): a local copy, else the tensors
+        pulled from the first source that has them, else a Hugging Face download."""
+        full = self.full_copy(model_id)
+        if full is not None:
+            return full
+        errors = []
+        for source in sources:
+            try:
+                return self._pull(model_id, start, end, source, progress)
+            except (grpc.RpcError, transfer.TransferError, OSError, ValueError) as e:
+                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)  # type: ignore[attr-defined]
+                log.warning("pulling %s from %s failed: %s", model_id, source, detail)
+                errors.append(f"{source}: {detail}")
+        if "/" in model_id:
+            try:
+                return resolve_model(model_id, progress=False)
+            except ModelNotFoundError as e:
+                errors.append(str(e))
+        raise ModelUnavailableError(
+            f"this node has no copy of {model_id} and could not get one ({'; '.join(errors) or 'no peer has it'})"
+        )
+
+    def _pull(self, model_id: str, start: int, end: int, source: str, progress: Progress) -> Path:
+        dest = self._pulled_dir(model_id)
+        with (
+            self._pull_lock,
+            grpc.insecure_channel(source, options=wire.channel_options(wire.SERVER_MAX_MESSAGE)) as ch,
+        ):
+            stub = pb_grpc.WorkerStub(ch)
+            manifest = stub.GetManifest(pb.ManifestRequest(model_id=model_id), timeout=60)
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / PARTIAL_MARKER).touch()
+            transfer.save_manifest_files(manifest, dest)
+            cfg = ModelConfig.from_dir(dest)
+            entries = {t.name: t for t in manifest.tensors}
+            needed = transfer.layer_tensor_names(
+                entries, start, end, cfg.num_layers, tie_word_embeddings=cfg.tie_word_embeddings
+            )
+            wanted = transfer.missing_tensors(dest, needed)
+            if wanted:
+                t0 = time.perf_counter()
+                chunks = stub.PullTensors(pb.PullTensorsRequest(model_id=model_id, names=wanted))
+                transfer.receive_tensors(
+                    chunks, {n: entries[n] for n in wanted}, dest, progress=lambda d, t: progress("pull", d, t)
+                )
+                size = sum(entries[n].nbytes for n in wanted)
+                log.info(
+                    "pulled %d tensors (%.1f MiB) of %s from %s in %.1fs",
+                    len(wanted),
+                    size / wire.MiB,
+                    model_id,
+                    source,
+                    time.perf_counter() - t0,
+                )
+        return dest
+
+    # ------------------------------------------------------------------------------------ shards
+    def load(
+        self,
+        model_id: str,
+        start: int,
+        end: int,
+        *,
+        max_context: int,
+        sources: Sequence[str] = (),
+        dtype: str | None = None,
+        progress: Progress = lambda stage, done, total: None,
+    ) -> HostedShard:
+        """Load and warm up layers [start, end); returns once the shard is ready to serve."""
+        model_dir = self.ensure_files(model_id, start, end, sources, progress)
+        options = {**self.engine_options, "max_context": max_context, "device": self.device}
+        options["dtype"] = dtype or self.dtype
+        budget = self.memory_budget()
+        if budget is not None:
+            options["memory_budget"] = budget
+        engine = EngineProcess(model_dir, start, end, on_progress=progress, **options)
+        try:
+            engine.start()
+            engine.warmup()
+            info = engine.info()
+        except BaseException:
+            engine.close()
+            raise
+        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info)
+        with self._lock:
+            self.shards[shard.shard_id] = shard
+        log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])
+        return shard
+
+    def shard(self, shard_id: str) -> HostedShard:
+        try:
+            return self.shards[shard_id]
+        except KeyError:
+            raise UnknownShardError(f"this node holds no shard {shard_id!r}") from None
+
+    def unload(self, shard_id: str) -> None:
+        with self._lock:
+            shard = self.shards.pop(shard_id, None)
+        if shard is None:
+            raise UnknownShardError(f"this node holds no shard {shard_id!r}")
+        shard.engine.close()
+        log.info("unloaded %s layers [%d, %d)", shard.model_id, shard.start, shard.end)
+
+    def held_bytes(self) -> int:
+        return sum(s.held_bytes for s in list(self.shards.values()))
+
+    def close(self) -> None:
+        for shard_id in list(self.shards):
+            try:
+                self.unload(shard_id)
+            except UnknownShardError:
+                pass

@@ -1,0 +1,337 @@
+"""`clusterctl join`: one node of the cluster. It serves the Worker and Cluster gRPC services and the standard
+health service, announces itself over mDNS, keeps the member list, and coordinates the requests it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cluster import __version__
+from cluster.coordinator import Coordinator
+from cluster.discovery import PROTOCOL_VERSION, Discovery, Peer
+from cluster.host import ShardHost, default_models_dir
+from cluster.memory import device_kind, device_memory
+from cluster.partition import Plan, format_plan
+from cluster.rpc import wire
+from cluster.rpc.cluster_service import ClusterService
+from cluster.rpc.pb import cluster_pb2 as pb
+from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+from cluster.rpc.worker import WorkerService
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port
+    name: str = field(default_factory=socket.gethostname)
+    device: str | None = None
+    dtype: str | None = None
+    memory_gib: float | None = None
+    models_dir: Path = field(default_factory=default_models_dir)
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] | None = None  # None: every interface of the host
+    max_context: int = 4096
+    prefill_buckets: tuple[int, ...] | None = None
+    session_timeout: float = 600.0
+    health_interval: float = 1.0
+    drop_after: float = 3.0
+    token_fingerprint: str = ""
+
+
+def _advertised_host(settings: NodeSettings) -> str:
+    if settings.mdns_interfaces:
+        return settings.mdns_interfaces[0]
+    if settings.host not in ("", "0.0.0.0", "::"):
+        return settings.host
+    try:  # the address this host uses to reach others (no packet is sent by a UDP connect)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+class Node:
+    def __init__(self, settings: NodeSettings):
+        self.settings = settings
+        self.node_id = uuid.uuid4().hex
+        self.device = settings.device or os.environ.get("DEV") or _default_device()
+        self.kind = device_kind(self.device)
+        if settings.device:
+            os.environ["DEV"] = settings.device  # engine processes inherit it
+        self.host = ShardHost(
+            settings.models_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            prefill_buckets=settings.prefill_buckets,
+            memory_budget=self._budget,
+        )
+        self.server: grpc.aio.Server | None = None
+        self.port = settings.port
+        self.discovery: Discovery | None = None
+        self.coordinator: Coordinator | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._last_free = -1
+        self._known: dict[str, pb.NodeInfo] = {}  # the last Info each peer answered
+        self.health: health.aio.HealthServicer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------------------------ facts
+    def _memory(self) -> tuple[int, int]:
+        override = int(self.settings.memory_gib * GiB) if self.settings.memory_gib is not None else None
+        mem = device_memory(self.device, override=override, used=self.host.held_bytes())
+        return mem.total, mem.free
+
+    def _budget(self) -> int | None:
+        # with --memory, a shard may use what the user granted; without it the engine checks the device itself
+        return self._memory()[1] if self.settings.memory_gib is not None else None
+
+    @property
+    def address(self) -> str:
+        return f"{_advertised_host(self.settings)}:{self.port}"
+
+    def me(self) -> Peer:
+        total, free = self._memory()
+        return Peer(
+            node_id=self.node_id,
+            name=self.settings.name,
+            host=_advertised_host(self.settings),
+            port=self.port,
+            protocol_version=PROTOCOL_VERSION,
+            device=self.device,
+            device_kind=self.kind,
+            total_memory=total,
+            free_memory=free,
+            token_fingerprint=self.settings.token_fingerprint,
+            source="self",
+        )
+
+    def info(self) -> pb.NodeInfo:
+        me = self.me()
+        return pb.NodeInfo(
+            node_id=me.node_id,
+            name=me.name,
+            protocol_version=PROTOCOL_VERSION,
+            version=__version__,
+            device=me.device,
+            device_kind=me.device_kind,
+            total_memory=me.total_memory,
+            free_memory=me.free_memory,
+            host=me.host,
+            port=me.port,
+            shards=[s.to_pb() for s in list(self.host.shards.values())],
+            token_fingerprint=me.token_fingerprint,
+        )
+
+    def members(self) -> list[Peer]:
+        peers = self.discovery.peers() if self.discovery else []
+        return [self.me(), *peers]
+
+    def nodes(self) -> list[pb.NodeInfo]:
+        """What `clusterctl nodes` shows: this node, then the live view of every peer."""
+        infos = [self.info()]
+        for peer in self.discovery.peers() if self.discovery else []:
+            infos.append(self._known.get(peer.node_id) or _peer_info(peer))
+        return infos
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        self.server = grpc.aio.server(options=wire.server_options())
+        self.coordinator = Coordinator(
+            self.host,
+            self.members,
+            self_id=self.node_id,
+            self_address=f"127.0.0.1:{self.port}",  # set again below once the port is known
+            max_context=s.max_context,
+        )
+        self.coordinator.on_plan = _log_plan
+        pb_grpc.add_WorkerServicer_to_server(
+            WorkerService(self.host, self.info, session_timeout=s.session_timeout), self.server
+        )
+        pb_grpc.add_ClusterServicer_to_server(ClusterService(self.coordinator, self.nodes), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port} (in use?)")
+        self.coordinator.self_address = self.address
+        await self.server.start()
+        self.discovery = Discovery(
+            self.me(),
+            probe=self._probe,
+            mdns=s.mdns,
+            interfaces=list(s.mdns_interfaces) if s.mdns_interfaces else None,
+            static_peers=s.peers,
+            health_interval=s.health_interval,
+            drop_after=s.drop_after,
+            on_change=_log_member,
+        )
+        await self.discovery.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        task = asyncio.ensure_future(self._announce_memory())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("node %s (%s, %s) listening on %s", s.name, self.device, _gib(self.me().free_memory), self.address)
+
+    async def _probe(self, address: str) -> Peer:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=wire.channel_options(64 << 20)
+            )
+        info = await pb_grpc.WorkerStub(channel).Info(pb.NodeInfoRequest(), timeout=self.settings.health_interval * 2)
+        self._known[info.node_id] = info
+        host, _, port = address.rpartition(":")
+        return replace(_peer_from_info(info), host=host, port=int(port))
+
+    async def _announce_memory(self) -> None:
+        """Re-announce when free memory moves by more than 1% (planners read it from the TXT record)."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            me = self.me()
+            if abs(me.free_memory - self._last_free) > max(me.total_memory // 100, 1):
+                self._last_free = me.free_memory
+                if self.discovery is not None:
+                    await self.discovery.update(me)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()  # says goodbye
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.coordinator is not None:
+            await asyncio.to_thread(self.coordinator.close)
+        await asyncio.to_thread(self.host.close)
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def serve(self, stopped: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stopped.wait()
+        finally:
+            await self.stop()
+
+
+def _default_device() -> str:
+    from cluster.engine.shard import default_device
+
+    return default_device()
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB free"
+
+
+def _peer_from_info(info: pb.NodeInfo) -> Peer:
+    return Peer(
+        node_id=info.node_id,
+        name=info.name,
+        host=info.host,
+        port=info.port,
+        protocol_version=info.protocol_version,
+        device=info.device,
+        device_kind=info.device_kind,
+        total_memory=info.total_memory,
+        free_memory=info.free_memory,
+        token_fingerprint=info.token_fingerprint,
+        source="peer",
+    )
+
+
+def _peer_info(peer: Peer) -> pb.NodeInfo:
+    return pb.NodeInfo(
+        node_id=peer.node_id,
+        name=peer.name,
+        protocol_version=peer.protocol_version,
+        device=peer.device,
+        device_kind=peer.device_kind,
+        total_memory=peer.total_memory,
+        free_memory=peer.free_memory,
+        host=peer.host,
+        port=peer.port,
+        token_fingerprint=peer.token_fingerprint,
+    )
+
+
+def _log_member(event: str, peer: Peer) -> None:
+    if event in ("joined", "left"):
+        log.warning(
+            "node %s %s: %s (%s, %s) at %s",
+            peer.name,
+            event,
+            peer.node_id[:8],
+            peer.device,
+            _gib(peer.free_memory),
+            peer.address,
+        )
+
+
+def _log_plan(plan: Plan) -> None:
+    ranges = ", ".join(f"{a.name} [{a.start},{a.end})" for a in plan.shards)
+    log.warning("plan for %s: %s", plan.model_id, ranges)
+
+
+class NodeThread:
+    """A node running in a background thread of this process (what `clusterctl run` starts when no node answers)."""
+
+    def __init__(self, settings: NodeSettings):
+        self.node = Node(settings)
+        self._loop = asyncio.new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="node", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stopped = asyncio.Event()
+            try:
+                await self.node.start()
+            except BaseException as e:  # noqa: BLE001
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            try:
+                await self._stopped.wait()
+            finally:
+                await self.node.stop(grace=0.5)
+
+        self._loop.run_until_complete(main())
+
+    def start(self) -> NodeThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._stopped is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(timeout=30)
+
+
+__all__ = ["Node", "NodeSettings", "NodeThread", "format_plan"]

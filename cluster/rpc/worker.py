@@ -1,0 +1,221 @@
+"""The Worker service: a node's shards as seen by the coordinators of the cluster (grpc.aio).
+
+Engine calls block (they go to an engine process), so they run in threads; the event loop only moves messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cluster import transfer
+from cluster.engine.runner import RunnerError
+from cluster.engine.shard import ContextFullError, EngineError
+from cluster.host import HostedShard, ModelUnavailableError, ShardHost, UnknownShardError
+from cluster.models.config import ConfigError
+from cluster.rpc import wire
+from cluster.rpc.pb import cluster_pb2 as pb
+from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+from cluster.weights import CheckpointError
+
+log = logging.getLogger(__name__)
+_CHUNKS_DONE = object()
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code a node answers an exception with (the client maps codes back to typed errors)."""
+    if isinstance(exc, ContextFullError):
+        return wire.EXHAUSTED
+    if isinstance(exc, EngineError) and "need" in str(exc) and "available" in str(exc):
+        return wire.EXHAUSTED  # the shard does not fit this node's memory
+    if isinstance(exc, (UnknownShardError, ModelUnavailableError)):
+        return wire.NOT_FOUND
+    if isinstance(exc, (EngineError, wire.WireError, ConfigError, CheckpointError, transfer.TransferError, ValueError)):
+        return wire.INVALID
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    await context.abort(code, str(exc) or type(exc).__name__)
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, host: ShardHost, node_info: Callable[[], pb.NodeInfo], *, session_timeout: float = 600.0):
+        self.host = host
+        self.node_info = node_info
+        self.session_timeout = session_timeout
+
+    async def Info(self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        return self.node_info()
+
+    async def LoadShard(
+        self, request: pb.LoadShardRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadProgress]:
+        if not 0 <= request.start < request.end or request.max_context < 16:
+            await context.abort(wire.INVALID, f"bad layer range [{request.start}, {request.end}) or context")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[pb.LoadProgress] = asyncio.Queue()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, pb.LoadProgress(stage=stage, done=done, total=total))
+
+        load = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.host.load,
+                request.model_id,
+                request.start,
+                request.end,
+                max_context=request.max_context,
+                sources=list(request.sources),
+                dtype=request.dtype or None,
+                progress=progress,
+            )
+        )
+        try:
+            while not load.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({load, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            shard = load.result()
+        except asyncio.CancelledError:
+            # the coordinator went away: a shard loaded for nobody is unloaded as soon as it is ready
+            load.add_done_callback(lambda f: f.exception() or self.host.unload(f.result().shard_id))
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the coordinator as a status
+            await abort_with(context, e)
+            return
+        yield pb.LoadProgress(stage="ready", done=1, total=1, shard=shard.to_pb())
+
+    async def UnloadShard(
+        self, request: pb.UnloadShardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadShardResponse:
+        try:
+            await asyncio.to_thread(self.host.unload, request.shard_id)
+        except UnknownShardError as e:
+            await abort_with(context, e)
+        return pb.UnloadShardResponse()
+
+    async def Forward(
+        self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardResponse]:
+        shard: HostedShard | None = None
+        sid = ""
+        sampling = None
+        requests = aiter(request_iterator)
+        try:
+            while True:
+                try:
+                    # a session nobody drives for session_timeout seconds is ended and its KV slice freed
+                    request = await asyncio.wait_for(anext(requests), self.session_timeout)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"session {sid!r} idle for too long")
+                    return
+                if shard is None:
+                    shard = self.host.shard(request.shard_id)
+                    sid = request.session_id
+                    if not sid:
+                        raise wire.WireError("the first message of a stream must name its session")
+                    sampling = wire.sampling_from_pb(request.sampling)
+                    await asyncio.to_thread(shard.engine.new_session, sid, sampling)
+                    shard.sessions.add(sid)
+                elif request.session_id not in ("", sid):
+                    raise wire.WireError(f"this stream carries session {sid!r}, not {request.session_id!r}")
+                yield await self._step(shard, sid, request, sampling)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        finally:
+            if shard is not None and sid in shard.sessions:
+                shard.sessions.discard(sid)
+                try:
+                    await asyncio.to_thread(shard.engine.end_session, sid)
+                except (EngineError, RunnerError):
+                    log.debug("ending session %s on a closed shard", sid)
+
+    async def _step(
+        self, shard: HostedShard, sid: str, request: pb.ForwardRequest, sampling: Any
+    ) -> pb.ForwardResponse:
+        if request.HasField("truncate"):
+            await asyncio.to_thread(shard.engine.truncate, sid, request.truncate)
+        which = request.WhichOneof("input")
+        if which is None:
+            return pb.ForwardResponse()
+        if which == "tokens":
+            x = wire.from_tensor(request.tokens, wire.TOKEN_DTYPES)
+        else:
+            x = wire.from_tensor(request.hidden, wire.HIDDEN_DTYPES)
+            if x.ndim != 2 or x.shape[0] > int(shard.info["max_context"]):
+                raise wire.WireError(f"hidden states of shape {list(x.shape)} do not fit this shard")
+        kwargs: dict[str, Any] = {}
+        if shard.end == int(shard.info["num_layers"]):
+            kwargs = {"sampling": sampling, "logprobs": request.top_logprobs}
+            if request.context_ids:
+                kwargs["token_ids"] = list(request.context_ids)
+        result = await asyncio.to_thread(shard.engine.forward, sid, x, **kwargs)
+        if result.hidden is not None:
+            return pb.ForwardResponse(hidden=wire.to_tensor(np.asarray(result.hidden)))
+        assert result.token is not None and result.logprob is not None
+        return pb.ForwardResponse(
+            token=result.token,
+            logprob=result.logprob,
+            top_ids=[i for i, _ in result.top],
+            top_logprobs=[lp for _, lp in result.top],
+        )
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        try:
+            shard = self.host.shard(request.shard_id)
+        except UnknownShardError as e:
+            await abort_with(context, e)
+            raise
+        if request.session_id in shard.sessions:
+            shard.sessions.discard(request.session_id)
+            await asyncio.to_thread(shard.engine.end_session, request.session_id)
+        return pb.EndSessionResponse()
+
+    async def GetManifest(self, request: pb.ManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
+        path = self.host.full_copy(request.model_id)
+        if path is None:
+            await context.abort(wire.NOT_FOUND, f"this node has no full copy of {request.model_id!r}")
+        assert path is not None
+        try:
+            return await asyncio.to_thread(transfer.build_manifest, path, request.model_id)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+            raise
+
+    async def PullTensors(
+        self, request: pb.PullTensorsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TensorChunk]:
+        path = self.host.served_copy(request.model_id)
+        if path is None:
+            await context.abort(wire.NOT_FOUND, f"this node has no copy of {request.model_id!r}")
+        assert path is not None
+        try:
+            chunks = await asyncio.to_thread(transfer.iter_tensor_chunks, path, list(request.names))
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, _CHUNKS_DONE)
+                if chunk is _CHUNKS_DONE:
+                    return
+                assert isinstance(chunk, pb.TensorChunk)
+                yield chunk
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
