@@ -162,8 +162,14 @@ class Discovery:
         self._me = dataclasses.replace(me, source="self")
         self._probe = probe
         self._mdns = mdns
-        self._interfaces = list(interfaces) if interfaces is not None else None
-        self._static = {format_address(*parse_address(a)): parse_address(a) for a in static_peers}
+        self._interfaces = list(interfaces) if interfaces else None  # None: zeroconf's default, all interfaces
+        self._static: dict[str, tuple[str, int]] = {}
+        for addr in static_peers:
+            host, port = parse_address(addr)
+            self._static[format_address(host, port)] = (host, port)
+        # addresses other nodes told us about (--peer networks learn their members from each other); forgotten
+        # again when they stop answering
+        self._learned: dict[str, tuple[str, int]] = {}
         self._health_interval = health_interval
         self._drop_after = drop_after
         self._on_change = on_change
@@ -201,6 +207,18 @@ class Discovery:
 
     def members(self) -> list[Peer]:
         return [self._me, *self.peers()]
+
+    def add_peer(self, address: str) -> None:
+        """Probe ADDRESS from the next health round on (a node another member knows, or one that called)."""
+        try:
+            host, port = parse_address(address)
+        except ValueError:
+            logger.debug("ignoring peer address %r", address)
+            return
+        key = format_address(host, port)
+        known = {m.peer.address for m in self._members.values()} | set(self._static) | {self._me.address}
+        if key not in known:
+            self._learned[key] = (host, port)
 
     async def start(self) -> None:
         if self._started:
@@ -294,7 +312,13 @@ class Discovery:
             return
         task = asyncio.create_task(self._resolve(name), name=f"discovery-resolve-{name}")
         self._resolving[name] = task
-        task.add_done_callback(lambda t: self._resolving.pop(name, None) if self._resolving.get(name) is t else None)
+        task.add_done_callback(lambda t: self._resolved(name, t))
+
+    def _resolved(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("resolving %s failed", name, exc_info=task.exception())
 
     async def _resolve(self, name: str) -> None:
         assert self._aiozc is not None
@@ -306,8 +330,12 @@ class Discovery:
         if host is None or info.port is None:
             logger.debug("%s has no IPv4 address or port yet", name)
             return
-        props = info.properties
-        proto = _decode_txt(props).get("proto", "") if props else ""
+        try:
+            txt = _decode_txt(info.properties or {})
+        except ValueError as e:
+            self._ignore_once(name, "malformed", "ignoring malformed mDNS record %s: %s", name, e)
+            return
+        proto = txt.get("proto", "")
         if proto != str(PROTOCOL_VERSION):
             # Checked before the full parse: another version may not even share the TXT layout.
             self._ignore_once(
@@ -315,7 +343,7 @@ class Discovery:
             )
             return
         try:
-            peer = Peer.from_txt(props, host, info.port, source="mdns")
+            peer = Peer.from_txt(txt, host, info.port, source="mdns")
         except ValueError as e:
             self._ignore_once(name, "malformed", "ignoring malformed mDNS record %s: %s", name, e)
             return
@@ -353,7 +381,7 @@ class Discovery:
         targets: dict[str, None] = {}
         for member in self._members.values():
             targets[member.peer.address] = None
-        for addr in self._static:
+        for addr in [*self._static, *self._learned]:
             targets[addr] = None
         for peer in self._services.values():
             if peer.node_id not in self._members:
@@ -378,10 +406,13 @@ class Discovery:
             if answer is not None and answer.node_id == peer.node_id and peer.node_id not in self._members:
                 if self._accept(answer):
                     self._join(_at(answer, peer), now)
-        for addr, (host, port) in self._static.items():
+        for addr, (host, port) in [*self._static.items(), *self._learned.items()]:
             answer = answers.get(addr)
             if answer is not None and answer.node_id not in self._members and self._accept(answer):
                 self._join(dataclasses.replace(answer, host=host, port=port, source="peer"), now)
+        for addr in list(self._learned):
+            if addr in answers and answers[addr] is None:  # probed this round, and silent
+                del self._learned[addr]
 
     async def _probe_one(self, address: str) -> Peer | None:
         try:

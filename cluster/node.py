@@ -135,18 +135,30 @@ class Node:
             port=me.port,
             shards=[s.to_pb() for s in list(self.host.shards.values())],
             token_fingerprint=me.token_fingerprint,
+            peers=[p.address for p in self.discovery.peers()] if self.discovery else [],
         )
+
+    def learn(self, address: str) -> None:
+        """A node called us or a peer knows it: probe it, so that --peer networks find every member."""
+        if self.discovery is not None and address and address != self.address:
+            self.discovery.add_peer(address)
 
     def members(self) -> list[Peer]:
         peers = self.discovery.peers() if self.discovery else []
         return [self.me(), *peers]
 
-    def nodes(self) -> list[pb.NodeInfo]:
-        """What `clusterctl nodes` shows: this node, then the live view of every peer."""
-        infos = [self.info()]
-        for peer in self.discovery.peers() if self.discovery else []:
-            infos.append(self._known.get(peer.node_id) or _peer_info(peer))
-        return infos
+    async def nodes(self) -> list[pb.NodeInfo]:
+        """What `clusterctl nodes` shows: this node, then every peer as it answers now (its last known record
+        if it does not answer in time)."""
+        peers = self.discovery.peers() if self.discovery else []
+
+        async def ask(peer: Peer) -> pb.NodeInfo:
+            try:
+                return await self._info_of(peer.address)
+            except (grpc.RpcError, asyncio.TimeoutError):
+                return self._known.get(peer.node_id) or _peer_info(peer)
+
+        return [self.info(), *await asyncio.gather(*(ask(p) for p in peers))]
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -161,7 +173,7 @@ class Node:
         )
         self.coordinator.on_plan = _log_plan
         pb_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.host, self.info, session_timeout=s.session_timeout), self.server
+            WorkerService(self.host, self.info, learn=self.learn, session_timeout=s.session_timeout), self.server
         )
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self.coordinator, self.nodes), self.server)
         self.health = health.aio.HealthServicer()
@@ -188,14 +200,20 @@ class Node:
         task.add_done_callback(self._tasks.discard)
         log.info("node %s (%s, %s) listening on %s", s.name, self.device, _gib(self.me().free_memory), self.address)
 
-    async def _probe(self, address: str) -> Peer:
+    async def _info_of(self, address: str) -> pb.NodeInfo:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=wire.channel_options(64 << 20)
-            )
-        info = await pb_grpc.WorkerStub(channel).Info(pb.NodeInfoRequest(), timeout=self.settings.health_interval * 2)
+            options = wire.channel_options(64 << 20)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+        request = pb.NodeInfoRequest(caller=self.address)
+        info = await pb_grpc.WorkerStub(channel).Info(request, timeout=self.settings.health_interval * 2)
         self._known[info.node_id] = info
+        return info
+
+    async def _probe(self, address: str) -> Peer:
+        info = await self._info_of(address)
+        for known in info.peers:
+            self.learn(known)
         host, _, port = address.rpartition(":")
         return replace(_peer_from_info(info), host=host, port=int(port))
 

@@ -12,12 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from cluster_nodes import free_port
 from conftest import FIXTURES, reference
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 
 
 def clusterctl(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
+    """Run the CLI. `run` without --local starts its own node: keep it off mDNS and on a port of its own."""
+    if args[0] == "run" and "--local" not in args and "--node" not in args:
+        args = (*args, "--no-mdns", "--node", f"127.0.0.1:{free_port()}")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [*CLI, *args],

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from cluster.discovery import (
     PROTOCOL_VERSION,
@@ -89,6 +90,10 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> float:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.05)
     return time.monotonic() - start
+
+
+def logged(caplog: pytest.LogCaptureFixture, *parts: str) -> Callable[[], bool]:
+    return lambda: any(all(p in r.getMessage() for p in parts) for r in caplog.records)
 
 
 def ids(d: Discovery) -> set[str]:
@@ -279,10 +284,7 @@ def test_other_cluster_is_not_listed(caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.INFO, logger="cluster.discovery"):
             async with running(a, b, stranger):
                 await wait_until(lambda: ids(a) == {b.me.node_id} and ids(b) == {a.me.node_id})
-                await wait_until(
-                    lambda: any(stranger.me.node_id in r.getMessage() and "another cluster" in r.getMessage()
-                                for r in caplog.records)
-                )  # fmt: skip
+                await wait_until(logged(caplog, stranger.me.node_id, "another cluster"))
                 await asyncio.sleep(0.7)  # a few health rounds
                 assert ids(a) == {b.me.node_id} and ids(b) == {a.me.node_id}
                 assert stranger.peers() == []
@@ -292,21 +294,38 @@ def test_other_cluster_is_not_listed(caplog: pytest.LogCaptureFixture) -> None:
     asyncio.run(scenario())
 
 
-def test_other_protocol_version_is_not_listed(caplog: pytest.LogCaptureFixture) -> None:
+def test_other_protocol_version_and_malformed_records_are_not_listed(caplog: pytest.LogCaptureFixture) -> None:
     net = FakeNet()
     fp = uuid.uuid4().hex
     a = _mdns_node(net, fp, health_interval=0.3)
     b = _mdns_node(net, fp, health_interval=0.3)
     future = _mdns_node(net, fp, peer=_peer(fp, proto=PROTOCOL_VERSION + 1), health_interval=0.3)
+    # A hand-made announcement of this cluster whose memory field is garbage.
+    bad = _peer(fp, name="broken")
+    bad_name = f"broken-{bad.node_id[:8]}.{SERVICE_TYPE}"
+    bad_info = AsyncServiceInfo(
+        SERVICE_TYPE,
+        bad_name,
+        port=bad.port,
+        properties={**bad.to_txt(), "mem_free": "lots"},
+        server=f"broken-{bad.node_id[:8]}.local.",
+        parsed_addresses=LOOPBACK,
+    )
 
     async def scenario() -> None:
-        with caplog.at_level(logging.INFO, logger="cluster.discovery"):
-            async with running(a, b, future):
-                await wait_until(lambda: ids(a) == {b.me.node_id})
-                await wait_until(lambda: any("protocol version" in r.getMessage() for r in caplog.records))
-                await asyncio.sleep(0.7)
-                # (`future` itself runs this version's code, so only a and b are checked.)
-                assert ids(a) == {b.me.node_id} and ids(b) == {a.me.node_id}
+        raw = AsyncZeroconf(interfaces=LOOPBACK)
+        try:
+            with caplog.at_level(logging.INFO, logger="cluster.discovery"):
+                async with running(a, b, future):
+                    await (await raw.async_register_service(bad_info))
+                    await wait_until(lambda: ids(a) == {b.me.node_id})
+                    await wait_until(logged(caplog, "protocol version", future.service_name))
+                    await wait_until(logged(caplog, f"malformed mDNS record {bad_name}"))
+                    await asyncio.sleep(0.7)
+                    # (`future` itself runs this version's code, so only a and b are checked.)
+                    assert ids(a) == {b.me.node_id} and ids(b) == {a.me.node_id}
+        finally:
+            await raw.async_close()
 
     asyncio.run(scenario())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -78,7 +78,7 @@ async def _abort_request(context: grpc.aio.ServicerContext, exc: BaseException) 
 
 
 class ClusterService(pb_grpc.ClusterServicer):
-    def __init__(self, coordinator: Coordinator, nodes: Callable[[], list[pb.NodeInfo]]):
+    def __init__(self, coordinator: Coordinator, nodes: Callable[[], Awaitable[list[pb.NodeInfo]]]):
         self.coordinator = coordinator
         self.nodes = nodes
 
@@ -149,7 +149,7 @@ class ClusterService(pb_grpc.ClusterServicer):
             stop.set()  # the client went away (or we are done): the thread stops at the next token
 
     async def Nodes(self, request: pb.NodesRequest, context: grpc.aio.ServicerContext) -> pb.NodesResponse:
-        return pb.NodesResponse(nodes=self.nodes())
+        return pb.NodesResponse(nodes=await self.nodes())
 
     async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
         try:

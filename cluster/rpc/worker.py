@@ -48,12 +48,22 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, host: ShardHost, node_info: Callable[[], pb.NodeInfo], *, session_timeout: float = 600.0):
+    def __init__(
+        self,
+        host: ShardHost,
+        node_info: Callable[[], pb.NodeInfo],
+        *,
+        learn: Callable[[str], None] = lambda address: None,
+        session_timeout: float = 600.0,
+    ):
         self.host = host
         self.node_info = node_info
+        self.learn = learn
         self.session_timeout = session_timeout
 
     async def Info(self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        if request.caller:
+            self.learn(request.caller)
         return self.node_info()
 
     async def LoadShard(
@@ -90,7 +100,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             shard = load.result()
         except asyncio.CancelledError:
             # the coordinator went away: a shard loaded for nobody is unloaded as soon as it is ready
-            load.add_done_callback(lambda f: f.exception() or self.host.unload(f.result().shard_id))
+            def unload_orphan(f: asyncio.Future[HostedShard]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.host.unload(f.result().shard_id)
+
+            load.add_done_callback(unload_orphan)
             raise
         except Exception as e:  # noqa: BLE001 - every failure goes back to the coordinator as a status
             await abort_with(context, e)

@@ -1,0 +1,78 @@
+"""Real `clusterctl join` processes on 127.0.0.1 for the cluster tests (mDNS, when used, stays on loopback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cluster.client import Client
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    def __init__(
+        self, name: str, workdir: Path, *, memory: float | None = None, peers: Sequence[str] = (), mdns: bool = True
+    ):
+        self.name = name
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        args = [sys.executable, "-m", "cluster.cli", "join", "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--name", name, "--models-dir", str(workdir / f"{name}-models")]
+        if memory is not None:
+            args += ["--memory", str(memory)]
+        args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
+        for peer in peers:
+            args += ["--peer", peer]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def client(self) -> Client:
+        return Client(self.address)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        with self.client() as c:
+            if not c.wait_ready(timeout):
+                raise RuntimeError(f"{self.name} did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def member_names(node: NodeProcess) -> set[str]:
+    with node.client() as c:
+        return {n.name for n in c.nodes()}

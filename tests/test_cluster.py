@@ -1,0 +1,197 @@
+"""The cluster as users run it: `clusterctl join` processes on 127.0.0.1 finding each other over real mDNS on
+loopback (or through --peer only), a memory-weighted plan, and generation through 1, 2 and 3 nodes.
+
+Reference for every split: the single-node engine (ShardEngine over the whole model in this process), greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from checkpoints import deepen
+from cluster_nodes import ROOT, NodeProcess, member_names, wait_for
+from conftest import FIXTURES
+
+from cluster.client import DoesNotFit, InvalidRequest, ModelNotFound
+
+PROMPTS = ["The small river runs past", "In the morning the baker", "Numbers like 2024 appear", "Hello"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Six-layer checkpoints (so 1:2:3 splits are exact): a bf16 float model and an MLX 4-bit one."""
+    root = tmp_path_factory.mktemp("models")
+    return {name: deepen(FIXTURES / name, root / name, 6) for name in ("llama32", "llama32-4bit")}
+
+
+@pytest.fixture(scope="module")
+def single_node(models):
+    """Greedy tokens of the single-node engine, per (model, prompt)."""
+    from cluster.engine.shard import ShardEngine
+    from cluster.generation import GenerationResult, generate
+    from cluster.tokenizer import Tokenizer
+
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def tokens(model: str, prompt: str) -> list[int]:
+        if (model, prompt) not in cache:
+            engine = ShardEngine(models[model], max_context=256)
+            tok = Tokenizer.from_dir(models[model])
+            for p in PROMPTS:
+                ids = tok.encode(p, add_special_tokens=True)
+                *_, result = generate([engine], tok, ids, max_tokens=MAX_TOKENS, context_limit=256)
+                assert isinstance(result, GenerationResult)
+                cache[(model, p)] = result.tokens
+        return cache[(model, prompt)]
+
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """Three nodes offering 1, 2 and 3 GiB, announcing and browsing over mDNS on 127.0.0.1 only."""
+    work = tmp_path_factory.mktemp("trio")
+    nodes = [NodeProcess(f"mem{m}", work, memory=m) for m in (1, 2, 3)]
+    try:
+        for n in nodes:
+            n.wait_ready()
+        wait_for(lambda: all(member_names(n) == {"mem1", "mem2", "mem3"} for n in nodes), 30, "mDNS discovery")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def cluster_tokens(node: NodeProcess, model: Path, prompt: str) -> list[int]:
+    with node.client() as c:
+        *_, last = c.generate(str(model), prompt, raw=True, max_tokens=MAX_TOKENS, temperature=0)
+    assert last.finish_reason == "length" and last.tokens is not None
+    return last.tokens
+
+
+def test_three_nodes_find_each_other_over_mdns(trio):
+    with trio[0].client() as c:
+        nodes = {n.name: n for n in c.nodes()}
+    assert set(nodes) == {"mem1", "mem2", "mem3"}
+    assert nodes["mem3"].total_memory == 3 << 30 and nodes["mem1"].device == "CPU"
+
+
+def test_plan_splits_layers_by_free_memory(trio, models):
+    with trio[1].client() as c:
+        plan = c.plan(str(models["llama32"]))
+    assert plan.num_layers == 6
+    assert [(s["name"], s["layers"]) for s in plan.shards] == [("mem3", [0, 3]), ("mem2", [3, 5]), ("mem1", [5, 6])]
+    # the same plan from the CLI, as JSON
+    p = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "plan", str(models["llama32"]), "--node", trio[2].address, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [s["layers"] for s in json.loads(p.stdout)["shards"]] == [[0, 3], [3, 5], [5, 6]]
+
+
+@pytest.mark.parametrize("model", ["llama32", "llama32-4bit"])
+def test_three_nodes_give_the_single_node_tokens(trio, models, single_node, model):
+    for prompt in PROMPTS[:2]:
+        assert cluster_tokens(trio[0], models[model], prompt) == single_node(model, prompt)
+    # every node pulled its layers from the coordinating node and holds one shard of the plan
+    with trio[0].client() as c:
+        held = {n.name: [s["layers"] for s in n.shards if s["model_id"] == model] for n in c.nodes()}
+    assert held == {"mem3": [[0, 3]], "mem2": [[3, 5]], "mem1": [[5, 6]]}
+
+
+def test_concurrent_sessions_each_give_their_own_output(trio, models, single_node):
+    results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(prompt: str) -> None:
+        try:
+            results[prompt] = cluster_tokens(trio[1], models["llama32"], prompt)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert results == {p: single_node("llama32", p) for p in PROMPTS}
+
+
+def test_streamed_chunks_and_sampling_options(trio, models):
+    with trio[2].client() as c:
+        chunks = list(c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=5, temperature=0, logprobs=3))
+        again = list(c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=5, temperature=0.8, seed=7))
+        same = list(c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=5, temperature=0.8, seed=7))
+    *tokens, last = chunks
+    assert len(tokens) == 5 and all(len(t.top) == 3 and t.top[0][0] == t.token_id for t in tokens)
+    assert last.usage == {
+        "prompt_tokens": last.usage["prompt_tokens"],
+        "completion_tokens": 5,
+        "total_tokens": last.usage["prompt_tokens"] + 5,
+    }
+    assert last.timing["ttft_ms"] > 0 and last.tokens == [t.token_id for t in tokens]
+    assert again[-1].tokens == same[-1].tokens  # same seed, same output, through three nodes
+
+
+def test_bad_requests_get_clear_errors_and_the_node_keeps_serving(trio, models, tmp_path):
+    with trio[0].client() as c:
+        with pytest.raises(ModelNotFound):
+            list(c.generate("no-such-model-here", "hi", raw=True))
+        with pytest.raises(InvalidRequest, match="top_p"):
+            list(c.generate(str(models["llama32"]), "hi", raw=True, top_p=2.0))
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+        with pytest.raises(InvalidRequest, match="gemma2"):
+            list(c.generate(str(tmp_path), "hi", raw=True))
+        *_, last = c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=2, temperature=0)
+        assert last.finish_reason == "length"
+
+
+def test_a_model_too_big_for_the_cluster_is_refused_with_the_numbers(tmp_path, models):
+    node = NodeProcess("tiny", tmp_path, memory=0.0001, mdns=False)
+    try:
+        node.wait_ready()
+        with node.client() as c, pytest.raises(DoesNotFit, match="tiny"):
+            c.plan(str(models["llama32"]))
+    finally:
+        node.stop()
+
+
+def test_peers_only_join_and_leave(tmp_path, models, single_node):
+    """--peer without mDNS: two nodes, then a third joins an idle cluster and is used by the next plan, then it
+    leaves and is dropped."""
+    a = NodeProcess("a", tmp_path, memory=2, mdns=False)
+    b = NodeProcess("b", tmp_path, memory=1, mdns=False, peers=[a.address])
+    c = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        wait_for(lambda: member_names(a) == {"a", "b"} == member_names(b), 20, "peers to see each other")
+        prompt = PROMPTS[0]
+        assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+        with a.client() as client:
+            assert [s["name"] for s in client.plan(str(models["llama32"])).shards] == ["a", "b"]
+        c = NodeProcess("c", tmp_path, memory=3, mdns=False, peers=[b.address])
+        c.wait_ready()
+        wait_for(lambda: member_names(a) == {"a", "b", "c"}, 20, "the new node to be known to every peer")
+        assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+        with a.client() as client:
+            held = {n.name: [s["layers"] for s in n.shards] for n in client.nodes()}
+        assert held["c"] == [[0, 3]] and held["a"] == [[3, 5]] and held["b"] == [[5, 6]]
+        c.stop()
+        wait_for(lambda: member_names(a) == {"a", "b"}, 15, "the node that left to be dropped")
+        assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+    finally:
+        for n in (a, b, c):
+            if n is not None:
+                n.stop()
