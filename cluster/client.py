@@ -155,7 +155,13 @@ class _Assembler:
 
 def _node_view(n: pb.NodeInfo) -> NodeView:
     shards = [
-        {"model_id": s.model_id, "layers": [s.start, s.end], "device": s.device, "bytes": s.weight_bytes}
+        {
+            "model_id": s.model_id,
+            "layers": [s.start, s.end],
+            "device": s.device,
+            "bytes": s.weight_bytes,
+            "sessions": s.sessions,
+        }
         for s in n.shards
     ]
     return NodeView(

@@ -23,7 +23,7 @@ import numpy as np
 from cluster.discovery import Peer
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
 from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
-from cluster.host import ShardHost, check_model_id
+from cluster.host import HostedShard, ShardHost, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import model_costs, tensor_costs
 from cluster.partition import ModelCosts, NodeCapacity, Plan, plan_layers
@@ -146,6 +146,28 @@ class RemoteShard:
         self._requests.put(None)  # closing the stream ends the session there
         if self._responses is not None:
             self._responses.cancel()
+
+
+class LocalShard:
+    """A shard of this node, called in-process (no network); its sessions are counted like remote ones."""
+
+    def __init__(self, hosted: HostedShard):
+        self.hosted, self.engine = hosted, hosted.engine
+
+    def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
+        sid = self.engine.new_session(session_id, sampling)
+        self.hosted.sessions.add(sid)
+        return sid
+
+    def truncate(self, session_id: str, length: int) -> None:
+        self.engine.truncate(session_id, length)
+
+    def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
+        return self.engine.forward(session_id, inputs, **kwargs)
+
+    def end_session(self, session_id: str) -> None:
+        self.hosted.sessions.discard(session_id)
+        self.engine.end_session(session_id)
 
 
 def _shard_error(e: grpc.RpcError, node: str) -> Exception:
@@ -325,7 +347,7 @@ class Coordinator:
         shards: list[Any] = []
         for s in placement.shards:
             if s.local:
-                shards.append(self.host.shard(s.shard_id).engine)
+                shards.append(LocalShard(self.host.shard(s.shard_id)))
             else:
                 shards.append(RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name))
         return shards

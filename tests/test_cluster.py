@@ -144,6 +144,19 @@ def test_streamed_chunks_and_sampling_options(trio, models):
     assert again[-1].tokens == same[-1].tokens  # same seed, same output, through three nodes
 
 
+def test_a_client_that_goes_away_ends_its_session_on_every_node(trio, models):
+    def open_sessions() -> int:
+        with trio[0].client() as c:
+            return sum(s["sessions"] for n in c.nodes() for s in n.shards)
+
+    with trio[0].client() as c:
+        stream = c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=200, temperature=0)
+        next(stream), next(stream)
+        assert open_sessions() == 3  # one KV slice per shard
+        stream.close()  # the client stops reading: the call is cancelled
+    wait_for(lambda: open_sessions() == 0, 10, "every shard to free the session")
+
+
 def test_bad_requests_get_clear_errors_and_the_node_keeps_serving(trio, models, tmp_path):
     with trio[0].client() as c:
         with pytest.raises(ModelNotFound):

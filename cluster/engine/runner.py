@@ -226,6 +226,13 @@ class Runner:
         Raises RunnerCallError when the method raised (the child keeps serving), RunnerDied when the
         child exited, RunnerClosed after close(). Starts the runner first if needed.
         """
+        return self.submit(method, *args, **kwargs).result()
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Send the call and return at once; the future resolves as `call` would return or raise.
+
+        An event loop can await it (asyncio.wrap_future) without parking a thread on the reply.
+        """
         self.start()
         request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
         future: Future[Any] = Future()
@@ -241,12 +248,14 @@ class Runner:
             # Most likely the child just died: the reader will fail this future with the reason.
             log.debug("send to %s failed: %s", self.target, exc)
             try:
-                return future.result(timeout=5.0)
+                future.result(timeout=5.0)
             except FutureTimeout:
                 with self._lock:
                     self._pending.pop(call_id, None)
                 raise RunnerError(f"could not send {method!r} to {self.target}: {exc}") from exc
-        return future.result()
+            except BaseException:
+                pass  # the future carries the reason
+        return future
 
     # -- reader thread ---------------------------------------------------------------------------
 

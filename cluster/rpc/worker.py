@@ -143,7 +143,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     if not sid:
                         raise wire.WireError("the first message of a stream must name its session")
                     sampling = wire.sampling_from_pb(request.sampling)
-                    await asyncio.to_thread(shard.engine.new_session, sid, sampling)
+                    await shard.engine.acall("new_session", sid, sampling)
                     shard.sessions.add(sid)
                 elif request.session_id not in ("", sid):
                     raise wire.WireError(f"this stream carries session {sid!r}, not {request.session_id!r}")
@@ -156,7 +156,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             if shard is not None and sid in shard.sessions:
                 shard.sessions.discard(sid)
                 try:
-                    await asyncio.to_thread(shard.engine.end_session, sid)
+                    await shard.engine.acall("end_session", sid)
                 except (EngineError, RunnerError):
                     log.debug("ending session %s on a closed shard", sid)
 
@@ -164,7 +164,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, shard: HostedShard, sid: str, request: pb.ForwardRequest, sampling: Any
     ) -> pb.ForwardResponse:
         if request.HasField("truncate"):
-            await asyncio.to_thread(shard.engine.truncate, sid, request.truncate)
+            await shard.engine.acall("truncate", sid, request.truncate)
         which = request.WhichOneof("input")
         if which is None:
             return pb.ForwardResponse()
@@ -179,7 +179,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             kwargs = {"sampling": sampling, "logprobs": request.top_logprobs}
             if request.context_ids:
                 kwargs["token_ids"] = list(request.context_ids)
-        result = await asyncio.to_thread(shard.engine.forward, sid, x, **kwargs)
+        result = await shard.engine.acall("forward", sid, x, **kwargs)
         if result.hidden is not None:
             return pb.ForwardResponse(hidden=wire.to_tensor(np.asarray(result.hidden)))
         assert result.token is not None and result.logprob is not None
@@ -200,7 +200,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise
         if request.session_id in shard.sessions:
             shard.sessions.discard(request.session_id)
-            await asyncio.to_thread(shard.engine.end_session, request.session_id)
+            await shard.engine.acall("end_session", request.session_id)
         return pb.EndSessionResponse()
 
     async def GetManifest(self, request: pb.ManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:

@@ -1,0 +1,278 @@
+"""Three hosts in network namespaces on one bridge, made and removed by the test: only host 1 has the model's files,
+hosts 2 and 3 pull the tensors of their layers from it, the nodes find each other over real mDNS inside the
+namespaces, and the output equals a local run.
+
+The network: a "switch" namespace holding a bridge, and three host namespaces, each with one veth pair whose other
+end is a port of that bridge. Nothing is created in the machine's own namespace, and a host namespace holds only
+`lo` and its veth, so mDNS (and everything else the nodes send) can only reach the other hosts through the bridge.
+
+Reference: the single-node engine run locally, `clusterctl run MODEL PROMPT --raw --json --local` in the machine's
+own namespace, greedy; the cluster's tokens must be the same.
+
+Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from checkpoints import deepen
+from cluster_nodes import ROOT
+from conftest import FIXTURES
+
+PROMPT = "The small river runs past"
+MAX_TOKENS = 12
+PORT = 50051
+HOSTS = (1, 2, 3)
+NUM_LAYERS = 6
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _ip(*args: str) -> str:
+    p = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def _links(ns: str | None) -> list[dict[str, Any]]:
+    """`ip -s link` of a namespace (None: the machine's own) as JSON: names, states, counters."""
+    return json.loads(_ip(*(["-n", ns] if ns else []), "-j", "-s", "link", "show"))
+
+
+@dataclass
+class Network:
+    """A bridge in namespace `switch`; host k (1-based) lives in `hosts[k - 1]` with address `addr(k)`."""
+
+    tag: str
+    subnet: int
+    switch: str
+    hosts: list[str] = field(default_factory=list)
+
+    def addr(self, k: int) -> str:
+        return f"10.{self.subnet}.0.{k}"
+
+    def veth(self, k: int) -> str:
+        return f"{self.tag}v{k}"  # at most 15 characters, as interface names must be
+
+    def exec(self, k: int, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.hosts[k - 1], *args]
+
+
+def _build_network() -> Network:
+    tag = "cx" + secrets.token_hex(3)
+    net = Network(tag, 16 + secrets.randbelow(200), f"{tag}sw")
+    try:
+        _ip("netns", "add", net.switch)
+        _ip("-n", net.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", net.switch, "link", "set", "br0", "up")
+        _ip("-n", net.switch, "link", "set", "lo", "up")
+        for k in HOSTS:
+            ns = f"{tag}h{k}"
+            _ip("netns", "add", ns)
+            net.hosts.append(ns)
+            # both ends are created straight in their namespaces: nothing appears in the machine's own
+            _ip("link", "add", net.veth(k), "netns", ns, "type", "veth", "peer", "name", f"p{k}", "netns", net.switch)
+            _ip("-n", net.switch, "link", "set", f"p{k}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{net.addr(k)}/24", "dev", net.veth(k))
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", net.veth(k), "up")
+            # multicast (mDNS's 224.0.0.251) leaves through the veth; there is no default route at all
+            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", net.veth(k))
+    except BaseException:
+        _remove_network(net)
+        raise
+    return net
+
+
+def _remove_network(net: Network) -> None:
+    # deleting a namespace deletes the veth ends inside it, and with them their peers on the bridge
+    for ns in [*net.hosts, net.switch]:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("needs `ip` (iproute2)")
+    try:
+        net = _build_network()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot make network namespaces here: {e}")
+    try:
+        yield net
+    finally:
+        _remove_network(net)
+
+
+class HostNode:
+    """`clusterctl join` inside host k's namespace, announcing and browsing mDNS only on its veth."""
+
+    def __init__(self, net: Network, k: int, models_dir: Path, log_path: Path):
+        self.net, self.k, self.name, self.models_dir, self.log_path = net, k, f"host{k}", models_dir, log_path
+        models_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "cluster.cli", "join", "--host", net.addr(k), "--port", str(PORT)]
+        args += ["--name", self.name, "--memory", "1", "--mdns-interface", net.addr(k)]
+        args += ["--models-dir", str(models_dir)]
+        self._log = open(log_path, "w")
+        # `ip netns exec` execs the command in place, so the pid is the node's own
+        self.proc = subprocess.Popen(
+            net.exec(k, *args),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            cwd=ROOT,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _kill_leftovers(ns: str) -> None:
+    """Anything still running in a namespace this test made (a node's engine process, say) was started by it."""
+    p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+    for pid in p.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def _cli(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _summary(stdout: str) -> dict[str, Any]:
+    """The last line of `run --json`: `{"done": true, "tokens": [...], ...}`."""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert lines and lines[-1].get("done") is True, stdout
+    assert [t["id"] for t in lines[:-1]] == lines[-1]["tokens"]
+    return lines[-1]
+
+
+def _poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, what: str) -> Any:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        last = fetch()
+        if done(last):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last answer: {last}")
+
+
+def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(network: Network, tmp_path: Path):
+    net = network
+    model = deepen(FIXTURES / "llama32", tmp_path / "host1-files" / "llama32", NUM_LAYERS)  # host 1's alone
+    nodes = [HostNode(net, k, tmp_path / f"host{k}-models", tmp_path / f"host{k}.log") for k in HOSTS]
+    cli = [sys.executable, "-m", "cluster.cli"]
+    h1 = f"{net.addr(1)}:{PORT}"
+    local: subprocess.Popen[str] | None = None
+    T0 = time.monotonic()
+    TIMES = {}
+    try:
+        # the reference runs in the machine's own namespace while the nodes start
+        local = subprocess.Popen(
+            [*cli, "run", str(model), PROMPT, "--raw", "--json", "--max-tokens", str(MAX_TOKENS)]
+            + ["--temperature", "0", "--local"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
+        def members() -> dict[str, Any]:
+            for n in nodes:
+                assert n.proc.poll() is None, f"{n.name} exited:\n{n.log_path.read_text()}"
+            p = _cli(net.exec(1, *cli, "nodes", "--node", h1, "--json"), timeout=30)
+            return {n["name"]: n for n in json.loads(p.stdout)} if p.returncode == 0 else {}
+
+        # no --peer anywhere: host 1 can only learn of hosts 2 and 3 over mDNS on the bridge
+        _poll(members, lambda m: set(m) == {"host1", "host2", "host3"}, 60, "mDNS discovery inside the namespaces")
+
+        TIMES["disc"] = time.monotonic() - T0
+        run = _cli(
+            net.exec(1, *cli, "run", str(model), PROMPT, "--raw", "--json", "--max-tokens", str(MAX_TOKENS))
+            + ["--temperature", "0", "--node", h1],
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        got = _summary(run.stdout)
+        TIMES["run"] = time.monotonic() - T0
+        out, err = local.communicate(timeout=120)
+        assert local.returncode == 0, err
+        TIMES["local"] = time.monotonic() - T0
+        assert got["tokens"] == _summary(out)["tokens"] and len(got["tokens"]) == MAX_TOKENS
+
+        # each host holds one shard of the model; together they cover every layer, two each (equal memory)
+        held = {
+            name: [tuple(s["layers"]) for s in n["shards"] if s["model_id"] == "llama32"]
+            for name, n in members().items()
+        }
+        assert all(len(ranges) == 1 for ranges in held.values()), held
+        ranges = {name: r[0] for name, r in held.items()}
+        assert sorted(ranges.values()) == [(0, 2), (2, 4), (4, 6)], held
+
+        # hosts 2 and 3 had no files: they pulled exactly their layers' tensors from host 1, into their own dirs
+        for n in nodes[1:]:
+            start, end = ranges[n.name]
+            pulled_dir = n.models_dir / "llama32"
+            assert list(pulled_dir.glob("pulled-*.safetensors")), sorted(p.name for p in n.models_dir.rglob("*"))
+            assert not (pulled_dir / "model.safetensors").exists()
+            names = set(json.loads((pulled_dir / "model.safetensors.index.json").read_text())["weight_map"])
+            layers = {int(m.group(1)) for m in map(_LAYER.match, names) if m}
+            assert layers == set(range(start, end)), (n.name, sorted(names))
+            others = {name.rsplit(".", 1)[0] for name in names if not _LAYER.match(name)}
+            expected = set()
+            if start == 0 or end == NUM_LAYERS:  # the embedding table is tied to lm_head in this fixture
+                expected.add("model.embed_tokens")
+            if end == NUM_LAYERS:
+                expected.add("model.norm")
+            assert others == expected, (n.name, start, end, sorted(names))
+        assert not list(nodes[0].models_dir.rglob("*.safetensors"))  # host 1 used its own files
+
+        # the mDNS traffic stayed inside: the hosts have nothing but lo and their veth, the bridge carried
+        # their multicast, and the machine's own namespace holds none of the test's interfaces
+        for k in HOSTS:
+            assert sorted(link["ifname"] for link in _links(net.hosts[k - 1])) == sorted(["lo", net.veth(k)])
+        assert not [link["ifname"] for link in _links(None) if link["ifname"].startswith(net.tag)]
+        switch = {link["ifname"]: link for link in _links(net.switch)}
+        assert sorted(switch) == ["br0", "lo", "p1", "p2", "p3"]
+        print("DBG", {k: v.get("stats64") for k, v in switch.items()}, file=sys.stderr)
+        print("DBG", time.monotonic() - T0, TIMES, file=sys.stderr)
+        assert 0
+    except BaseException:
+        for n in nodes:
+            print(f"----- {n.name} ({n.log_path}) -----\n{n.log_path.read_text()}", file=sys.stderr)
+        raise
+    finally:
+        if local is not None and local.poll() is None:
+            local.kill()
+            local.wait()
+        for n in nodes:
+            n.stop()
+        for ns in net.hosts:
+            _kill_leftovers(ns)
