@@ -144,6 +144,24 @@ def test_streamed_chunks_and_sampling_options(trio, models):
     assert again[-1].tokens == same[-1].tokens  # same seed, same output, through three nodes
 
 
+def test_async_client_streams_the_same_tokens(trio, models, single_node):
+    import asyncio
+
+    from cluster import AsyncClient
+
+    async def main() -> tuple[list[int], list[str], int]:
+        async with AsyncClient(trio[2].address) as c:
+            chunks = [x async for x in c.generate(str(models["llama32"]), PROMPTS[1], raw=True, max_tokens=MAX_TOKENS)]
+            nodes = await c.nodes()
+            plan = await c.plan(str(models["llama32"]))
+        assert chunks[-1].tokens is not None
+        return chunks[-1].tokens, sorted(n.name for n in nodes), plan.num_layers
+
+    tokens, names, layers = asyncio.run(main())
+    assert tokens == single_node("llama32", PROMPTS[1])  # the fixture sets no sampling defaults: greedy
+    assert names == ["mem1", "mem2", "mem3"] and layers == 6
+
+
 def test_a_client_that_goes_away_ends_its_session_on_every_node(trio, models):
     def open_sessions() -> int:
         with trio[0].client() as c:
