@@ -186,13 +186,13 @@ def _poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float,
 def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(network: Network, tmp_path: Path):
     net = network
     model = deepen(FIXTURES / "llama32", tmp_path / "host1-files" / "llama32", NUM_LAYERS)  # host 1's alone
-    nodes = [HostNode(net, k, tmp_path / f"host{k}-models", tmp_path / f"host{k}.log") for k in HOSTS]
+    nodes: list[HostNode] = []
     cli = [sys.executable, "-m", "cluster.cli"]
     h1 = f"{net.addr(1)}:{PORT}"
     local: subprocess.Popen[str] | None = None
-    T0 = time.monotonic()
-    TIMES = {}
     try:
+        for k in HOSTS:  # one at a time, so that teardown stops those started before a failure
+            nodes.append(HostNode(net, k, tmp_path / f"host{k}-models", tmp_path / f"host{k}.log"))
         # the reference runs in the machine's own namespace while the nodes start
         local = subprocess.Popen(
             [*cli, "run", str(model), PROMPT, "--raw", "--json", "--max-tokens", str(MAX_TOKENS)]
@@ -213,7 +213,6 @@ def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(n
         # no --peer anywhere: host 1 can only learn of hosts 2 and 3 over mDNS on the bridge
         _poll(members, lambda m: set(m) == {"host1", "host2", "host3"}, 60, "mDNS discovery inside the namespaces")
 
-        TIMES["disc"] = time.monotonic() - T0
         run = _cli(
             net.exec(1, *cli, "run", str(model), PROMPT, "--raw", "--json", "--max-tokens", str(MAX_TOKENS))
             + ["--temperature", "0", "--node", h1],
@@ -221,10 +220,8 @@ def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(n
         )
         assert run.returncode == 0, run.stderr
         got = _summary(run.stdout)
-        TIMES["run"] = time.monotonic() - T0
         out, err = local.communicate(timeout=120)
         assert local.returncode == 0, err
-        TIMES["local"] = time.monotonic() - T0
         assert got["tokens"] == _summary(out)["tokens"] and len(got["tokens"]) == MAX_TOKENS
 
         # each host holds one shard of the model; together they cover every layer, two each (equal memory)
@@ -261,9 +258,7 @@ def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(n
         assert not [link["ifname"] for link in _links(None) if link["ifname"].startswith(net.tag)]
         switch = {link["ifname"]: link for link in _links(net.switch)}
         assert sorted(switch) == ["br0", "lo", "p1", "p2", "p3"]
-        print("DBG", {k: v.get("stats64") for k, v in switch.items()}, file=sys.stderr)
-        print("DBG", time.monotonic() - T0, TIMES, file=sys.stderr)
-        assert 0
+        assert switch["br0"]["stats64"]["rx"]["multicast"] > 0  # the bridge floods link-local multicast to itself
     except BaseException:
         for n in nodes:
             print(f"----- {n.name} ({n.log_path}) -----\n{n.log_path.read_text()}", file=sys.stderr)
