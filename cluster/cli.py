@@ -64,6 +64,17 @@ class _Bars:
 
 
 def _node_option(f: Any) -> Any:
+    f = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="File holding the cluster token.",
+    )(f)
+    f = click.option(
+        "--token",
+        default=None,
+        help="The cluster token. Default: $CLUSTERCTL_TOKEN, else the one `clusterctl join` stored on this host.",
+    )(f)
     return click.option(
         "--node",
         default=DEFAULT_NODE,
@@ -73,10 +84,51 @@ def _node_option(f: Any) -> Any:
     )(f)
 
 
-def _client(node: str) -> Any:
-    from cluster.client import Client
+def _resolve_token(token: str | None, token_file: Path | None) -> str | None:
+    from cluster.auth import TokenError, resolve_token
 
-    return Client(node)
+    try:
+        return resolve_token(token, token_file)
+    except TokenError as e:
+        _fail(e)
+
+
+def _client(node: str, token: str | None, token_file: Path | None) -> Any:
+    from cluster.client import Client, ClusterError
+
+    try:
+        return Client(node, token=_resolve_token(token, token_file))
+    except ClusterError as e:
+        _fail(e)
+
+
+def _token_for_node(token: str | None, token_file: Path | None) -> str:
+    """A node's token: the one given, else the stored one, else a new one stored now (announced once)."""
+    from cluster.auth import default_token_path, new_token, write_token
+
+    found = _resolve_token(token, token_file)
+    if found:
+        return found
+    path = default_token_path()
+    found = new_token()
+    write_token(path, found)
+    click.echo(
+        f"Created a cluster token in {path} (mode 0600). To add another host to this cluster, run there:", err=True
+    )
+    click.echo(f"  clusterctl join --token {found}", err=True)
+    return found
+
+
+def _listening(node: str) -> bool:
+    """Whether anything accepts TCP connections at HOST:PORT (a node with another token still counts)."""
+    import socket
+
+    host, _, port = node.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _fail(e: Exception) -> NoReturn:
@@ -139,6 +191,8 @@ def run_cmd(
     as_json: bool,
     logprobs: int,
     node: str,
+    token: str | None,
+    token_file: Path | None,
     local: bool,
     no_mdns: bool,
     peers: tuple[str, ...],
@@ -171,12 +225,12 @@ def run_cmd(
     from cluster.client import ClusterError
 
     own = None
-    client = _client(node)
+    if not _listening(node):
+        node_token = _token_for_node(token, token_file)
+        own = _start_own_node(node, node_token, no_mdns, peers, device, dtype, max_context, models_dir)
+        token, token_file = node_token, None
+    client = _client(node, token, token_file)
     try:
-        if not client.wait_ready(timeout=1.0):
-            own = _start_own_node(node, no_mdns, peers, device, dtype, max_context, models_dir)
-            client.close()  # the failed connection backs off; a fresh channel connects at once
-            client = _client(node)
         turn = _ClusterTurns(client, model, raw, max_tokens, sampling, stop, logprobs, out, bars)
         if prompt is not None:
             turn(prompt)
@@ -193,6 +247,7 @@ def run_cmd(
 
 def _start_own_node(
     node: str,
+    token: str,
     no_mdns: bool,
     peers: tuple[str, ...],
     device: str | None,
@@ -213,6 +268,7 @@ def _start_own_node(
         "mdns": not no_mdns,
         "peers": peers,
         "max_context": max_context,
+        "token": token,
     }
     if models_dir is not None:
         options["models_dir"] = models_dir
@@ -428,6 +484,12 @@ class _LocalTurns:
     help="Announce and browse only on the interface with this IPv4 address (repeatable). Default: all.",
 )
 @click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
+@click.option(
+    "--token",
+    default=None,
+    help="The cluster token. Default: $CLUSTERCTL_TOKEN, else the stored one; the first join creates one.",
+)
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def join_cmd(
     host: str,
     port: int,
@@ -440,6 +502,8 @@ def join_cmd(
     no_mdns: bool,
     mdns_interfaces: tuple[str, ...],
     max_context: int,
+    token: str | None,
+    token_file: Path | None,
 ) -> None:
     """Run a node of the cluster until interrupted (Ctrl-C or SIGTERM)."""
     import asyncio
@@ -459,6 +523,7 @@ def join_cmd(
         "mdns": not no_mdns,
         "mdns_interfaces": mdns_interfaces or None,
         "max_context": max_context,
+        "token": _token_for_node(token, token_file),
     }
     if name:
         options["name"] = name
@@ -485,11 +550,11 @@ def _gib(n: int) -> str:
 @main.command("nodes")
 @_node_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def nodes_cmd(node: str, as_json: bool) -> None:
+def nodes_cmd(node: str, token: str | None, token_file: Path | None, as_json: bool) -> None:
     """The members of the cluster: device, memory, and the layers each holds."""
     from cluster.client import ClusterError
 
-    with _client(node) as client:
+    with _client(node, token, token_file) as client:
         try:
             nodes = client.nodes()
         except ClusterError as e:
@@ -508,11 +573,11 @@ def nodes_cmd(node: str, as_json: bool) -> None:
 @click.argument("model")
 @_node_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(model: str, node: str, as_json: bool) -> None:
+def plan_cmd(model: str, node: str, token: str | None, token_file: Path | None, as_json: bool) -> None:
     """How MODEL's layers would be split over the cluster now (memory-weighted)."""
     from cluster.client import ClusterError
 
-    with _client(node) as client:
+    with _client(node, token, token_file) as client:
         try:
             plan = client.plan(model)
         except ClusterError as e:

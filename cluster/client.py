@@ -11,16 +11,19 @@ gRPC failures become a small set of typed exceptions (ClusterError and its subcl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from cluster import auth
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
 from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 DEFAULT_NODE = "127.0.0.1:50051"
 ProgressCallback = Callable[[str, str, int, int], None]  # (stage, node, done, total)
 
@@ -64,8 +67,27 @@ _ERRORS: dict[grpc.StatusCode, type[ClusterError]] = {
 def map_error(e: grpc.RpcError, node: str) -> ClusterError:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("node "):
+        refused = auth.refused_message(details)
+        if refused is not None:
+            return NotAuthorised(f"{node}: {refused}")
         details = f"no clusterctl node answers at {node} ({details}); start one with `clusterctl join`"
     return _ERRORS.get(code, ClusterError)(details)
+
+
+def _coordinator_gone(e: grpc.RpcError) -> bool:
+    """The connection to the node we asked failed (not a failure it reported from inside the cluster)."""
+    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    return code == grpc.StatusCode.UNAVAILABLE and not details.startswith("node ") and not auth.refused_message(details)
+
+
+def _token(token: str | None) -> str:
+    found = auth.resolve_token(token)
+    if not found:
+        raise NotAuthorised(
+            f"no cluster token: pass token=..., set {auth.TOKEN_ENV}, or run on a host where `clusterctl join` "
+            f"stored one ({auth.default_token_path()})"
+        )
+    return found
 
 
 @dataclass
@@ -191,12 +213,32 @@ def _messages(messages: Iterable[Mapping[str, str]]) -> list[pb.ChatMessage]:
 class Client:
     """Blocking client for one node (any node of the cluster coordinates the requests it receives)."""
 
-    def __init__(self, node: str = DEFAULT_NODE, *, timeout: float | None = None):
+    def __init__(
+        self,
+        node: str = DEFAULT_NODE,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        fallback_nodes: Sequence[str] = (),
+    ):
+        """token: the cluster token; default $CLUSTERCTL_TOKEN, else the one `clusterctl join` stored here.
+
+        fallback_nodes: when the node coordinating a generation dies, send it again to the next of these; the
+        tokens already received are not repeated (exact for greedy and seeded requests).
+        """
         self.node = node
         self.timeout = timeout
-        limit = wire.SERVER_MAX_MESSAGE
-        self._channel = grpc.insecure_channel(node, options=wire.channel_options(limit))
+        self.fallback_nodes = list(fallback_nodes)
+        self._token = _token(token)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._channel = self._open(node)
         self._stub = pb_grpc.ClusterStub(self._channel)
+
+    def _open(self, address: str) -> grpc.Channel:
+        if address not in self._channels:
+            options = wire.channel_options(wire.SERVER_MAX_MESSAGE)
+            self._channels[address] = auth.secure_channel(address, self._token, options)
+        return self._channels[address]
 
     def wait_ready(self, timeout: float = 5.0) -> bool:
         """True once the node accepts connections (False after `timeout` seconds)."""
@@ -206,18 +248,33 @@ class Client:
         except grpc.FutureTimeoutError:
             return False
 
-    def _stream(self, call: Any, request: Any, on_progress: ProgressCallback | None) -> Iterator[Chunk]:
-        assemble = _Assembler(on_progress)
-        stream = call(request, timeout=self.timeout)
-        try:
-            for msg in stream:
-                chunk = assemble(msg)
-                if chunk is not None:
+    def _stream(self, method: str, request: Any, on_progress: ProgressCallback | None) -> Iterator[Chunk]:
+        delivered = 0  # token chunks the caller has had, from whichever node
+        addresses = [self.node, *self.fallback_nodes]
+        for i, address in enumerate(addresses):
+            assemble = _Assembler(on_progress)
+            stream = getattr(pb_grpc.ClusterStub(self._open(address)), method)(request, timeout=self.timeout)
+            seen = 0
+            try:
+                for msg in stream:
+                    chunk = assemble(msg)
+                    if chunk is None:
+                        continue
+                    if chunk.finish_reason is None:
+                        seen += 1
+                        if seen <= delivered:
+                            continue  # the node that died had sent it already
+                        delivered += 1
                     yield chunk
-        except grpc.RpcError as e:
-            raise map_error(e, self.node) from None
-        finally:
-            stream.cancel()  # a consumer that stops early ends the session on the cluster
+                return
+            except grpc.RpcError as e:
+                error = map_error(e, address)
+                if _coordinator_gone(e) and i + 1 < len(addresses):
+                    log.warning("%s stopped answering (%s); retrying on %s", address, error, addresses[i + 1])
+                    continue
+                raise error from None
+            finally:
+                stream.cancel()  # a consumer that stops early ends the session on the cluster
 
     def generate(
         self,
@@ -242,7 +299,7 @@ class Client:
             model, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, logprobs
         )
         request = pb.GenerateRequest(options=options, prompt=prompt, raw=raw)
-        return self._stream(self._stub.Generate, request, on_progress)
+        return self._stream("Generate", request, on_progress)
 
     def chat(
         self,
@@ -265,7 +322,7 @@ class Client:
             model, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, logprobs
         )
         request = pb.ChatRequest(options=options, messages=_messages(messages))
-        return self._stream(self._stub.Chat, request, on_progress)
+        return self._stream("Chat", request, on_progress)
 
     def nodes(self) -> list[NodeView]:
         try:
@@ -280,7 +337,8 @@ class Client:
             raise map_error(e, self.node) from None
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -292,10 +350,11 @@ class Client:
 class AsyncClient:
     """The same calls for asyncio code (grpc.aio); `generate` and `chat` are async iterators."""
 
-    def __init__(self, node: str = DEFAULT_NODE, *, timeout: float | None = None):
+    def __init__(self, node: str = DEFAULT_NODE, *, token: str | None = None, timeout: float | None = None):
         self.node = node
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(node, options=wire.channel_options(wire.SERVER_MAX_MESSAGE))
+        options = wire.channel_options(wire.SERVER_MAX_MESSAGE)
+        self._channel = auth.secure_aio_channel(node, _token(token), options)
         self._stub = pb_grpc.ClusterStub(self._channel)
 
     async def _stream(self, call: Any, request: Any, on_progress: ProgressCallback | None) -> AsyncIterator[Chunk]:

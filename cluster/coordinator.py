@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cluster import auth
+from cluster.chain import Chain, ShardUnavailableError
 from cluster.discovery import Peer
+from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
 from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
 from cluster.host import HostedShard, ShardHost, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import model_costs, tensor_costs
-from cluster.partition import ModelCosts, NodeCapacity, Plan, plan_layers
+from cluster.partition import ModelCosts, NodeCapacity, Plan, PlanError, plan_layers
 from cluster.registry import REGISTRY, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -37,10 +41,6 @@ from cluster.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, int, int], None]  # (stage, node name, done, total)
-
-
-class ShardUnavailableError(RuntimeError):
-    """A node holding a shard stopped answering."""
 
 
 @dataclass
@@ -92,8 +92,8 @@ def model_id_for(model: str) -> str:
 class RemoteShard:
     """One session on a shard of another node: a bidirectional stream, one response per request."""
 
-    def __init__(self, stub: pb_grpc.WorkerStub, shard_id: str, node: str):
-        self.stub, self.shard_id, self.node = stub, shard_id, node
+    def __init__(self, stub: pb_grpc.WorkerStub, shard_id: str, node: str, node_id: str = ""):
+        self.stub, self.shard_id, self.node, self.node_id = stub, shard_id, node, node_id
         self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
         self._responses: Any = None
         self._first: pb.ForwardRequest | None = None
@@ -134,9 +134,9 @@ class RemoteShard:
         try:
             response = next(self._responses)
         except grpc.RpcError as e:
-            raise _shard_error(e, self.node) from None
+            raise _shard_error(e, self.node, self.node_id) from None
         except StopIteration:
-            raise ShardUnavailableError(f"node {self.node} closed the session") from None
+            raise ShardUnavailableError(f"node {self.node} closed the session", self.node_id) from None
         if response.WhichOneof("output") == "hidden":
             return StepResult(hidden=wire.from_tensor(response.hidden, wire.HIDDEN_DTYPES))
         top = wire.top_pairs(response.top_ids, response.top_logprobs)
@@ -144,6 +144,10 @@ class RemoteShard:
 
     def end_session(self, session_id: str) -> None:
         self._requests.put(None)  # closing the stream ends the session there
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Abandon the stream: a step waiting on it fails at once (the node was declared lost)."""
         if self._responses is not None:
             self._responses.cancel()
 
@@ -151,8 +155,8 @@ class RemoteShard:
 class LocalShard:
     """A shard of this node, called in-process (no network); its sessions are counted like remote ones."""
 
-    def __init__(self, hosted: HostedShard):
-        self.hosted, self.engine = hosted, hosted.engine
+    def __init__(self, hosted: HostedShard, node_id: str):
+        self.hosted, self.engine, self.node_id = hosted, hosted.engine, node_id
 
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         sid = self.engine.new_session(session_id, sampling)
@@ -163,20 +167,24 @@ class LocalShard:
         self.engine.truncate(session_id, length)
 
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
-        return self.engine.forward(session_id, inputs, **kwargs)
+        try:
+            return self.engine.forward(session_id, inputs, **kwargs)
+        except RunnerError as e:  # the engine process died: this node places the shard again
+            raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
 
     def end_session(self, session_id: str) -> None:
         self.hosted.sessions.discard(session_id)
         self.engine.end_session(session_id)
 
 
-def _shard_error(e: grpc.RpcError, node: str) -> Exception:
+def _shard_error(e: grpc.RpcError, node: str, node_id: str = "") -> Exception:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
     if code == wire.EXHAUSTED:
         return ContextFullError(details)
-    if code in (wire.INVALID, wire.NOT_FOUND, wire.PRECONDITION):
+    if code in (wire.INVALID, wire.PRECONDITION):
         return EngineError(f"{node}: {details}")
-    return ShardUnavailableError(f"node {node} failed: {code.name} {details}")
+    # unreachable, cancelled because it left, restarted without our shard, ...: the shard is gone
+    return ShardUnavailableError(f"node {node} failed: {code.name} {details}", node_id)
 
 
 class Coordinator:
@@ -185,6 +193,7 @@ class Coordinator:
         host: ShardHost,
         members: Callable[[], list[Peer]],
         *,
+        token: str,
         self_id: str,
         self_address: str,
         max_context: int = 4096,
@@ -192,6 +201,7 @@ class Coordinator:
     ):
         """members: every node to plan over, this one included (the node's discovery)."""
         self.host = host
+        self.token = token
         self.members = members
         self.self_id, self.self_address = self_id, self_address
         self.max_context = max_context
@@ -200,7 +210,31 @@ class Coordinator:
         self.placements: dict[str, Placement] = {}
         self._lock = threading.Lock()  # guards models and placements; held while placing
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self._lost: set[str] = set()  # node ids that failed mid-session (a restarted node has a new id)
+        self._streams: dict[str, weakref.WeakSet[RemoteShard]] = {}  # node id -> its open session streams
         self.on_plan: Callable[[Plan], None] = lambda plan: None
+
+    def _members(self) -> list[Peer]:
+        return [p for p in self.members() if p.node_id not in self._lost]
+
+    def node_left(self, node_id: str) -> None:
+        """Discovery dropped a node: steps waiting on it fail now instead of waiting for TCP to notice."""
+        for shard in list(self._streams.get(node_id, ())):
+            shard.cancel()
+
+    def _confirm_lost(self, error: ShardUnavailableError) -> None:
+        """Exclude the node from plans unless it still answers (then the failure was its shard, not itself)."""
+        if not error.node_id or error.node_id == self.self_id:
+            return
+        address = next((p.address for p in self.members() if p.node_id == error.node_id), None)
+        if address is not None:
+            try:
+                self._stub(address).Info(pb.NodeInfoRequest(), timeout=2)
+                return
+            except grpc.RpcError:
+                pass
+        log.warning("node %s is lost; planning without it", error.node_id[:8])
+        self._lost.add(error.node_id)
 
     # ------------------------------------------------------------------------------------ models
     def resolve(self, model: str) -> ModelRef:
@@ -248,7 +282,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------------ planning
     def plan(self, model: str) -> Plan:
         ref = self.resolve(model)
-        return self._plan(ref, self.members())
+        return self._plan(ref, self._members())
 
     def _plan(self, ref: ModelRef, members: list[Peer]) -> Plan:
         held: dict[str, int] = {}
@@ -263,14 +297,14 @@ class Coordinator:
         key = (address, limit)
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = grpc.insecure_channel(address, options=wire.channel_options(limit))
+            channel = self._channels[key] = auth.secure_channel(address, self.token, wire.channel_options(limit))
         return pb_grpc.WorkerStub(channel)
 
     def placement(self, ref: ModelRef, progress: Progress) -> Placement:
         """The model's shards, placed now unless a placement over the same members exists. A new member or a
         lost one gives a new plan once the old placement has no sessions left."""
         with self._lock:
-            members = self.members()
+            members = self._members()
             ids = frozenset(p.node_id for p in members)
             current = self.placements.get(ref.model_id)
             if current is not None:
@@ -278,12 +312,22 @@ class Coordinator:
                 if alive and (current.members == ids or current.active > 0):
                     current.active += 1
                     return current
-                self._unload(current)
+                # a lost node may not answer for seconds: unload what is left without waiting for it
+                threading.Thread(target=self._unload, args=(current,), name="unload", daemon=True).start()
                 del self.placements[ref.model_id]
-            progress("plan", "", 0, 1)
-            plan = self._plan(ref, members)
-            self.on_plan(plan)
-            placed = self._load(ref, plan, progress)
+            for attempt in range(3):
+                progress("plan", "", 0, 1)
+                plan = self._plan(ref, members)
+                self.on_plan(plan)
+                try:
+                    placed = self._load(ref, plan, progress)
+                    break
+                except ShardUnavailableError as e:  # a member died before discovery noticed: plan without it
+                    if attempt == 2:
+                        raise
+                    self._confirm_lost(e)
+                    members = self._members()
+                    ids = frozenset(p.node_id for p in members)
             limit = wire.message_limit(ref.cfg.hidden_size, plan.max_context)
             placement = Placement(ref.model_id, plan, placed, ids, limit, active=1)
             self.placements[ref.model_id] = placement
@@ -313,7 +357,7 @@ class Coordinator:
                         )
                     report(event.stage, event.done, event.total)
             except grpc.RpcError as e:
-                raise _shard_error(e, a.name) from None
+                raise _shard_error(e, a.name, a.node_id) from None
             raise ShardUnavailableError(f"node {a.name} ended the load of layers [{a.start}, {a.end}) without a shard")
 
         with ThreadPoolExecutor(max_workers=max(1, len(plan.shards))) as pool:
@@ -347,9 +391,11 @@ class Coordinator:
         shards: list[Any] = []
         for s in placement.shards:
             if s.local:
-                shards.append(LocalShard(self.host.shard(s.shard_id)))
+                shards.append(LocalShard(self.host.shard(s.shard_id), s.node_id))
             else:
-                shards.append(RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name))
+                remote = RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name, s.node_id)
+                self._streams.setdefault(s.node_id, weakref.WeakSet()).add(remote)
+                shards.append(remote)
         return shards
 
     # ------------------------------------------------------------------------------------ requests
@@ -375,20 +421,35 @@ class Coordinator:
             ids = ref.tokenizer.encode(prompt or "", add_special_tokens=True)
         else:
             ids = ref.tokenizer.encode_chat([{"role": "user", "content": prompt or ""}], add_generation_prompt=True)
-        placement = self.placement(ref, progress)
+        current = [self.placement(ref, progress)]
+
+        def replace(error: ShardUnavailableError) -> list[Any]:
+            """A node was lost mid-session: plan over the nodes left and place the layers again."""
+            self._confirm_lost(error)
+            try:
+                placement = self.placement(ref, progress)
+            except PlanError as e:
+                raise PlanError(
+                    f"a node was lost mid-generation ({error}) and the nodes left cannot hold the model: {e}"
+                ) from e
+            self.release(current[0])
+            current[0] = placement
+            return self.shards_for_session(placement)
+
+        chain = Chain(self.shards_for_session(current[0]), replace)
         try:
             yield from generate(
-                self.shards_for_session(placement),
+                [chain],
                 ref.tokenizer,
                 ids,
                 max_tokens=max_tokens,
                 sampling=params,
                 stop=stop,
                 logprobs=logprobs,
-                context_limit=placement.plan.max_context,
+                context_limit=current[0].plan.max_context,
             )
         finally:
-            self.release(placement)
+            self.release(current[0])
 
     def close(self) -> None:
         with self._lock:

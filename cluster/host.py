@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from cluster import transfer
+from cluster import auth, transfer
 from cluster.engine.process import EngineProcess
 from cluster.models.config import ModelConfig
 from cluster.registry import ModelNotFoundError, resolve_model
@@ -88,6 +88,7 @@ class ShardHost:
         self,
         models_dir: Path,
         *,
+        token: str,
         device: str | None = None,
         dtype: str | None = None,
         prefill_buckets: Sequence[int] | None = None,
@@ -95,6 +96,7 @@ class ShardHost:
         memory_budget: Callable[[], int | None] = lambda: None,
     ):
         self.models_dir = models_dir
+        self.token = token
         self.device, self.dtype = device, dtype
         self.engine_options: dict[str, Any] = {"max_sessions": max_sessions}
         if prefill_buckets:
@@ -161,7 +163,7 @@ class ShardHost:
         dest = self._pulled_dir(model_id)
         with (
             self._pull_lock,
-            grpc.insecure_channel(source, options=wire.channel_options(wire.SERVER_MAX_MESSAGE)) as ch,
+            auth.secure_channel(source, self.token, wire.channel_options(wire.SERVER_MAX_MESSAGE)) as ch,
         ):
             stub = pb_grpc.WorkerStub(ch)
             manifest = stub.GetManifest(pb.ManifestRequest(model_id=model_id), timeout=60)

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cluster import __version__
+from cluster import __version__, auth
 from cluster.coordinator import Coordinator
 from cluster.discovery import PROTOCOL_VERSION, Discovery, Peer
 from cluster.host import ShardHost, default_models_dir
@@ -49,7 +49,7 @@ class NodeSettings:
     session_timeout: float = 600.0
     health_interval: float = 1.0
     drop_after: float = 3.0
-    token_fingerprint: str = ""
+    token: str = ""  # the cluster token (required): TLS, per-call auth and the mDNS fingerprint derive from it
 
 
 def _advertised_host(settings: NodeSettings) -> str:
@@ -67,7 +67,10 @@ def _advertised_host(settings: NodeSettings) -> str:
 
 class Node:
     def __init__(self, settings: NodeSettings):
+        if not settings.token:
+            raise ValueError("a node needs the cluster token")
         self.settings = settings
+        self.fingerprint = auth.fingerprint(settings.token)
         self.node_id = uuid.uuid4().hex
         self.device = settings.device or os.environ.get("DEV") or _default_device()
         self.kind = device_kind(self.device)
@@ -75,6 +78,7 @@ class Node:
             os.environ["DEV"] = settings.device  # engine processes inherit it
         self.host = ShardHost(
             settings.models_dir,
+            token=settings.token,
             device=settings.device,
             dtype=settings.dtype,
             prefill_buckets=settings.prefill_buckets,
@@ -116,7 +120,7 @@ class Node:
             device_kind=self.kind,
             total_memory=total,
             free_memory=free,
-            token_fingerprint=self.settings.token_fingerprint,
+            token_fingerprint=self.fingerprint,
             source="self",
         )
 
@@ -163,10 +167,12 @@ class Node:
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
-        self.server = grpc.aio.server(options=wire.server_options())
+        # every call, the health service's included, must carry the cluster's bearer value over mutual TLS
+        self.server = grpc.aio.server(options=wire.server_options(), interceptors=[auth.BearerCheck(s.token)])
         self.coordinator = Coordinator(
             self.host,
             self.members,
+            token=s.token,
             self_id=self.node_id,
             self_address=f"127.0.0.1:{self.port}",  # set again below once the port is known
             max_context=s.max_context,
@@ -178,7 +184,7 @@ class Node:
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self.coordinator, self.nodes), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        self.port = self.server.add_secure_port(f"{s.host}:{s.port}", auth.server_credentials(s.token))
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port} (in use?)")
         self.coordinator.self_address = self.address
@@ -191,7 +197,7 @@ class Node:
             static_peers=s.peers,
             health_interval=s.health_interval,
             drop_after=s.drop_after,
-            on_change=_log_member,
+            on_change=self._member_changed,
         )
         await self.discovery.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -200,11 +206,16 @@ class Node:
         task.add_done_callback(self._tasks.discard)
         log.info("node %s (%s, %s) listening on %s", s.name, self.device, _gib(self.me().free_memory), self.address)
 
+    def _member_changed(self, event: str, peer: Peer) -> None:
+        _log_member(event, peer)
+        if event == "left" and self.coordinator is not None:
+            self.coordinator.node_left(peer.node_id)
+
     async def _info_of(self, address: str) -> pb.NodeInfo:
         channel = self._channels.get(address)
         if channel is None:
             options = wire.channel_options(64 << 20)
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+            channel = self._channels[address] = auth.secure_aio_channel(address, self.settings.token, options)
         request = pb.NodeInfoRequest(caller=self.address)
         info = await pb_grpc.WorkerStub(channel).Info(request, timeout=self.settings.health_interval * 2)
         self._known[info.node_id] = info

@@ -24,8 +24,17 @@ def free_port() -> int:
 
 class NodeProcess:
     def __init__(
-        self, name: str, workdir: Path, *, memory: float | None = None, peers: Sequence[str] = (), mdns: bool = True
+        self,
+        name: str,
+        workdir: Path,
+        *,
+        memory: float | None = None,
+        peers: Sequence[str] = (),
+        mdns: bool = True,
+        token: str | None = None,
     ):
+        """token: this node's cluster token (default: the test run's, from $CLUSTERCTL_TOKEN)."""
+        self.token = token
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -39,11 +48,13 @@ class NodeProcess:
         for peer in peers:
             args += ["--peer", peer]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if token is not None:
+            env["CLUSTERCTL_TOKEN"] = token
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def client(self) -> Client:
-        return Client(self.address)
+        return Client(self.address, token=self.token)
 
     def wait_ready(self, timeout: float = 60) -> None:
         with self.client() as c:

@@ -50,6 +50,20 @@ class EngineCache:
         return self._engines[key]
 
 
+TEST_TOKEN = "clusterctl-test-token"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster_token(tmp_path_factory):
+    """One cluster token for every node and client of the run (child processes inherit it); the user's own
+    ~/.config/clusterctl is never read or written."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    patch.setenv("CLUSTERCTL_TOKEN", TEST_TOKEN)
+    yield TEST_TOKEN
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def engines() -> EngineCache:
     return EngineCache()

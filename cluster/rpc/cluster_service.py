@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from cluster.coordinator import Coordinator, ShardUnavailableError
+from cluster.chain import ShardUnavailableError
+from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
 from cluster.partition import PlanError
 from cluster.registry import ModelNotFoundError

@@ -1,0 +1,107 @@
+"""A session's shards driven as one shard, which survives losing a node.
+
+Every token id whose K/V the shards hold is remembered. When a shard's node is lost mid-session, `replace`
+returns shards over the nodes left (the coordinator plans again and places the missing layers); the chain
+opens the session on them, rebuilds every KV slice by replaying the remembered ids as one prefill, and runs
+the failed step again. Greedy output is the same as without the failure. Seeded sampling continues from the
+session's seed, so its draws after a recovery differ from an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cluster.engine.shard import StepResult
+from cluster.generation import Shard, step
+from cluster.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ShardUnavailableError(RuntimeError):
+    """A node holding a shard stopped answering (or its engine process died)."""
+
+    def __init__(self, message: str, node_id: str = ""):
+        super().__init__(message)
+        self.node_id = node_id
+
+
+class Chain:
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        replace: Callable[[ShardUnavailableError], Sequence[Shard]],
+        *,
+        max_recoveries: int = 3,
+    ):
+        self.shards = list(shards)
+        self.replace = replace
+        self.max_recoveries = max_recoveries
+        self.history: list[int] = []  # ids whose K/V the shards hold, in position order
+        self.recoveries: list[float] = []  # seconds each recovery took
+        self.sid = ""
+        self.sampling = SamplingParams()
+
+    def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
+        self.sampling = sampling or SamplingParams()
+        for shard in self.shards:
+            self.sid = shard.new_session(session_id or self.sid or None, self.sampling)
+        return self.sid
+
+    def truncate(self, session_id: str, length: int) -> None:
+        for shard in self.shards:
+            shard.truncate(session_id, length)
+        del self.history[length:]
+
+    def end_session(self, session_id: str) -> None:
+        for shard in self.shards:
+            try:
+                shard.end_session(session_id)
+            except Exception:  # noqa: BLE001 - a lost node cannot end anything; the others still should
+                log.debug("ending session %s on a shard failed", session_id, exc_info=True)
+
+    def forward(
+        self,
+        session_id: str,
+        inputs: Any,
+        *,
+        sampling: SamplingParams | None = None,
+        token_ids: Sequence[int] | None = None,
+        logprobs: int = 0,
+    ) -> StepResult:
+        ids = [int(i) for i in np.asarray(inputs).reshape(-1)]
+        params = sampling or self.sampling
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                result = step(self.shards, session_id, ids, params, logprobs, list(token_ids or ids))
+                self.history += ids
+                return result
+            except ShardUnavailableError as e:
+                if attempt == self.max_recoveries:
+                    raise
+                self._recover(session_id, e)
+        raise AssertionError("unreachable")
+
+    def _recover(self, session_id: str, error: ShardUnavailableError) -> None:
+        t0 = time.perf_counter()
+        log.warning("session %s lost a shard (%s); placing it again", session_id[:8], error)
+        self.end_session(session_id)
+        self.shards = list(self.replace(error))
+        for shard in self.shards:
+            shard.new_session(session_id, self.sampling)
+        if self.history:  # one prefill rebuilds every shard's KV slice; its sampled token is not needed
+            step(self.shards, session_id, self.history, self.sampling, 0, self.history)
+        took = time.perf_counter() - t0
+        self.recoveries.append(took)
+        log.warning(
+            "session %s recovered in %.2f s (replayed %d positions over %d shards)",
+            session_id[:8],
+            took,
+            len(self.history),
+            len(self.shards),
+        )
