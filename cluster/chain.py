@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,9 +50,18 @@ class Chain:
 
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         self.sampling = sampling or SamplingParams()
-        for shard in self.shards:
-            self.sid = shard.new_session(session_id or self.sid or None, self.sampling)
-        return self.sid
+        self.sid = session_id or self.sid or uuid.uuid4().hex
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                for shard in self.shards:
+                    shard.new_session(self.sid, self.sampling)
+                return self.sid
+            except ShardUnavailableError as e:  # a shard was lost (or unloaded) between requests
+                if attempt == self.max_recoveries:
+                    raise
+                self._recover(self.sid, e)
+                return self.sid
+        raise AssertionError("unreachable")
 
     def truncate(self, session_id: str, length: int) -> None:
         for shard in self.shards:

@@ -183,6 +183,7 @@ def _node_view(n: pb.NodeInfo) -> NodeView:
             "device": s.device,
             "bytes": s.weight_bytes,
             "sessions": s.sessions,
+            "memory_used": s.memory_used,
         }
         for s in n.shards
     ]

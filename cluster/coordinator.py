@@ -27,7 +27,7 @@ from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
 from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
-from cluster.host import HostedShard, ShardHost, check_model_id
+from cluster.host import ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import model_costs, tensor_costs
 from cluster.partition import ModelCosts, NodeCapacity, Plan, PlanError, plan_layers
@@ -155,10 +155,15 @@ class RemoteShard:
 class LocalShard:
     """A shard of this node, called in-process (no network); its sessions are counted like remote ones."""
 
-    def __init__(self, hosted: HostedShard, node_id: str):
-        self.hosted, self.engine, self.node_id = hosted, hosted.engine, node_id
+    def __init__(self, host: ShardHost, shard_id: str, node_id: str):
+        self.host, self.shard_id, self.node_id = host, shard_id, node_id
 
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
+        try:
+            self.hosted = self.host.shard(self.shard_id)
+        except UnknownShardError as e:  # unloaded since it was placed
+            raise ShardUnavailableError(str(e), self.node_id) from None
+        self.engine = self.hosted.engine
         sid = self.engine.new_session(session_id, sampling)
         self.hosted.sessions.add(sid)
         return sid
@@ -300,7 +305,7 @@ class Coordinator:
             channel = self._channels[key] = auth.secure_channel(address, self.token, wire.channel_options(limit))
         return pb_grpc.WorkerStub(channel)
 
-    def placement(self, ref: ModelRef, progress: Progress) -> Placement:
+    def placement(self, ref: ModelRef, progress: Progress, failed: Placement | None = None) -> Placement:
         """The model's shards, placed now unless a placement over the same members exists. A new member or a
         lost one gives a new plan once the old placement has no sessions left."""
         with self._lock:
@@ -308,7 +313,7 @@ class Coordinator:
             ids = frozenset(p.node_id for p in members)
             current = self.placements.get(ref.model_id)
             if current is not None:
-                alive = {s.node_id for s in current.shards} <= ids
+                alive = {s.node_id for s in current.shards} <= ids and current is not failed
                 if alive and (current.members == ids or current.active > 0):
                     current.active += 1
                     return current
@@ -391,7 +396,7 @@ class Coordinator:
         shards: list[Any] = []
         for s in placement.shards:
             if s.local:
-                shards.append(LocalShard(self.host.shard(s.shard_id), s.node_id))
+                shards.append(LocalShard(self.host, s.shard_id, s.node_id))
             else:
                 remote = RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name, s.node_id)
                 self._streams.setdefault(s.node_id, weakref.WeakSet()).add(remote)
@@ -427,7 +432,7 @@ class Coordinator:
             """A node was lost mid-session: plan over the nodes left and place the layers again."""
             self._confirm_lost(error)
             try:
-                placement = self.placement(ref, progress)
+                placement = self.placement(ref, progress, failed=current[0])
             except PlanError as e:
                 raise PlanError(
                     f"a node was lost mid-generation ({error}) and the nodes left cannot hold the model: {e}"

@@ -88,6 +88,7 @@ class Node:
         self.port = settings.port
         self.discovery: Discovery | None = None
         self.coordinator: Coordinator | None = None
+        self.worker: WorkerService | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._last_free = -1
         self._known: dict[str, pb.NodeInfo] = {}  # the last Info each peer answered
@@ -158,11 +159,17 @@ class Node:
 
         async def ask(peer: Peer) -> pb.NodeInfo:
             try:
-                return await self._info_of(peer.address)
+                return await self._info_of(peer.address, live_memory=True)
             except (grpc.RpcError, asyncio.TimeoutError):
                 return self._known.get(peer.node_id) or _peer_info(peer)
 
-        return [self.info(), *await asyncio.gather(*(ask(p) for p in peers))]
+        own = self.info()
+        if self.worker is not None:
+            try:
+                await asyncio.wait_for(self.worker.add_live_memory(own), timeout=5)
+            except asyncio.TimeoutError:
+                pass  # an engine busy with a long step: show the node without its live figures
+        return [own, *await asyncio.gather(*(ask(p) for p in peers))]
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -178,9 +185,8 @@ class Node:
             max_context=s.max_context,
         )
         self.coordinator.on_plan = _log_plan
-        pb_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.host, self.info, learn=self.learn, session_timeout=s.session_timeout), self.server
-        )
+        self.worker = WorkerService(self.host, self.info, learn=self.learn, session_timeout=s.session_timeout)
+        pb_grpc.add_WorkerServicer_to_server(self.worker, self.server)
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self.coordinator, self.nodes), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -211,13 +217,14 @@ class Node:
         if event == "left" and self.coordinator is not None:
             self.coordinator.node_left(peer.node_id)
 
-    async def _info_of(self, address: str) -> pb.NodeInfo:
+    async def _info_of(self, address: str, live_memory: bool = False) -> pb.NodeInfo:
         channel = self._channels.get(address)
         if channel is None:
             options = wire.channel_options(64 << 20)
             channel = self._channels[address] = auth.secure_aio_channel(address, self.settings.token, options)
-        request = pb.NodeInfoRequest(caller=self.address)
-        info = await pb_grpc.WorkerStub(channel).Info(request, timeout=self.settings.health_interval * 2)
+        request = pb.NodeInfoRequest(caller=self.address, live_memory=live_memory)
+        timeout = 5.0 if live_memory else self.settings.health_interval * 2
+        info = await pb_grpc.WorkerStub(channel).Info(request, timeout=timeout)
         self._known[info.node_id] = info
         return info
 

@@ -128,6 +128,38 @@ def test_concurrent_sessions_each_give_their_own_output(trio, models, single_nod
     assert results == {p: single_node("llama32", p) for p in PROMPTS}
 
 
+def device_memory(node: NodeProcess) -> dict[str, int]:
+    """Device bytes each node's shards hold now (weights and KV caches), as the engines count them."""
+    with node.client() as c:
+        return {n.name: sum(s["memory_used"] for s in n.shards) for n in c.nodes()}
+
+
+def test_eight_concurrent_sessions_finish_and_memory_returns_to_its_baseline(trio, models, single_node):
+    def memory() -> dict[str, int]:
+        return device_memory(trio[0])
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]  # the engines hold up to 8 sessions each
+    cluster_tokens(trio[0], models["llama32"], prompts[0])  # placed and warm
+    baseline = memory()
+    assert all(v > 0 for v in baseline.values()), baseline
+    results: list[list[int] | BaseException] = [[] for _ in prompts]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = cluster_tokens(trio[0], models["llama32"], prompts[i])
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == [single_node("llama32", p) for p in prompts]
+    # every shard freed the sessions' KV slices: device memory in use is back where it was
+    wait_for(lambda: memory() == baseline, 20, "the KV caches to be freed")
+
+
 def test_streamed_chunks_and_sampling_options(trio, models):
     with trio[2].client() as c:
         chunks = list(c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=5, temperature=0, logprobs=3))
@@ -167,12 +199,17 @@ def test_a_client_that_goes_away_ends_its_session_on_every_node(trio, models):
         with trio[0].client() as c:
             return sum(s["sessions"] for n in c.nodes() for s in n.shards)
 
+    cluster_tokens(trio[0], models["llama32"], "Hello")  # placed and warm
+    baseline = device_memory(trio[0])
     with trio[0].client() as c:
         stream = c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=200, temperature=0)
         next(stream), next(stream)
         assert open_sessions() == 3  # one KV slice per shard
+        during = device_memory(trio[0])
+        assert all(during[name] > baseline[name] for name in baseline), (baseline, during)
         stream.close()  # the client stops reading: the call is cancelled
     wait_for(lambda: open_sessions() == 0, 10, "every shard to free the session")
+    assert device_memory(trio[0]) == baseline
 
 
 def test_bad_requests_get_clear_errors_and_the_node_keeps_serving(trio, models, tmp_path):

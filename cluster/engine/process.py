@@ -81,6 +81,9 @@ class EngineProcess:
     def info(self) -> dict[str, Any]:
         return self._call("info")
 
+    def memory_used(self) -> int:
+        return int(self._call("memory_used"))
+
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         return self._call("new_session", session_id, sampling)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
+from tinygrad import Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType
 
@@ -178,6 +178,10 @@ class ShardEngine:
     @property
     def weight_bytes(self) -> int:
         return self.model.weight_bytes
+
+    def memory_used(self) -> int:
+        """Device bytes tinygrad holds in this process: weights, graphs' buffers and every session's KV cache."""
+        return int(GlobalCounters.mem_used)
 
     def info(self) -> dict[str, object]:
         """What a caller needs to drive this shard (plain values, so it crosses process boundaries)."""

@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 MiB = 1 << 20
 # The server's cap, fixed when it starts, before any model is known; each request is then checked against the
 # loaded model's dimensions. A full-context prefill of a large model stays well below it.
-SERVER_MAX_MESSAGE = 512 * MiB
+SERVER_MAX_MESSAGE = 256 * MiB
 # dtypes hidden states and token ids may travel in
 HIDDEN_DTYPES = frozenset({"float32", "float16"})
 TOKEN_DTYPES = frozenset({"int32", "int64"})

@@ -14,9 +14,10 @@ import grpc
 import numpy as np
 
 from cluster import transfer
+from cluster.discovery import parse_address
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError
-from cluster.host import HostedShard, ModelUnavailableError, ShardHost, UnknownShardError
+from cluster.host import HostedShard, ModelUnavailableError, ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ConfigError
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -25,6 +26,42 @@ from cluster.weights import CheckpointError
 
 log = logging.getLogger(__name__)
 _CHUNKS_DONE = object()
+MAX_ID = 128  # characters in a session or shard id
+MAX_CONTEXT = 1 << 20
+MAX_SOURCES = 32
+MAX_TOP_LOGPROBS = 20
+
+
+def check_id(value: str, what: str) -> str:
+    if not value or len(value) > MAX_ID or not value.isprintable():
+        raise wire.WireError(f"{what} must be 1 to {MAX_ID} printable characters")
+    return value
+
+
+def check_load(request: pb.LoadShardRequest) -> None:
+    check_model_id(request.model_id)
+    if not 0 <= request.start < request.end:
+        raise wire.WireError(f"bad layer range [{request.start}, {request.end})")
+    if not 16 <= request.max_context <= MAX_CONTEXT:
+        raise wire.WireError(f"max_context must be in [16, {MAX_CONTEXT}], got {request.max_context}")
+    if request.dtype not in ("", "float32", "float16"):
+        raise wire.WireError(f"dtype must be float32 or float16, got {request.dtype!r}")
+    if len(request.sources) > MAX_SOURCES:
+        raise wire.WireError(f"at most {MAX_SOURCES} sources")
+    for source in request.sources:
+        parse_address(source)  # ValueError names it
+
+
+def check_step(shard: HostedShard, request: pb.ForwardRequest) -> None:
+    """Everything of a step the engine does not check itself."""
+    limit = int(shard.info["max_context"])
+    vocab = int(shard.info["vocab_size"])
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise wire.WireError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+    if request.HasField("truncate") and not 0 <= request.truncate <= limit:
+        raise wire.WireError(f"truncate must be in [0, {limit}]")
+    if len(request.context_ids) > limit or any(not 0 <= i < vocab for i in request.context_ids):
+        raise wire.WireError(f"context_ids must be at most {limit} ids in [0, {vocab})")
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -64,13 +101,25 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Info(self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         if request.caller:
             self.learn(request.caller)
-        return self.node_info()
+        info = self.node_info()
+        if request.live_memory:
+            await self.add_live_memory(info)
+        return info
+
+    async def add_live_memory(self, info: pb.NodeInfo) -> None:
+        for s in info.shards:
+            try:
+                s.memory_used = await self.host.shard(s.shard_id).engine.acall("memory_used")
+            except (UnknownShardError, EngineError, RunnerError):
+                pass  # unloaded meanwhile
 
     async def LoadShard(
         self, request: pb.LoadShardRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LoadProgress]:
-        if not 0 <= request.start < request.end or request.max_context < 16:
-            await context.abort(wire.INVALID, f"bad layer range [{request.start}, {request.end}) or context")
+        try:
+            check_load(request)
+        except ValueError as e:
+            await context.abort(wire.INVALID, str(e))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.LoadProgress] = asyncio.Queue()
 
@@ -138,10 +187,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"session {sid!r} idle for too long")
                     return
                 if shard is None:
-                    shard = self.host.shard(request.shard_id)
-                    sid = request.session_id
-                    if not sid:
-                        raise wire.WireError("the first message of a stream must name its session")
+                    shard = self.host.shard(check_id(request.shard_id, "shard_id"))
+                    sid = check_id(request.session_id, "the first message's session_id")
+                    if sid in shard.sessions:
+                        sid = ""  # not ours to end
+                        raise wire.WireError(f"session {request.session_id!r} is already open on this shard")
                     sampling = wire.sampling_from_pb(request.sampling)
                     await shard.engine.acall("new_session", sid, sampling)
                     shard.sessions.add(sid)
@@ -163,6 +213,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def _step(
         self, shard: HostedShard, sid: str, request: pb.ForwardRequest, sampling: Any
     ) -> pb.ForwardResponse:
+        check_step(shard, request)
         if request.HasField("truncate"):
             await shard.engine.acall("truncate", sid, request.truncate)
         which = request.WhichOneof("input")
@@ -204,6 +255,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.EndSessionResponse()
 
     async def GetManifest(self, request: pb.ManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
+        try:
+            check_model_id(request.model_id)
+        except ValueError as e:
+            await context.abort(wire.INVALID, str(e))
         path = self.host.full_copy(request.model_id)
         if path is None:
             await context.abort(wire.NOT_FOUND, f"this node has no full copy of {request.model_id!r}")
@@ -217,6 +272,12 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def PullTensors(
         self, request: pb.PullTensorsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TensorChunk]:
+        try:
+            check_model_id(request.model_id)
+            if len(request.names) > 100_000 or any(len(n) > 1024 for n in request.names):
+                raise wire.WireError("too many tensor names, or a name longer than 1024 characters")
+        except ValueError as e:
+            await context.abort(wire.INVALID, str(e))
         path = self.host.served_copy(request.model_id)
         if path is None:
             await context.abort(wire.NOT_FOUND, f"this node has no copy of {request.model_id!r}")
