@@ -269,6 +269,7 @@ def _start_own_node(
         "peers": peers,
         "max_context": max_context,
         "token": token,
+        "api_port": None,  # a node that lives as long as this command serves no API
     }
     if models_dir is not None:
         options["models_dir"] = models_dir
@@ -485,6 +486,14 @@ class _LocalTurns:
 )
 @click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
 @click.option(
+    "--api-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the OpenAI-compatible HTTP API and the dashboard (0: any).",
+)
+@click.option("--no-api", is_flag=True, help="Serve no HTTP API or dashboard.")
+@click.option(
     "--token",
     default=None,
     help="The cluster token. Default: $CLUSTERCTL_TOKEN, else the stored one; the first join creates one.",
@@ -502,6 +511,8 @@ def join_cmd(
     no_mdns: bool,
     mdns_interfaces: tuple[str, ...],
     max_context: int,
+    api_port: int,
+    no_api: bool,
     token: str | None,
     token_file: Path | None,
 ) -> None:
@@ -524,6 +535,7 @@ def join_cmd(
         "mdns_interfaces": mdns_interfaces or None,
         "max_context": max_context,
         "token": _token_for_node(token, token_file),
+        "api_port": None if no_api else api_port,
     }
     if name:
         options["name"] = name

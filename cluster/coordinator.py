@@ -56,6 +56,23 @@ class ModelRef:
 
 
 @dataclass
+class ModelStats:
+    """What the dashboard shows per model: how many requests, and how fast the last one went."""
+
+    requests: int = 0
+    tokens: int = 0
+    ttft_ms: float = 0.0
+    decode_tok_s: float = 0.0
+
+    def record(self, result: GenerationResult) -> None:
+        self.requests += 1
+        self.tokens += len(result.tokens)
+        self.ttft_ms = result.ttft_ms
+        if len(result.tokens) > 1:
+            self.decode_tok_s = result.decode_tok_s
+
+
+@dataclass
 class PlacedShard:
     node_id: str
     name: str
@@ -213,6 +230,7 @@ class Coordinator:
         self.headroom = headroom
         self.models: dict[str, ModelRef] = {}
         self.placements: dict[str, Placement] = {}
+        self.stats: dict[str, ModelStats] = {}
         self._lock = threading.Lock()  # guards models and placements; held while placing
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
         self._lost: set[str] = set()  # node ids that failed mid-session (a restarted node has a new id)
@@ -443,7 +461,7 @@ class Coordinator:
 
         chain = Chain(self.shards_for_session(current[0]), replace)
         try:
-            yield from generate(
+            for item in generate(
                 [chain],
                 ref.tokenizer,
                 ids,
@@ -452,7 +470,10 @@ class Coordinator:
                 stop=stop,
                 logprobs=logprobs,
                 context_limit=current[0].plan.max_context,
-            )
+            ):
+                if isinstance(item, GenerationResult):
+                    self.stats.setdefault(ref.model_id, ModelStats()).record(item)
+                yield item
         finally:
             self.release(current[0])
 

@@ -5,15 +5,20 @@ health service, announces itself over mDNS, keeps the member list, and coordinat
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster import __version__, auth
@@ -50,6 +55,7 @@ class NodeSettings:
     health_interval: float = 1.0
     drop_after: float = 3.0
     token: str = ""  # the cluster token (required): TLS, per-call auth and the mDNS fingerprint derive from it
+    api_port: int | None = 8000  # the OpenAI-compatible API and dashboard; None: off
 
 
 def _advertised_host(settings: NodeSettings) -> str:
@@ -94,6 +100,7 @@ class Node:
         self._known: dict[str, pb.NodeInfo] = {}  # the last Info each peer answered
         self.health: health.aio.HealthServicer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.api: Any = None  # the uvicorn server
 
     # ------------------------------------------------------------------------------------ facts
     def _memory(self) -> tuple[int, int]:
@@ -206,6 +213,8 @@ class Node:
             on_change=self._member_changed,
         )
         await self.discovery.start()
+        if s.api_port is not None:
+            await self._start_api(s.api_port)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         task = asyncio.ensure_future(self._announce_memory())
         self._tasks.add(task)
@@ -245,7 +254,72 @@ class Node:
                 if self.discovery is not None:
                     await self.discovery.update(me)
 
+    async def _start_api(self, port: int) -> None:
+        from cluster.api.server import create_app
+
+        assert self.coordinator is not None
+        app = create_app(self.coordinator, self.settings.token, self.status)
+        # bound here, so that a port in use is this node's error, not uvicorn's exit
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot serve the HTTP API on {self.settings.host}:{port}: {e.strerror}") from None
+        self.api_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.api = _QuietServer(config)
+        task = asyncio.ensure_future(self.api.serve(sockets=[sock]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("HTTP API and dashboard on http://%s:%d/", _advertised_host(self.settings), self.api_port)
+
+    async def status(self) -> dict[str, Any]:
+        """What the dashboard shows: members with their shards, the current plans, speed per model."""
+        nodes = []
+        for n in await self.nodes():
+            shards = [
+                {
+                    "model_id": s.model_id,
+                    "layers": [s.start, s.end],
+                    "sessions": s.sessions,
+                    "memory_used": s.memory_used,
+                }
+                for s in n.shards
+            ]
+            nodes.append(
+                {
+                    "name": n.name,
+                    "address": f"{n.host}:{n.port}",
+                    "device": n.device,
+                    "device_kind": n.device_kind,
+                    "total_memory": n.total_memory,
+                    "free_memory": n.free_memory,
+                    "shards": shards,
+                }
+            )
+        assert self.coordinator is not None
+        plans = [
+            {
+                "model_id": p.model_id,
+                "num_layers": p.plan.num_layers,
+                "sessions": p.active,
+                "shards": [{"name": s.name, "address": s.address, "layers": [s.start, s.end]} for s in p.shards],
+            }
+            for p in list(self.coordinator.placements.values())
+        ]
+        stats = {m: dataclasses.asdict(st) for m, st in self.coordinator.stats.items()}
+        return {
+            "node": {"name": self.settings.name, "address": self.address},
+            "nodes": nodes,
+            "plans": plans,
+            "models": stats,
+        }
+
     async def stop(self, grace: float = 2.0) -> None:
+        if self.api is not None:
+            self.api.should_exit = True
         for task in list(self._tasks):
             task.cancel()
         if self.discovery is not None:
@@ -325,6 +399,14 @@ def _log_member(event: str, peer: Peer) -> None:
 def _log_plan(plan: Plan) -> None:
     ranges = ", ".join(f"{a.name} [{a.start},{a.end})" for a in plan.shards)
     log.warning("plan for %s: %s", plan.model_id, ranges)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside the node's event loop: the node, not uvicorn, handles SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class NodeThread:

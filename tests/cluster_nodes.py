@@ -32,6 +32,7 @@ class NodeProcess:
         peers: Sequence[str] = (),
         mdns: bool = True,
         token: str | None = None,
+        api_port: int | None = None,
     ):
         """token: this node's cluster token (default: the test run's, from $CLUSTERCTL_TOKEN)."""
         self.token = token
@@ -47,6 +48,8 @@ class NodeProcess:
         args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
         for peer in peers:
             args += ["--peer", peer]
+        args += ["--api-port", str(api_port)] if api_port is not None else ["--no-api"]
+        self.api_port = api_port
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if token is not None:
             env["CLUSTERCTL_TOKEN"] = token

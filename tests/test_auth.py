@@ -99,7 +99,7 @@ def test_a_wrong_token_gets_a_clear_not_authorised_error(node):
 def test_the_first_join_creates_a_private_token_and_prints_the_join_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CLUSTERCTL_TOKEN"}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    args = [sys.executable, "-m", "cluster.cli", "join", "--host", "127.0.0.1", "--port", "0", "--no-mdns"]
+    args = [sys.executable, "-m", "cluster.cli", "join", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api"]
     args += ["--models-dir", str(tmp_path / "models")]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:

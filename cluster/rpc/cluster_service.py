@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,10 +22,10 @@ from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
 from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 from cluster.rpc.worker import abort_with
+from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 def plan_to_pb(plan: Any) -> pb.PlanResponse:
@@ -101,53 +100,25 @@ class ClusterService(pb_grpc.ClusterServicer):
             await context.abort(wire.INVALID, "no model given")
         if options.max_tokens < 0 or options.logprobs < 0 or options.logprobs > 20:
             await context.abort(wire.INVALID, "max_tokens must be >= 0 and logprobs in [0, 20]")
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-
-        def progress(stage: str, node: str, done: int, total: int) -> None:
-            put(pb.GenerateChunk(progress=pb.Progress(stage=stage, node=node, done=done, total=total)))
-
-        def work() -> None:
-            try:
-                chunks = self.coordinator.generate(
-                    options.model,
-                    max_tokens=options.max_tokens or 256,
-                    sampling=wire.sampling_fields(options.sampling),
-                    stop=list(options.stop),
-                    logprobs=options.logprobs,
-                    progress=progress,
-                    **inputs,
-                )
-                try:
-                    for item in chunks:
-                        if stop.is_set():
-                            break
-                        put(_chunk_to_pb(item))
-                finally:
-                    chunks.close()  # ends the session on every shard
-                put(_END)
-            except BaseException as e:  # noqa: BLE001 - handed to the event loop, which answers with a status
-                put(e)
-
-        worker = threading.Thread(target=work, name="generate", daemon=True)
-        worker.start()
+        chunks = stream_generation(
+            self.coordinator,
+            options.model,
+            max_tokens=options.max_tokens or 256,
+            sampling=wire.sampling_fields(options.sampling),
+            stop=list(options.stop),
+            logprobs=options.logprobs,
+            **inputs,
+        )
         try:
-            while True:
-                item = await out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    if isinstance(item, ValueError) and "sampling" not in str(item):
-                        log.info("request failed: %s", item)
-                    await _abort_request(context, item)
-                    return
-                yield item
-        finally:
-            stop.set()  # the client went away (or we are done): the thread stops at the next token
+            async for item in chunks:
+                if isinstance(item, Progress):
+                    p = pb.Progress(stage=item.stage, node=item.node, done=item.done, total=item.total)
+                    yield pb.GenerateChunk(progress=p)
+                else:
+                    yield _chunk_to_pb(item)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status the client maps to a type
+            log.info("request failed: %s", e)
+            await _abort_request(context, e)
 
     async def Nodes(self, request: pb.NodesRequest, context: grpc.aio.ServicerContext) -> pb.NodesResponse:
         return pb.NodesResponse(nodes=await self.nodes())

@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP API and the dashboard of a node (FastAPI, served by uvicorn in the node's loop).
+
+Requests are served by the node's coordinator exactly like `clusterctl run`; the cluster token is the API key
+(`Authorization: Bearer <token>`). Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from cluster.api.schemas import ChatCompletionRequest, CompletionRequest, sampling_of
+from cluster.chain import ShardUnavailableError
+from cluster.coordinator import Coordinator
+from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
+from cluster.partition import PlanError
+from cluster.registry import REGISTRY, ModelNotFoundError
+from cluster.streaming import Progress, stream_generation
+from cluster.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 256
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def api_error(exc: BaseException) -> ApiError:
+    """The HTTP status and OpenAI error type for what the coordinator raised."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (ModelNotFoundError, LookupError)):
+        return ApiError(404, str(exc), "invalid_request_error", "model_not_found")
+    if isinstance(exc, PlanError):
+        return ApiError(507, str(exc), "server_error", "does_not_fit")
+    if isinstance(exc, (PromptTooLongError, TokenizerError, ValueError)):
+        return ApiError(400, str(exc), "invalid_request_error")
+    if isinstance(exc, ShardUnavailableError):
+        return ApiError(503, str(exc), "server_error", "node_unavailable")
+    log.exception("API request failed", exc_info=exc)
+    return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def create_app(
+    coordinator: Coordinator,
+    token: str,
+    status: Callable[[], Awaitable[dict[str, Any]]],
+) -> FastAPI:
+    """status: what the dashboard shows (nodes, plans, speed), gathered by the node."""
+    app = FastAPI(title="clusterctl", docs_url=None, redoc_url=None, openapi_url=None)
+    expected = f"Bearer {token}"
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return ApiError(400, f"{where}: {first.get('msg', 'invalid request')}".strip(": ")).response()
+
+    @app.middleware("http")
+    async def _authorise(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        # the page itself holds no data; everything it shows comes from calls that need the key
+        if request.url.path in ("/", "/favicon.ico"):
+            return await call_next(request)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            message = "not authorised: send the cluster token as the API key (Authorization: Bearer <token>)"
+            return ApiError(401, message, "invalid_request_error", "invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard() -> str:
+        return resources.files("cluster.api").joinpath("static/dashboard.html").read_text()
+
+    @app.get("/api/status")
+    async def api_status() -> dict[str, Any]:
+        return await status()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        names = list(dict.fromkeys([*coordinator.models, *REGISTRY]))
+        return {"object": "list", "data": [_model(name) for name in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        request = _request(body, messages=messages, logprobs=body.top_logprobs or (1 if body.logprobs else 0))
+        return await _respond(body.model, body.stream, body.include_usage, "chat.completion", request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        request = _request(body, prompt=body.prompt, raw=True, logprobs=body.logprobs or 0)
+        return await _respond(body.model, body.stream, body.include_usage, "text_completion", request)
+
+    def _request(body: Any, **inputs: Any) -> dict[str, Any]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return {"max_tokens": body.max_tokens, "sampling": sampling_of(body), "stop": stop, **inputs}
+
+    async def _respond(model: str, stream: bool, include_usage: bool, kind: str, request: dict[str, Any]) -> Any:
+        chunks = _generation(model, request)
+        first = await _first(chunks)  # errors before the first token become a proper status code
+        tokenizer = coordinator.resolve(model).tokenizer
+        if stream:
+            return StreamingResponse(
+                _sse(model, kind, first, chunks, tokenizer, include_usage), media_type="text/event-stream"
+            )
+        return await _whole(model, kind, first, chunks, tokenizer)
+
+    async def _generation(model: str, request: dict[str, Any]) -> AsyncIterator[TokenChunk | GenerationResult]:
+        request = {**request, "max_tokens": request["max_tokens"] or DEFAULT_MAX_TOKENS}
+        async for item in stream_generation(coordinator, model, **request):
+            if not isinstance(item, Progress):
+                yield item
+
+    return app
+
+
+async def _first(chunks: AsyncIterator[TokenChunk | GenerationResult]) -> TokenChunk | GenerationResult:
+    try:
+        return await anext(chunks)
+    except Exception as e:  # noqa: BLE001
+        raise api_error(e) from None
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "clusterctl"}
+
+
+def _logprob_entry(tokenizer: Tokenizer, chunk: TokenChunk, chat: bool) -> dict[str, Any]:
+    text = tokenizer.decode([chunk.id])
+    top = [
+        {"token": tokenizer.decode([i]), "logprob": lp, "bytes": list(tokenizer.decode([i]).encode())}
+        for i, lp in chunk.top
+    ]
+    if chat:
+        return {"token": text, "logprob": chunk.logprob, "bytes": list(text.encode()), "top_logprobs": top}
+    return {"token": text, "logprob": chunk.logprob, "top": {t["token"]: t["logprob"] for t in top}}
+
+
+def _choice(kind: str, text: str, finish: str | None, logprobs: Any, stream: bool) -> dict[str, Any]:
+    if kind.startswith("chat"):
+        content = {"delta" if stream else "message": {"role": "assistant", "content": text}}
+        return {"index": 0, **content, "finish_reason": finish, "logprobs": logprobs}
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [e["top"] for e in entries],
+        "text_offset": [],
+    }
+
+
+async def _whole(
+    model: str,
+    kind: str,
+    first: TokenChunk | GenerationResult,
+    chunks: AsyncIterator[TokenChunk | GenerationResult],
+    tokenizer: Tokenizer,
+) -> dict[str, Any]:
+    chat = kind.startswith("chat")
+    entries: list[dict[str, Any]] = []
+    item = first
+    while isinstance(item, TokenChunk):
+        entries.append(_logprob_entry(tokenizer, item, chat))
+        item = await anext(chunks)
+    result = item
+    logprobs = (
+        ({"content": entries} if chat else _completion_logprobs(entries))
+        if entries and first_has_logprobs(first)
+        else None
+    )
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice(kind, result.text, result.finish_reason, logprobs, stream=False)],
+        "usage": result.usage(),
+        "timing": {"ttft_ms": result.ttft_ms, "decode_tok_s": result.decode_tok_s},
+    }
+
+
+def first_has_logprobs(first: TokenChunk | GenerationResult) -> bool:
+    return isinstance(first, TokenChunk) and bool(first.top)
+
+
+async def _sse(
+    model: str,
+    kind: str,
+    first: TokenChunk | GenerationResult,
+    chunks: AsyncIterator[TokenChunk | GenerationResult],
+    tokenizer: Tokenizer,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    chat = kind.startswith("chat")
+    base = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+    def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {**base, "choices": [choice] if choice else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    item = first
+    try:
+        while isinstance(item, TokenChunk):
+            logprobs = None
+            if item.top:
+                entry = _logprob_entry(tokenizer, item, chat)
+                logprobs = {"content": [entry]} if chat else _completion_logprobs([entry])
+            yield event(_choice(kind, item.text, None, logprobs, stream=True))
+            item = await anext(chunks)
+        result = item
+        yield event(_choice(kind, result.tail, result.finish_reason, None, stream=True))
+        if include_usage:
+            yield event(None, result.usage())
+    except Exception as e:  # noqa: BLE001 - mid-stream: the status line is gone, say it in the stream
+        err = api_error(e)
+        yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind, 'code': err.code}})}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible HTTP API as its users reach it: the official `openai` Python client against a real
+node's API port, with the request served by a two-node cluster.
+
+References: the SDK (gRPC) path of the same cluster, which tests/test_cluster.py checks against the
+single-node engine; and the non-streamed answer for the streamed one."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from checkpoints import deepen
+from cluster_nodes import NodeProcess, free_port, member_names, wait_for
+from conftest import FIXTURES, TEST_TOKEN
+
+MESSAGES = [{"role": "user", "content": "Tell me about the river."}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(deepen(FIXTURES / "llama32", tmp_path_factory.mktemp("model") / "llama32", 6))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    work = tmp_path_factory.mktemp("api")
+    front = NodeProcess("front", work, memory=1, mdns=False, api_port=free_port())
+    back = NodeProcess("back", work, memory=1, mdns=False, peers=[front.address])
+    try:
+        front.wait_ready()
+        back.wait_ready()
+        wait_for(lambda: member_names(front) == {"front", "back"}, 20, "the nodes to find each other")
+        yield front, back
+    finally:
+        front.stop()
+        back.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pair) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{pair[0].api_port}/v1", api_key=TEST_TOKEN, max_retries=0)
+
+
+def test_models_lists_the_registry_and_the_models_in_use(client, model):
+    client.completions.create(model=model, prompt="Hello", max_tokens=1, temperature=0)
+    ids = {m.id for m in client.models.list()}
+    assert {"llama-3.2-1b", "qwen3-0.6b-4bit", "llama32"} <= ids
+
+
+def test_chat_streamed_equals_not_streamed_and_matches_the_sdk(client, pair, model):
+    whole = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
+    pieces = []
+    usage = None
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content
+    assert usage is not None and usage.total_tokens == whole.usage.total_tokens
+    with pair[0].client() as sdk:  # the gRPC SDK gets the same answer from the same cluster
+        chunks = list(sdk.chat(model, MESSAGES, max_tokens=12, temperature=0))
+    assert "".join(c.text for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].usage["completion_tokens"] == 12
+
+
+def test_completions_streamed_equals_not_streamed(client, model):
+    whole = client.completions.create(model=model, prompt="The small river", max_tokens=10, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model, prompt="The small river", max_tokens=10, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert whole.object == "text_completion" and streamed == whole.choices[0].text
+    assert whole.usage.completion_tokens == 10
+
+
+def test_logprobs_stop_and_seed(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+    c = client.completions.create(model=model, prompt="The small river", max_tokens=3, temperature=0, logprobs=2)
+    assert len(c.choices[0].logprobs.token_logprobs) == 3 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+    full = client.completions.create(model=model, prompt="The small river", max_tokens=10, temperature=0)
+    text = full.choices[0].text
+    cut = text[len(text) // 2 :][:3]
+    if cut.strip():
+        stopped = client.completions.create(
+            model=model, prompt="The small river", max_tokens=10, temperature=0, stop=[cut]
+        )
+        assert stopped.choices[0].finish_reason == "stop" and cut not in stopped.choices[0].text
+    a, b = (
+        client.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0.9, seed=11).choices[0].text
+        for _ in range(2)
+    )
+    assert a == b
+
+
+def test_errors_use_the_openai_shape_and_status(client, pair, model):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert err.value.status_code == 404 and "no-such-model" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=MESSAGES, temperature=5)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[])
+    base = f"http://127.0.0.1:{pair[0].api_port}/v1"
+    for key in ("", "wrong"):
+        with pytest.raises(openai.AuthenticationError) as err:
+            openai.OpenAI(base_url=base, api_key=key or "x", max_retries=0).models.list()
+        assert err.value.status_code == 401 and "not authorised" in err.value.message
+    body = json.dumps({"model": model, "messages": MESSAGES}).encode()
+    request = urllib.request.Request(
+        f"{base}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(request, timeout=10)
+    assert raw.value.code == 401 and json.loads(raw.value.read())["error"]["code"] == "invalid_api_key"
+
+
+def test_concurrent_requests_each_get_their_own_answer(client, model):
+    prompts = ["The small river", "In the morning", "Numbers like"]
+    alone = {
+        p: client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0).choices[0].text
+        for p in prompts
+    }
+    together: dict[str, str] = {}
+
+    def ask(p: str) -> None:
+        together[p] = client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+
+
+def test_a_client_that_disconnects_ends_its_session(client, pair, model):
+    def open_sessions() -> int:
+        with pair[0].client() as sdk:
+            return sum(s["sessions"] for n in sdk.nodes() for s in n.shards)
+
+    stream = client.completions.create(model=model, prompt="Hello", max_tokens=500, temperature=0, stream=True)
+    next(iter(stream))
+    assert open_sessions() == 2
+    stream.close()
+    wait_for(lambda: open_sessions() == 0, 10, "the session to end on both nodes")
