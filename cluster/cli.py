@@ -457,13 +457,49 @@ class _LocalTurns:
 
 # ------------------------------------------------------------------------------------------------ cluster
 @main.command("join")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True, help="gRPC port (0: any).")
-@click.option("--name", default=None, help="Node name shown to the cluster. Default: the host name.")
-@click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype.")
+@click.option(
+    "--host",
+    envvar="CLUSTERCTL_HOST",
+    show_envvar=True,
+    default="0.0.0.0",
+    show_default=True,
+    help="Address to listen on.",
+)
+@click.option(
+    "--port",
+    envvar="CLUSTERCTL_PORT",
+    show_envvar=True,
+    type=click.IntRange(0, 65535),
+    default=50051,
+    show_default=True,
+    help="gRPC port (0: any).",
+)
+@click.option(
+    "--name",
+    envvar="CLUSTERCTL_NAME",
+    show_envvar=True,
+    default=None,
+    help="Node name shown to the cluster. Default: the host name.",
+)
+@click.option(
+    "--device",
+    envvar="CLUSTERCTL_DEVICE",
+    show_envvar=True,
+    default=None,
+    help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.",
+)
+@click.option(
+    "--dtype",
+    envvar="CLUSTERCTL_DTYPE",
+    show_envvar=True,
+    type=click.Choice(["float32", "float16"]),
+    default=None,
+    help="Compute dtype.",
+)
 @click.option(
     "--memory",
+    envvar="CLUSTERCTL_MEMORY",
+    show_envvar=True,
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     metavar="GiB",
@@ -471,34 +507,69 @@ class _LocalTurns:
 )
 @click.option(
     "--models-dir",
+    envvar="CLUSTERCTL_MODELS_DIR",
+    show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Where models pulled from peers are kept. Default: ~/.cache/clusterctl/models.",
 )
-@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A node to join directly (repeatable).")
-@click.option("--no-mdns", is_flag=True, help="Neither announce nor browse over mDNS (use --peer).")
+@click.option(
+    "--peer",
+    "peers",
+    envvar="CLUSTERCTL_PEERS",
+    show_envvar=True,
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A node to join directly (repeatable).",
+)
+@click.option(
+    "--no-mdns",
+    envvar="CLUSTERCTL_NO_MDNS",
+    show_envvar=True,
+    is_flag=True,
+    help="Neither announce nor browse over mDNS (use --peer).",
+)
 @click.option(
     "--mdns-interface",
     "mdns_interfaces",
+    envvar="CLUSTERCTL_MDNS_INTERFACES",
+    show_envvar=True,
     multiple=True,
     metavar="ADDR",
     help="Announce and browse only on the interface with this IPv4 address (repeatable). Default: all.",
 )
-@click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
+@click.option(
+    "--max-context",
+    envvar="CLUSTERCTL_MAX_CONTEXT",
+    show_envvar=True,
+    type=click.IntRange(min=16),
+    default=4096,
+    show_default=True,
+)
 @click.option(
     "--api-port",
+    envvar="CLUSTERCTL_API_PORT",
+    show_envvar=True,
     type=click.IntRange(0, 65535),
     default=8000,
     show_default=True,
     help="Port of the OpenAI-compatible HTTP API and the dashboard (0: any).",
 )
-@click.option("--no-api", is_flag=True, help="Serve no HTTP API or dashboard.")
+@click.option(
+    "--no-api", envvar="CLUSTERCTL_NO_API", show_envvar=True, is_flag=True, help="Serve no HTTP API or dashboard."
+)
 @click.option(
     "--token",
     default=None,
     help="The cluster token. Default: $CLUSTERCTL_TOKEN, else the stored one; the first join creates one.",
 )
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--token-file",
+    envvar="CLUSTERCTL_TOKEN_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+)
 def join_cmd(
     host: str,
     port: int,
