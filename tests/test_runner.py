@@ -123,6 +123,23 @@ def test_calls_from_many_threads(runner: Runner) -> None:
     assert results == {t: [10 + t + i for i in range(25)] for t in range(8)}
 
 
+def test_an_awaited_call_whose_task_is_cancelled_leaves_the_runner_serving(
+    runner: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    async def cancel_while_waiting() -> None:
+        task = asyncio.ensure_future(asyncio.wrap_future(runner.submit("sleep", 0.3)))
+        await asyncio.sleep(0.05)
+        task.cancel()  # e.g. a client went away while its step ran in the engine
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_while_waiting())
+    assert runner.call("add", 2, 3) == 15  # (base 10) queued behind the abandoned call, answered normally
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_construction_failure_is_raised_in_parent() -> None:
     r = Runner(TARGET, fail=True)
     with pytest.raises(RunnerStartError) as info:

@@ -332,6 +332,8 @@ class Runner:
         if future is None:
             log.warning("%s answered unknown call %s", self.target, call_id)
             return
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting (an awaiting task was cancelled); the answer is not needed
         if kind == "error":
             future.set_exception(_remote_error(payload, RunnerCallError, method=method))
             return
@@ -352,7 +354,8 @@ class Runner:
             pending = list(self._pending.values())
             self._pending.clear()
         for method, future in pending:
-            future.set_exception(self._ended_error(method, base=error))
+            if future.set_running_or_notify_cancel():  # skip calls whose caller stopped waiting
+                future.set_exception(self._ended_error(method, base=error))
 
     def _ended_error(
         self, method: str | None, *, base: RunnerError | None = None, starting: bool = False
