@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install protos test test-all lint fixtures clean
+.PHONY: install protos test test-all lint fixtures bench clean
 
 install:
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint:
 # see scripts/make_fixtures.py).
 fixtures:
 	$(REF_PY) scripts/make_fixtures.py tests/fixtures
+
+# Benchmarks on this machine, appended to bench/RESULTS.md (about 15 min on 2 CPU cores; see bench/README.md).
+bench:
+	$(BIN)/python bench/bench_engine.py --preset llama-3.2-1b --no-peer --out bench/RESULTS.md
+	$(BIN)/python bench/bench_cluster.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) cluster/rpc/pb .pytest_cache

@@ -214,7 +214,10 @@ class Node:
         )
         await self.discovery.start()
         if s.api_port is not None:
-            await self._start_api(s.api_port)
+            try:
+                await self._start_api(s.api_port)
+            except OSError as e:  # e.g. a second node on this host: it still serves the cluster, without an API
+                log.warning("%s; this node serves no HTTP API (choose another with --api-port)", e)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         task = asyncio.ensure_future(self._announce_memory())
         self._tasks.add(task)
