@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install protos test test-all lint fixtures bench clean
+.PHONY: install protos test test-all lint fixtures bench demo clean
 
 install:
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ fixtures:
 bench:
 	$(BIN)/python bench/bench_engine.py --preset llama-3.2-1b --no-peer --out bench/RESULTS.md
 	$(BIN)/python bench/bench_cluster.py --out bench/RESULTS.md
+
+# Three nodes on this machine (hosts in network namespaces as root, else processes on loopback) find each other
+# over mDNS, show the plan and stream an answer from the tiny model in demo/ (offline; MODEL=llama-3.2-1b for the
+# real one). Everything it starts is removed when it ends, also on Ctrl-C.
+demo:
+	test -x $(BIN)/python && test -d cluster/rpc/pb || $(MAKE) install
+	$(BIN)/python demo/run_demo.py $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) cluster/rpc/pb .pytest_cache
