@@ -32,7 +32,7 @@ bench:
 	$(BIN)/python bench/bench_cluster.py --out bench/RESULTS.md
 
 # Three nodes on this machine (hosts in network namespaces as root, else processes on loopback) find each other
-# over mDNS, show the plan and stream an answer from the tiny model in demo/ (offline; MODEL=llama-3.2-1b for the
+# over mDNS, show the plan and stream an answer from the tiny model in demo/ (offline; MODEL=qwen3-0.6b for the
 # real one). Everything it starts is removed when it ends, also on Ctrl-C.
 demo:
 	test -x $(BIN)/python && test -d cluster/rpc/pb || $(MAKE) install

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from cluster.generation import Conversation, TokenChunk, generate, generation_defaults
+from cluster.partition import format_bytes
 from cluster.sampling import SamplingParams
 
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -626,10 +627,6 @@ def join_cmd(
         _fail(e)
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
-
-
 @main.command("nodes")
 @_node_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -648,7 +645,7 @@ def nodes_cmd(node: str, token: str | None, token_file: Path | None, as_json: bo
     click.echo(f"{'NAME':16s} {'ADDRESS':22s} {'DEVICE':10s} {'FREE':>10s} {'TOTAL':>10s}  SHARDS")
     for n in nodes:
         shards = ", ".join(f"{s['model_id']} [{s['layers'][0]},{s['layers'][1]})" for s in n.shards) or "-"
-        free, total = _gib(n.free_memory), _gib(n.total_memory)
+        free, total = format_bytes(n.free_memory), format_bytes(n.total_memory)
         click.echo(f"{n.name:16s} {n.address:22s} {n.device:10s} {free:>10s} {total:>10s}  {shards}")
 
 
@@ -673,7 +670,7 @@ def plan_cmd(model: str, node: str, token: str | None, token_file: Path | None, 
         start, end = s["layers"]
         click.echo(
             f"  {s['name']:16s} {s['address']:22s} layers [{start:3d}, {end:3d})  {end - start:3d} layers  "
-            f"needs {_gib(s['bytes'])} of {_gib(s['free_memory'])} free"
+            f"needs {format_bytes(s['bytes'])} of {format_bytes(s['free_memory'])} free"
         )
     for line in plan.left_out:
         click.echo(f"  left out: {line}")

@@ -6,7 +6,7 @@ is created in the machine's own namespace. Otherwise the nodes are three process
 kept on loopback. Only host 1 is given the model; hosts 2 and 3 pull the tensors of their layers from it.
 
 The default model is the tiny one in demo/pydoc-llama (trained on Python's own docstrings by
-scripts/train_demo_model.py), so the demo needs no network; `--model llama-3.2-1b` (or any registry name, HF repo
+scripts/train_demo_model.py), so the demo needs no network; `--model qwen3-0.6b` (or any registry name, HF repo
 id or model directory) runs a real model, which the nodes download.
 
 Everything the demo starts (nodes, namespaces, temporary files, a throwaway cluster token) is removed when it

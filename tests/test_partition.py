@@ -306,6 +306,13 @@ def test_kv_bytes_per_layer() -> None:
     assert model_costs(FIXTURES / "llama32", max_context=500).kv_bytes_per_layer == c.kv_bytes_per_layer // 2
 
 
+def test_context_is_capped_at_the_models_positions_as_the_engine_caps_it() -> None:
+    cfg = ModelConfig.from_dir(FIXTURES / "llama32")
+    beyond = model_costs(FIXTURES / "llama32", max_context=cfg.max_position_embeddings * 4)
+    assert beyond.max_context == cfg.max_position_embeddings
+    assert beyond.kv_bytes_per_layer == kv_bytes_per_layer(cfg, cfg.max_position_embeddings)
+
+
 def test_tensor_costs_from_a_manifest() -> None:
     cfg = ModelConfig.from_dir(FIXTURES / "mistral")
     manifest = {name: info.nbytes for name, info in Checkpoint(FIXTURES / "mistral").tensors.items()}

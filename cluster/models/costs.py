@@ -38,6 +38,7 @@ def tensor_costs(
     model_id: str,
 ) -> ModelCosts:
     """Per-layer, embedding and head bytes of a checkpoint given as tensor name -> stored bytes."""
+    max_context = min(max_context, cfg.max_position_embeddings)  # as the engine caps it
     layers = [0] * cfg.num_layers
     embed = norm = lm_head = 0
     for name, n in tensor_bytes.items():
