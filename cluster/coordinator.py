@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from cluster.engine.shard import ContextFullError, EngineError, StepResult
 from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
 from cluster.host import ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ModelConfig
-from cluster.models.costs import model_costs, tensor_costs
-from cluster.partition import ModelCosts, NodeCapacity, Plan, PlanError, plan_layers
+from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
+from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
 from cluster.registry import REGISTRY, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -41,6 +41,7 @@ from cluster.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, int, int], None]  # (stage, node name, done, total)
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # a dtype not listed counts as 4 bytes
 
 
 @dataclass
@@ -231,8 +232,10 @@ class Coordinator:
         self.models: dict[str, ModelRef] = {}
         self.placements: dict[str, Placement] = {}
         self.stats: dict[str, ModelStats] = {}
-        self._lock = threading.Lock()  # guards models and placements; held while placing
+        self._lock = threading.Lock()  # guards the dicts above
+        self._placing: dict[str, threading.Lock] = {}  # model id -> held while that model is placed
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self._channels_lock = threading.Lock()  # placements and sessions open channels from many threads
         self._lost: set[str] = set()  # node ids that failed mid-session (a restarted node has a new id)
         self._streams: dict[str, weakref.WeakSet[RemoteShard]] = {}  # node id -> its open session streams
         self.on_plan: Callable[[Plan], None] = lambda plan: None
@@ -308,25 +311,56 @@ class Coordinator:
         return self._plan(ref, self._members())
 
     def _plan(self, ref: ModelRef, members: list[Peer]) -> Plan:
-        held: dict[str, int] = {}
-        current = self.placements.get(ref.model_id)
-        if current is not None:  # memory this model already holds is available to it again
-            for s in current.shards:
-                held[s.node_id] = held.get(s.node_id, 0) + s.bytes
-        nodes = [NodeCapacity(p.node_id, p.name, p.address, p.free_memory + held.get(p.node_id, 0)) for p in members]
-        return plan_layers(ref.costs, nodes, headroom=self.headroom)
+        """A plan over the members' live free memory; where they hold the model already (placed through any
+        node), those shards, so that one copy serves every coordinator."""
+        survey = self._survey(members)
+        # the KV cache of one session, in the widest dtype among the nodes (float32 on CPUs, half on GPUs)
+        itemsize = max(_ITEMSIZE.get(dtype, 4) for _, _, dtype in survey)
+        costs = replace(ref.costs, kv_bytes_per_layer=kv_bytes_per_layer(ref.cfg, ref.costs.max_context, itemsize))
+        nodes, held = [], []
+        for peer, (free, shards, _) in zip(members, survey, strict=True):
+            mine = [
+                HeldShard(peer.node_id, s.start, s.end, s.weight_bytes)
+                for s in shards
+                if s.model_id == ref.model_id and s.max_context == ref.costs.max_context
+            ]
+            held += mine
+            # memory this model holds is available to it again
+            nodes.append(NodeCapacity(peer.node_id, peer.name, peer.address, free + sum(h.bytes for h in mine)))
+        plan = plan_layers(costs, nodes, headroom=self.headroom)
+        return reuse_held(plan, held) or plan
+
+    def _survey(self, members: list[Peer]) -> list[tuple[int, list[pb.ShardInfo], str]]:
+        """Each member's free memory, shards and compute dtype, asked now: discovery's figure may predate a load."""
+
+        def ask(peer: Peer) -> tuple[int, list[pb.ShardInfo], str]:
+            if peer.node_id == self.self_id:  # members() measured this node just now
+                return peer.free_memory, [s.to_pb() for s in self.host.live_shards()], self.host.compute_dtype
+            try:
+                info = self._stub(peer.address).Info(pb.NodeInfoRequest(), timeout=2)
+            except grpc.RpcError:
+                return peer.free_memory, [], ""  # not answering: placing on it fails and plans without it
+            return info.free_memory, list(info.shards), info.dtype
+
+        with ThreadPoolExecutor(max_workers=max(1, len(members))) as pool:
+            return list(pool.map(ask, members))
 
     def _stub(self, address: str, limit: int = wire.SERVER_MAX_MESSAGE) -> pb_grpc.WorkerStub:
         key = (address, limit)
-        channel = self._channels.get(key)
-        if channel is None:
-            channel = self._channels[key] = auth.secure_channel(address, self.token, wire.channel_options(limit))
+        with self._channels_lock:
+            channel = self._channels.get(key)
+            if channel is None:
+                channel = auth.secure_channel(address, self.token, wire.channel_options(limit))
+                self._channels[key] = channel
         return pb_grpc.WorkerStub(channel)
 
     def placement(self, ref: ModelRef, progress: Progress, failed: Placement | None = None) -> Placement:
         """The model's shards, placed now unless a placement over the same members exists. A new member or a
-        lost one gives a new plan once the old placement has no sessions left."""
+        lost one gives a new plan once the old placement has no sessions left. Placing one model (minutes for
+        a big one) does not hold up requests for the others."""
         with self._lock:
+            model_lock = self._placing.setdefault(ref.model_id, threading.Lock())
+        with model_lock:
             members = self._members()
             ids = frozenset(p.node_id for p in members)
             current = self.placements.get(ref.model_id)
@@ -337,7 +371,8 @@ class Coordinator:
                     return current
                 # a lost node may not answer for seconds: unload what is left without waiting for it
                 threading.Thread(target=self._unload, args=(current,), name="unload", daemon=True).start()
-                del self.placements[ref.model_id]
+                with self._lock:
+                    del self.placements[ref.model_id]
             for attempt in range(3):
                 progress("plan", "", 0, 1)
                 plan = self._plan(ref, members)
@@ -353,7 +388,8 @@ class Coordinator:
                     ids = frozenset(p.node_id for p in members)
             limit = wire.message_limit(ref.cfg.hidden_size, plan.max_context)
             placement = Placement(ref.model_id, plan, placed, ids, limit, active=1)
-            self.placements[ref.model_id] = placement
+            with self._lock:
+                self.placements[ref.model_id] = placement
             return placement
 
     def _load(self, ref: ModelRef, plan: Plan, progress: Progress) -> list[PlacedShard]:
@@ -407,7 +443,7 @@ class Coordinator:
                 log.info("unloading shard on %s: %s", s.name, e)
 
     def release(self, placement: Placement) -> None:
-        with self._lock:
+        with self._placing[placement.model_id]:
             placement.active -= 1
 
     def shards_for_session(self, placement: Placement) -> list[Any]:

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ class HostedShard:
     end: int
     engine: EngineProcess
     info: dict[str, Any]
+    key: tuple[Any, ...] = ()  # what load() asked for: a second load of the same key shares this shard
+    holders: int = 1  # placements using it (any coordinator's); the last unload closes the engine
     sessions: set[str] = field(default_factory=set)
 
     @property
@@ -104,8 +107,16 @@ class ShardHost:
         self.memory_budget = memory_budget
         self.models: dict[str, Path] = {}  # model id -> a directory holding the whole checkpoint
         self.shards: dict[str, HostedShard] = {}
+        self._loading: dict[tuple[Any, ...], Future[HostedShard]] = {}  # key -> a load under way
         self._lock = threading.Lock()
         self._pull_lock = threading.Lock()  # one pull at a time writes a model directory
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype this node's shards compute and keep their KV caches in: --dtype, else the device's default."""
+        from cluster.engine.shard import default_device, default_dtype, dtype_name
+
+        return self.dtype or dtype_name(default_dtype(self.device or default_device()))
 
     # ------------------------------------------------------------------------------------ files
     def register_model(self, model_id: str, path: Path) -> None:
@@ -205,7 +216,39 @@ class ShardHost:
         dtype: str | None = None,
         progress: Progress = lambda stage, done, total: None,
     ) -> HostedShard:
-        """Load and warm up layers [start, end); returns once the shard is ready to serve."""
+        """Load and warm up layers [start, end); returns once the shard is ready to serve.
+
+        A shard already loaded (or loading) with the same layers, context and dtype is shared instead: coordinators
+        on different nodes place the same model over the same nodes, and one copy of it serves them all."""
+        key = (model_id, start, end, max_context, dtype or "")
+        while True:
+            with self._lock:
+                shared = next((s for s in self.shards.values() if s.key == key and s.engine.alive), None)
+                if shared is not None:
+                    shared.holders += 1
+                    log.info("sharing %s layers [%d, %d) (shard %s)", model_id, start, end, shared.shard_id[:8])
+                    return shared
+                pending = self._loading.get(key)
+                if pending is None:
+                    pending = self._loading[key] = Future()
+                    break
+            try:  # another placement is loading the same layers: use its shard, or load here if it failed
+                pending.result()
+            except Exception:  # noqa: BLE001 - its caller gets that error; this one tries for itself
+                pass
+        try:
+            shard = self._load(key, sources, progress)
+            pending.set_result(shard)
+            return shard
+        except BaseException as e:
+            pending.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[key]
+
+    def _load(self, key: tuple[Any, ...], sources: Sequence[str], progress: Progress) -> HostedShard:
+        model_id, start, end, max_context, dtype = key
         model_dir = self.ensure_files(model_id, start, end, sources, progress)
         options = {**self.engine_options, "max_context": max_context, "device": self.device}
         options["dtype"] = dtype or self.dtype
@@ -220,7 +263,7 @@ class ShardHost:
         except BaseException:
             engine.close()
             raise
-        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info)
+        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key)
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])
@@ -232,11 +275,23 @@ class ShardHost:
         except KeyError:
             raise UnknownShardError(f"this node holds no shard {shard_id!r}") from None
 
+    def live_shards(self) -> list[HostedShard]:
+        """The shards that can serve: an engine process that died is left out (its placement loads it again)."""
+        return [s for s in list(self.shards.values()) if s.engine.alive]
+
     def unload(self, shard_id: str) -> None:
+        """One placement lets go of the shard; the engine closes when no placement holds it."""
         with self._lock:
-            shard = self.shards.pop(shard_id, None)
-        if shard is None:
-            raise UnknownShardError(f"this node holds no shard {shard_id!r}")
+            shard = self.shards.get(shard_id)
+            if shard is None:
+                raise UnknownShardError(f"this node holds no shard {shard_id!r}")
+            shard.holders -= 1
+            if shard.holders > 0:
+                return
+            del self.shards[shard_id]
+        self._close(shard)
+
+    def _close(self, shard: HostedShard) -> None:
         shard.engine.close()
         log.info("unloaded %s layers [%d, %d)", shard.model_id, shard.start, shard.end)
 
@@ -244,8 +299,7 @@ class ShardHost:
         return sum(s.held_bytes for s in list(self.shards.values()))
 
     def close(self) -> None:
-        for shard_id in list(self.shards):
-            try:
-                self.unload(shard_id)
-            except UnknownShardError:
-                pass
+        with self._lock:
+            shards, self.shards = list(self.shards.values()), {}
+        for shard in shards:
+            self._close(shard)

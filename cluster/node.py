@@ -145,9 +145,10 @@ class Node:
             free_memory=me.free_memory,
             host=me.host,
             port=me.port,
-            shards=[s.to_pb() for s in list(self.host.shards.values())],
+            shards=[s.to_pb() for s in self.host.live_shards()],
             token_fingerprint=me.token_fingerprint,
             peers=[p.address for p in self.discovery.peers()] if self.discovery else [],
+            dtype=self.host.compute_dtype,
         )
 
     def learn(self, address: str) -> None:

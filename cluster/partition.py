@@ -8,7 +8,7 @@ of the first and last node's memory before the layers are shared out.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 GIB, MIB, KIB = 2**30, 2**20, 2**10
@@ -139,6 +139,42 @@ def format_plan(plan: Plan) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)]
     lines += [f"left out: {name} ({reason})" for name, reason in plan.left_out]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HeldShard:
+    """Layers of the model that a node holds already, loaded for this coordinator or for another one."""
+
+    node_id: str
+    start: int
+    end: int
+    bytes: int
+
+
+def reuse_held(plan: Plan, held: Sequence[HeldShard]) -> Plan | None:
+    """`plan` redrawn over shards its nodes hold already, when those cover every layer on exactly the plan's nodes.
+
+    Requests through different nodes then share one copy of the model. Any other node set (a node joined or
+    was lost) means a fresh plan, so the cluster's current members are used."""
+    nodes = {a.node_id: a for a in plan.shards}
+    starting: dict[int, list[HeldShard]] = {}
+    for h in sorted(held, key=lambda h: (h.start, -h.end, h.node_id)):
+        if h.node_id in nodes and 0 <= h.start < h.end <= plan.num_layers:
+            starting.setdefault(h.start, []).append(h)
+
+    def chain(position: int, used: frozenset[str]) -> list[HeldShard] | None:
+        if position == plan.num_layers:
+            return [] if len(used) == len(nodes) else None
+        for h in starting.get(position, ()):
+            if h.node_id not in used and (rest := chain(h.end, used | {h.node_id})) is not None:
+                return [h, *rest]
+        return None
+
+    found = chain(0, frozenset())
+    if found is None:
+        return None
+    shards = tuple(replace(nodes[h.node_id], start=h.start, end=h.end, bytes=h.bytes) for h in found)
+    return replace(plan, shards=shards)
 
 
 def usable_bytes(node: NodeCapacity, headroom: float) -> int:

@@ -6,6 +6,7 @@ tinygrad compiles kernels on first use (seconds on this CPU), so engines are bui
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ class EngineCache:
         return self._engines[key]
 
 
-TEST_TOKEN = "clusterctl-test-token"
+# Fresh for every run: two test runs on one machine (their nodes share loopback mDNS) never form one cluster.
+TEST_TOKEN = f"clusterctl-test-{secrets.token_hex(8)}"
 
 
 @pytest.fixture(scope="session", autouse=True)

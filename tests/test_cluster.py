@@ -109,6 +109,17 @@ def test_three_nodes_give_the_single_node_tokens(trio, models, single_node, mode
     assert held == {"mem3": [[0, 3]], "mem2": [[3, 5]], "mem1": [[5, 6]]}
 
 
+def test_requests_through_another_node_share_the_placed_shards(trio, models, single_node):
+    """Each node coordinates what it is sent; the second coordinator finds the layers placed by the first and
+    steps through the same shards instead of loading a second copy of the model."""
+    cluster_tokens(trio[0], models["llama32"], PROMPTS[0])
+    for coordinator in trio[1:]:
+        assert cluster_tokens(coordinator, models["llama32"], PROMPTS[2]) == single_node("llama32", PROMPTS[2])
+    with trio[2].client() as c:
+        held = {n.name: [s["layers"] for s in n.shards if s["model_id"] == "llama32"] for n in c.nodes()}
+    assert held == {"mem3": [[0, 3]], "mem2": [[3, 5]], "mem1": [[5, 6]]}
+
+
 def test_concurrent_sessions_each_give_their_own_output(trio, models, single_node):
     results: dict[str, list[int]] = {}
     errors: list[BaseException] = []

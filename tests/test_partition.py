@@ -15,6 +15,7 @@ from cluster.partition import (
     GIB,
     MIB,
     Assignment,
+    HeldShard,
     ModelCosts,
     NodeCapacity,
     Plan,
@@ -22,6 +23,7 @@ from cluster.partition import (
     format_bytes,
     format_plan,
     plan_layers,
+    reuse_held,
     usable_bytes,
 )
 from cluster.weights import Checkpoint, CheckpointError
@@ -250,6 +252,43 @@ def test_invariants_on_random_inputs(uniform: bool) -> None:
             fixed = model.fixed_bytes(j == 0, j == len(shards) - 1)
             assert s.bytes == sum(model.layer_cost(i) for i in range(s.start, s.end)) + fixed
     assert planned > 50 and refused > 10  # both branches exercised
+
+
+# ------------------------------------------------------------------------------------------------ reuse
+def test_reuse_takes_the_held_ranges_when_they_cover_the_plans_nodes() -> None:
+    plan = plan_layers(costs(6), [node("a", 3 * MIB), node("bb", 2 * MIB), node("ccc", MIB)])
+    assert ranges(plan) == [("a", 0, 3), ("bb", 3, 5), ("ccc", 5, 6)]
+    # loaded through another node when free memory read a little differently: the boundaries moved by one
+    held = [HeldShard("id-bb", 2, 5, 77), HeldShard("id-a", 0, 2, 66), HeldShard("id-ccc", 5, 6, 55)]
+    reused = reuse_held(plan, held)
+    assert reused is not None
+    assert ranges(reused) == [("a", 0, 2), ("bb", 2, 5), ("ccc", 5, 6)]
+    assert [s.bytes for s in reused.shards] == [66, 77, 55]
+    assert [s.free_memory for s in reused.shards] == [s.free_memory for s in plan.shards]
+    assert reused.model_id == plan.model_id and reused.max_context == plan.max_context
+    assert reuse_held(plan, [HeldShard(s.node_id, s.start, s.end, s.bytes) for s in plan.shards]) == plan
+
+
+def test_reuse_finds_a_chain_among_several_copies() -> None:
+    plan = plan_layers(costs(6), [node("a", MIB), node("bb", MIB)])
+    held = [
+        HeldShard("id-a", 0, 4, 1),  # a dead end: bb holds nothing from layer 4
+        HeldShard("id-a", 0, 3, 1),
+        HeldShard("id-bb", 3, 6, 1),
+        HeldShard("id-bb", 0, 6, 1),  # one node holding everything does not use the plan's two nodes
+    ]
+    reused = reuse_held(plan, held)
+    assert reused is not None and ranges(reused) == [("a", 0, 3), ("bb", 3, 6)]
+
+
+def test_no_reuse_unless_held_shards_cover_every_layer_on_exactly_the_plans_nodes() -> None:
+    plan = plan_layers(costs(6), [node("a", 3 * MIB), node("bb", 2 * MIB), node("ccc", MIB)])
+    two_nodes = [HeldShard("id-a", 0, 3, 1), HeldShard("id-bb", 3, 6, 1)]  # before ccc joined: ccc is used now
+    gap = [HeldShard("id-a", 0, 3, 1), HeldShard("id-bb", 3, 4, 1), HeldShard("id-ccc", 5, 6, 1)]
+    stranger = [HeldShard("id-a", 0, 3, 1), HeldShard("id-zz", 3, 5, 1), HeldShard("id-ccc", 5, 6, 1)]
+    twice = [HeldShard("id-a", 0, 2, 1), HeldShard("id-bb", 2, 4, 1), HeldShard("id-a", 4, 6, 1)]
+    for held in (two_nodes, gap, stranger, twice, []):
+        assert reuse_held(plan, held) is None, held
 
 
 # ------------------------------------------------------------------------------------------------ costs

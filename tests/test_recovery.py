@@ -103,7 +103,7 @@ def test_killing_the_middle_node_mid_generation_keeps_the_answer(tmp_path, model
 def test_when_the_nodes_left_cannot_hold_the_model_the_client_gets_a_prompt_error(tmp_path, model):
     from cluster.models.costs import model_costs
 
-    total = model_costs(model, max_context=4096).total_bytes
+    total = model_costs(model, max_context=4096, kv_itemsize=4).total_bytes  # CPU nodes keep the KV in float32
     gib = total * 0.75 / 0.9 / (1 << 30)  # each node holds 75% of the model: two are needed
     a, b = NodeProcess("fa", tmp_path, memory=gib), NodeProcess("fb", tmp_path, memory=gib)
     try:

@@ -96,6 +96,10 @@ class EngineProcess:
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
         return self._call("forward", session_id, inputs, **kwargs)
 
+    @property
+    def alive(self) -> bool:
+        return self.runner.alive
+
     def close(self) -> None:
         self.runner.close()
 

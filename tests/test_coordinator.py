@@ -1,0 +1,64 @@
+"""The coordinator on a one-node cluster (its own shards, called in-process): placing one model does not hold up
+requests for another. Real ShardHost and engine processes on the committed fixtures (the tokens through a
+split are checked against the single-node engine in test_cluster)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import BUCKETS, FIXTURES, TEST_TOKEN
+
+from cluster.coordinator import Coordinator
+from cluster.discovery import Peer
+from cluster.generation import GenerationResult
+from cluster.host import ShardHost
+from cluster.models.costs import model_costs
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path):
+    host = ShardHost(tmp_path / "models", token=TEST_TOKEN, prefill_buckets=BUCKETS, max_sessions=2)
+    for name in ("llama32", "qwen3"):
+        host.register_model(name, FIXTURES / name)
+    me = Peer("self", "solo", "127.0.0.1", 1, 1, "CPU", "cpu", 8 << 30, 8 << 30, source="self")
+    c = Coordinator(host, lambda: [me], token=TEST_TOKEN, self_id="self", self_address=me.address, max_context=128)
+    yield c
+    c.close()
+    host.close()
+
+
+def tokens(c: Coordinator, model: str, **kwargs) -> list[int]:
+    *_, result = c.generate(model, prompt=PROMPT, raw=True, max_tokens=6, sampling={"temperature": 0}, **kwargs)
+    assert isinstance(result, GenerationResult)
+    return result.tokens
+
+
+def test_placing_one_model_does_not_hold_up_requests_for_another(coordinator: Coordinator) -> None:
+    expected = tokens(coordinator, "llama32")  # placed
+    stalled, go = threading.Event(), threading.Event()
+
+    def slow_progress(stage: str, node: str, done: int, total: int) -> None:
+        stalled.set()
+        assert go.wait(30), "the other request was held up until this placement gave up"
+
+    other: list[list[int]] = []
+    placing = threading.Thread(target=lambda: other.append(tokens(coordinator, "qwen3", progress=slow_progress)))
+    placing.start()
+    try:
+        assert stalled.wait(60)  # qwen3's placement is under way and stuck
+        assert tokens(coordinator, "llama32") == expected  # served meanwhile
+    finally:
+        go.set()
+        placing.join(120)
+    assert other and len(other[0]) == 6
+
+
+def test_the_plan_counts_the_kv_cache_in_the_nodes_compute_dtype(coordinator: Coordinator) -> None:
+    plan = coordinator.plan("llama32")  # one CPU node: the engine keeps its KV cache in float32
+    assert coordinator.host.compute_dtype == "float32"
+    assert plan.max_context == 128 and [(s.start, s.end) for s in plan.shards] == [(0, 4)]
+    assert plan.shards[0].bytes == model_costs(FIXTURES / "llama32", max_context=128, kv_itemsize=4).total_bytes

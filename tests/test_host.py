@@ -1,0 +1,58 @@
+"""ShardHost: a shard asked for twice (two coordinators placing the same model over the same nodes) is loaded once
+and shared; it stays loaded until the last placement lets go. Real engine processes on the tiny llama fixture."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from cluster_nodes import wait_for
+from conftest import FIXTURES, TEST_TOKEN
+
+from cluster.host import ShardHost, UnknownShardError
+
+
+@pytest.fixture
+def host(tmp_path: Path):
+    h = ShardHost(tmp_path / "models", token=TEST_TOKEN, prefill_buckets=(2,), max_sessions=2)
+    h.register_model("llama32", FIXTURES / "llama32")
+    yield h
+    h.close()
+
+
+def test_the_same_layers_are_loaded_once_and_shared_until_the_last_unload(host: ShardHost) -> None:
+    loaded: list = []
+    threads = [threading.Thread(target=lambda: loaded.append(host.load("llama32", 0, 2, max_context=32))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    first, second = loaded
+    assert first is second and first.holders == 2 and len(host.shards) == 1
+
+    other = host.load("llama32", 0, 2, max_context=16)  # another context: another shard
+    assert other is not first and len(host.live_shards()) == 2
+    host.unload(other.shard_id)
+
+    host.unload(first.shard_id)  # one placement lets go: the other still steps through it
+    assert first.engine.alive and host.live_shards() == [first]
+    sid = first.engine.new_session()
+    assert first.engine.forward(sid, [1, 2, 3]).hidden.shape[-1] > 0
+    host.unload(first.shard_id)
+    assert not host.shards and not first.engine.alive
+    with pytest.raises(UnknownShardError):
+        host.unload(first.shard_id)
+
+
+def test_a_shard_whose_engine_died_is_not_shared_again(host: ShardHost) -> None:
+    dead = host.load("llama32", 0, 2, max_context=32)
+    os.kill(dead.engine.runner.pid, signal.SIGKILL)
+    wait_for(lambda: not dead.engine.alive, 10, "the engine process to die")
+    assert host.live_shards() == []
+    fresh = host.load("llama32", 0, 2, max_context=32)
+    assert fresh is not dead and fresh.engine.alive and fresh.holders == 1
+    host.unload(dead.shard_id)  # its placement lets go of the dead one
+    assert host.live_shards() == [fresh] and list(host.shards) == [fresh.shard_id]
