@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 from random_checkpoint import PRESETS, ensure_checkpoint
 from tinygrad import Device, Tensor, TinyJit, dtypes
+from tinygrad.codegen import to_program_cache
 from tinygrad.dtype import DType
 from tinygrad.engine.jit import CapturedJit
+from tinygrad.engine.realize import runtime_cache
 from tinygrad.helpers import GlobalCounters
 from tinygrad.uop.ops import Ops
 
@@ -122,6 +124,12 @@ def decode_kernels(engine: ShardEngine, sid: str, token: int) -> tuple[int, int]
     return captured, counted
 
 
+def compile_count() -> int:
+    """Kernels lowered and compiled (BEAM searched, when on) plus programs loaded in this process so far.
+    Both caches only grow, so a difference over a span counts the compilations in it."""
+    return len(to_program_cache) + len(runtime_cache)
+
+
 def dtype_name(dt: DType) -> str:
     # tinygrad names fp32 "float" and fp16 "half"; the table uses torch's names
     names = {dtypes.float32: "float32", dtypes.float16: "float16", dtypes.bfloat16: "bfloat16"}
@@ -142,6 +150,7 @@ def measure_engine(
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
+    compiled = compile_count()
 
     ttfts = []
     for _ in range(TTFT_RUNS):
@@ -179,6 +188,7 @@ def measure_engine(
         "step_ms_median": 1e3 * statistics.median(steps),
         "step_ms_min": 1e3 * min(steps),
         "tokens": generated,
+        "compiles_after_warmup": compile_count() - compiled,
     }
     engine.end_session(sid)
     return row, extra

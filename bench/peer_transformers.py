@@ -4,6 +4,8 @@ Runs in the reference environment, never in the project's, and prints one JSON o
 
     /work/refvenv/bin/python bench/peer_transformers.py MODEL_DIR --dtype bfloat16 --prompt 1,2,3 --tokens 32
 
+`--device cuda` runs it on the GPU (every step ends in `int(argmax)`, which waits for the device).
+
 Decoding is a manual greedy loop over the model's own KV cache (DynamicCache), one token per forward,
 the same work the engine does per step; `generate` adds its logits processors and stopping checks on top.
 """
@@ -33,16 +35,16 @@ def prefill(model: Any, prompt: torch.Tensor) -> tuple[DynamicCache, int]:
 
 
 def step(model: Any, cache: DynamicCache, token: int) -> int:
-    out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+    out = model(torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
     return int(out.logits[0, -1].argmax())
 
 
-def measure(model_dir: str, dtype: str, prompt_ids: list[int], tokens: int) -> dict[str, Any]:
+def measure(model_dir: str, dtype: str, prompt_ids: list[int], tokens: int, device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     load_s = time.perf_counter() - t0
-    prompt = torch.tensor([prompt_ids])
+    prompt = torch.tensor([prompt_ids], device=device)
     with torch.inference_mode():
         # warm-up: first calls pick kernels and allocate caches; the engine's warm-up is its counterpart
         t0 = time.perf_counter()
@@ -78,6 +80,7 @@ def measure(model_dir: str, dtype: str, prompt_ids: list[int], tokens: int) -> d
         "attn": model.config._attn_implementation,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "device": str(model.device),
     }
 
 
@@ -87,9 +90,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--prompt", required=True, help="comma-separated token ids")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     args = ap.parse_args()
     prompt = [int(t) for t in args.prompt.split(",")]
-    print(json.dumps(measure(args.model_dir, args.dtype, prompt, args.tokens)))
+    print(json.dumps(measure(args.model_dir, args.dtype, prompt, args.tokens, args.device)))
 
 
 if __name__ == "__main__":

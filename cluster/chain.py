@@ -3,8 +3,8 @@
 Every token id whose K/V the shards hold is remembered. When a shard's node is lost mid-session, `replace`
 returns shards over the nodes left (the coordinator plans again and places the missing layers); the chain
 opens the session on them, rebuilds every KV slice by replaying the remembered ids as one prefill, and runs
-the failed step again. Greedy output is the same as without the failure. Seeded sampling continues from the
-session's seed, so its draws after a recovery differ from an uninterrupted run.
+the failed step again. The output is the same as without the failure: greedy, and seeded sampling too (the
+engine draws each token's random number from the seed and the token's position).
 """
 
 from __future__ import annotations

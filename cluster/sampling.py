@@ -2,7 +2,8 @@
 
 Every knob arrives as a tensor, never as a Python number, so one compiled graph serves every request. Only
 the chosen id and its logprob come back to the host; the one host input per step is a uniform random number
-drawn from the session's own seeded generator (same seed, same tokens, whatever else runs).
+drawn from the session's seed and the token's position (same seed, same tokens, whatever else runs and however
+the session's cache was built: a session replayed onto new shards after a lost node draws the same numbers).
 """
 
 from __future__ import annotations

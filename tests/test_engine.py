@@ -6,8 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import ALL_MODELS, BUCKETS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
+from tinygrad import Device
+from tinygrad.engine.jit import GraphRunner
+from tinygrad.engine.realize import run_linear
+from tinygrad.uop.ops import Ops, UOp
 
-from cluster.engine.shard import ContextFullError, EngineError, ShardEngine
+from cluster.engine.shard import ContextFullError, EngineError, ShardEngine, uses_graphs
 from cluster.generation import step
 from cluster.sampling import SamplingParams
 
@@ -216,3 +220,45 @@ def test_a_shard_that_does_not_fit_is_refused_before_loading():
         ShardEngine(FIXTURES / "llama32", 0, 2, max_context=64, memory_budget=100_000)
     eng = ShardEngine(FIXTURES / "llama32", 0, 2, max_context=64, memory_budget=10 * 2**20)
     assert eng.weight_bytes < 10 * 2**20
+
+
+class _FailingGraph(GraphRunner):
+    """A device graph that fails as tinygrad 0.14's CUDA graph did on an H200: when built (fail_after 0), or
+    after `fail_after` replays in all (until then it launches its kernels one by one)."""
+
+    fail_after = 0
+    replays = 0
+
+    def __init__(self, linear, input_uops=()):
+        if self.fail_after == 0:
+            raise RuntimeError("CUDA Error 1, invalid argument (cuGraphAddKernelNode)")
+        super().__init__(linear, input_uops)
+
+    def __call__(self, input_uops, var_vals, wait=False):
+        type(self).replays += 1
+        if type(self).replays > self.fail_after:
+            raise RuntimeError("CUDA Error 1, invalid argument (cuGraphExecKernelNodeSetParams)")
+        run_linear(UOp(Ops.LINEAR, src=self.linear.src), var_vals, input_uops=input_uops, jit=True)
+        return None
+
+
+@pytest.mark.parametrize("fail_after", [0, 5], ids=["fails-when-built", "fails-at-replay"])
+def test_a_failing_device_graph_falls_back_to_plain_kernels(engines, monkeypatch, caplog, fail_after):
+    ref = reference("llama32")
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+    plain = engines.get("llama32")  # built before the patch: no graphs
+    want = run_tokens([plain], ref["prompt_ids"], 6, sampled), run_tokens([plain], ref["prompt_ids"][:3], 4)
+    graph = type("Graph", (_FailingGraph,), {"fail_after": fail_after, "replays": 0})
+    monkeypatch.setattr(Device["CPU"], "graph", graph)  # the CPU device has no graph of its own
+    eng = ShardEngine(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=128, device="CPU")
+    with caplog.at_level("WARNING", logger="cluster.engine.shard"):
+        eng.warmup()  # captures every graph: where a node meets the failure
+        assert run_tokens([eng], ref["prompt_ids"], 12) == ref["greedy_ids"]
+        assert run_tokens([eng], ref["prompt_ids"], 12) == ref["greedy_ids"]  # replays of the rebuilt graphs
+        # sampled, and a prompt in the smaller bucket: every graph is replayed after the failure
+        assert (run_tokens([eng], ref["prompt_ids"], 6, sampled), run_tokens([eng], ref["prompt_ids"][:3], 4)) == want
+    assert not eng.jit_graphs and graph.replays >= fail_after
+    jits = [*eng._prefill_jits.values(), eng._decode_jit, eng._greedy_jit, eng._sample_jit]
+    assert all(j.captured is not None and not uses_graphs(j) for j in jits)
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 1 and "device graph failed" in warnings[0], warnings

@@ -1,7 +1,9 @@
 """A node that dies mid-generation costs time, not the answer: real `clusterctl join` processes on 127.0.0.1,
-one of them killed with SIGKILL while a greedy generation streams.
+one of them killed with SIGKILL while a generation streams.
 
-Reference: the single-node engine's greedy tokens for the same prompt.
+Reference: the single-node engine's tokens for the same prompt: greedy, and sampled with a seed (the random
+number for each token comes from the seed and the token's position, so a session replayed onto new shards
+draws the same numbers).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cluster.client import Client, DoesNotFit, NodeUnavailable
 PROMPT = "The small river runs past"
 TOKENS = 48
 KILL_AFTER = 8
+SAMPLED = {"temperature": 0.9, "seed": 11}
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +31,31 @@ def model(tmp_path_factory) -> Path:
     return deepen(FIXTURES / "llama32", tmp_path_factory.mktemp("model") / "llama32", 6)
 
 
-@pytest.fixture(scope="module")
-def reference(model) -> list[int]:
+def single_node_tokens(model: Path, **sampling: float) -> list[int]:
     from cluster.engine.shard import ShardEngine
     from cluster.generation import GenerationResult, generate
+    from cluster.sampling import SamplingParams
     from cluster.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model)
     ids = tok.encode(PROMPT, add_special_tokens=True)
-    *_, result = generate([ShardEngine(model, max_context=256)], tok, ids, max_tokens=TOKENS, context_limit=256)
+    engine = ShardEngine(model, max_context=256)
+    params = SamplingParams(**sampling)  # type: ignore[arg-type]
+    *_, result = generate([engine], tok, ids, max_tokens=TOKENS, sampling=params, context_limit=256)
     assert isinstance(result, GenerationResult) and len(result.tokens) == TOKENS
     return result.tokens
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> list[int]:
+    return single_node_tokens(model)
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(model, reference) -> list[int]:
+    tokens = single_node_tokens(model, **SAMPLED)
+    assert tokens != reference  # the sampling shows
+    return tokens
 
 
 def start(nodes: list[NodeProcess]) -> None:
@@ -48,12 +65,13 @@ def start(nodes: list[NodeProcess]) -> None:
     wait_for(lambda: all(member_names(n) == names for n in nodes), 30, "the nodes to find each other")
 
 
-def stream_with_kill(client: Client, model: Path, victim: NodeProcess) -> tuple[list[int], float]:
-    """Greedy generation; SIGKILL `victim` once KILL_AFTER tokens arrived. Returns the tokens and the longest
-    gap between two tokens (the recovery, as the client sees it)."""
+def stream_with_kill(client: Client, model: Path, victim: NodeProcess, **sampling: float) -> tuple[list[int], float]:
+    """Generation (greedy unless `sampling` says otherwise); SIGKILL `victim` once KILL_AFTER tokens arrived.
+    Returns the tokens and the longest gap between two tokens (the recovery, as the client sees it)."""
     got: list[int] = []
     arrivals: list[float] = []
-    for chunk in client.generate(str(model), PROMPT, raw=True, max_tokens=TOKENS, temperature=0):
+    options = {"temperature": 0.0, **sampling}
+    for chunk in client.generate(str(model), PROMPT, raw=True, max_tokens=TOKENS, **options):
         if chunk.finish_reason is not None:
             assert chunk.tokens == got
             break
@@ -65,15 +83,15 @@ def stream_with_kill(client: Client, model: Path, victim: NodeProcess) -> tuple[
     return got, max(gaps)
 
 
-def test_killing_the_middle_node_mid_generation_keeps_the_answer(tmp_path, model, reference):
+def test_killing_the_middle_node_mid_generation_keeps_the_answer(tmp_path, model, reference, sampled_reference):
     r1, r2, r3 = (NodeProcess(f"r{m}", tmp_path, memory=m) for m in (1, 2, 3))
     try:
         start([r1, r2, r3])
         with r3.client() as c:
             held = [(s["name"], s["layers"]) for s in c.plan(str(model)).shards]
             assert held == [("r3", [0, 3]), ("r2", [3, 5]), ("r1", [5, 6])]  # r2 holds the middle shard
-            tokens, recovery_s = stream_with_kill(c, model, r2)
-        assert tokens == reference
+            tokens, recovery_s = stream_with_kill(c, model, r2, **SAMPLED)
+        assert tokens == sampled_reference
         log = r3.log()
         found = re.search(r"recovered in ([0-9.]+) s", log)
         assert found, log

@@ -11,17 +11,21 @@ preallocated buffers, so nothing compiles after `warmup()`.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
-from tinygrad import Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
+from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType
+from tinygrad.uop.ops import Ops
 
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import ShardModel, load_shard, rope_tables
@@ -56,7 +60,7 @@ class _Session:
     id: str
     cache: list[Tensor]  # per layer (2, 1, n_kv, max_len, head_dim); separate buffers keep layers independent
     length: int = 0
-    rng: np.random.Generator | None = None
+    seed: int | None = None  # the uniform for the token at position p is drawn from (seed, p)
     seen: Tensor | None = None  # (V,) for the repetition penalty
     seen_host: np.ndarray | None = None
 
@@ -87,6 +91,14 @@ def copy_into(t: Tensor, arr: np.ndarray) -> None:
         dst.allocator._copyin(dst._buf, data)
     else:
         dst.copy_from(Buffer("PYTHON", dst.size, dst.dtype, opaque=memoryview(bytearray(data))))
+
+
+def uses_graphs(jit: Any) -> bool:
+    """Whether a captured TinyJit replays batches of kernels as one device graph (CUDA graph, Metal ICB, ...)."""
+    captured = jit.captured
+    return captured is not None and any(
+        call.src[0].op is Ops.CUSTOM_FUNCTION and call.src[0].arg == "graph" for call in captured.linear.src
+    )
 
 
 class ShardEngine:
@@ -151,6 +163,8 @@ class ShardEngine:
             # capture on the first call: every input is realized up front, so TinyJit's eager first run
             # would only schedule and compile the same kernels once more
             jit.cnt = 1
+        # False once a device graph failed: from then on every JIT is captured as plain kernel launches
+        self.jit_graphs = True
         self.sessions: dict[str, _Session] = {}
         self.ready = False
 
@@ -214,6 +228,29 @@ class ShardEngine:
         self.out_hidden[:, 0:T].assign(h)
         return self.out_hidden.realize()
 
+    def _no_graphs(self) -> AbstractContextManager[Any]:
+        # JIT=2: TinyJit captures kernels without batching them into device graphs
+        return nullcontext() if self.jit_graphs else Context(JIT=2)
+
+    def _call_jit(self, jit: Any, *args: Any) -> Any:
+        """Call a JIT. When its device graph fails (tinygrad 0.14's CUDA graph rejected kernels in
+        cuGraphAddKernelNode), capture it again without graphs and go on: slower launches, same results.
+        Retrying is safe: a step only rewrites the same cache slots and output buffers from the same inputs."""
+        try:
+            with self._no_graphs():
+                return jit(*args)
+        except Exception as e:
+            if not uses_graphs(jit):
+                raise
+            if self.jit_graphs:
+                why = f"{type(e).__name__}: {e}"
+                log.warning("device graph failed on %s (%s); running kernels without graphs", self.device, why)
+                self.jit_graphs = False
+            jit.reset()
+            jit.cnt = 1  # capture on the next call, as in __init__
+            with self._no_graphs():
+                return jit(*args)
+
     def _plan(self, n: int) -> list[tuple[int, int]]:
         """Cover n positions with (real rows, bucket) chunks: big buckets first, then the smallest bucket
         that holds the rest when that wastes less than one small chunk, else the biggest that fits."""
@@ -235,9 +272,9 @@ class ShardEngine:
         copy_into(buf, padded[None])
         pos = self.v_pos.bind(session.length)
         if n == 1:
-            out = self._decode_jit(buf, session.cache, pos)
+            out = self._call_jit(self._decode_jit, buf, session.cache, pos)
         else:
-            out = self._prefill_jits[bucket](buf, session.cache, pos, self.v_last.bind(n - 1))
+            out = self._call_jit(self._prefill_jits[bucket], buf, session.cache, pos, self.v_last.bind(n - 1))
         session.length += n
         return out
 
@@ -260,7 +297,8 @@ class ShardEngine:
 
     def configure_sampling(self, session_id: str, sampling: SamplingParams) -> None:
         s = self._session(session_id)
-        s.rng = np.random.default_rng(sampling.seed)
+        # unseeded sessions get a random seed of their own; any int seed (negative too) maps into SeedSequence's range
+        s.seed = (secrets.randbits(64) if sampling.seed is None else sampling.seed) % 2**64
         if sampling.repetition_penalty != 1.0 and s.seen is None:
             s.seen_host = np.zeros(self.cfg.vocab_size, dtype=np.float32)
             s.seen = Tensor(s.seen_host, device=self.device).contiguous().realize()
@@ -341,9 +379,9 @@ class ShardEngine:
     def _sample(self, s: _Session, logits: Tensor, params: SamplingParams, ids: list[int], logprobs: int) -> StepResult:
         top = top_logprobs(logits.numpy(), logprobs) if logprobs > 0 else []
         if params.greedy:
-            token, logprob = self._greedy_jit(logits).tolist()  # type: ignore[misc]
+            token, logprob = self._call_jit(self._greedy_jit, logits).tolist()
         else:
-            if s.rng is None or (params.repetition_penalty != 1.0 and s.seen is None):
+            if s.seed is None or (params.repetition_penalty != 1.0 and s.seen is None):
                 self.configure_sampling(s.id, params)
             seen = self.no_seen
             if s.seen is not None and s.seen_host is not None:
@@ -351,12 +389,13 @@ class ShardEngine:
                     s.seen_host[np.asarray(ids, dtype=np.int64)] = 1.0
                     copy_into(s.seen, s.seen_host)
                 seen = s.seen
-            assert s.rng is not None
+            assert s.seed is not None
             copy_into(self.sample_params, params.as_array())
-            copy_into(self.uniform, np.array([s.rng.random()], dtype=np.float32))
-            token, logprob = self._sample_jit(  # type: ignore[misc]
-                logits, self.sample_params, self.uniform, seen
-            ).tolist()
+            # a draw per position, not per call: a session rebuilt by replaying its tokens (after a node was
+            # lost) draws exactly what the uninterrupted one would have
+            draw = np.random.default_rng([s.seed, s.length]).random()
+            copy_into(self.uniform, np.array([draw], dtype=np.float32))
+            token, logprob = self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen).tolist()
         return StepResult(token=int(token), logprob=float(logprob), top=top)
 
     # ------------------------------------------------------------------------------------ warm-up

@@ -1,0 +1,857 @@
+"""Issue 5 in one call on a lent GPU: memory detection, correctness on the device, decode speed of every JIT
+variant, two nodes against one, and a transformers peer, all in the same run on the same card.
+
+    bash bench/gpu.sh              # on the GPU machine: installs the carried wheels, sets CUDA up, runs this
+    bash bench/gpu.sh --dry-run    # the same pipeline on this machine's CPU with the tiny preset
+
+Every step runs in its own subprocess with its own timeout, inside one overall budget, so a hang or a crash
+costs that step only; the steps that matter most run first. A step prints its results as lines
+`@@ {json}` as soon as it has them, so a step that times out still reports what it measured. The driver
+writes gpu_results.md, gpu_results.json and gpu_log.txt to --out. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+SELF = Path(__file__).resolve()
+BENCH_DIR = SELF.parent
+ROOT = BENCH_DIR.parent
+MARK = "@@ "
+MIN_STEP_S = 20.0  # a step given less than this is skipped rather than started
+TERM_GRACE_S = 20.0  # a timed-out step gets SIGTERM (the cluster step stops its nodes), then SIGKILL
+REF_PYTHON_CPU = "/work/refvenv/bin/python"  # torch + transformers here; on the GPU machine python3 has them
+
+# (label, kind, timeout s, arguments) in order of importance: the budget cuts the tail. "{beam}" stands for the
+# mode's BEAM setting; "beam": True runs the step with it.
+PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
+    ("bandwidth", "bandwidth", 60, {}),
+    ("memory", "memory", 60, {}),
+    ("correctness", "correctness", 120, {}),
+    ("fp16", "speed", 120, {"bits": 16}),
+    ("q4", "speed", 120, {"bits": 4}),
+    ("fp16 {beam}", "speed", 150, {"bits": 16, "beam": True}),
+    ("fp16 {beam}, second start", "speed", 90, {"bits": 16, "beam": True}),
+    ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
+    ("q4 {beam}", "speed", 150, {"bits": 4, "beam": True}),
+    ("q4 {beam}, second start", "speed", 90, {"bits": 4, "beam": True}),
+    ("peer", "peer", 90, {}),
+]
+SECOND = ", second start"
+FULL: dict[str, Any] = {
+    "preset": "llama-3.2-1b",
+    "prompt_len": 512,  # the TTFT target's prompt
+    "tokens": 128,
+    "peer_tokens": 64,
+    "peer_dtypes": ["bfloat16", "float16"],
+    "cluster_tokens": 128,
+    "cluster_prompt_len": 64,
+    "cluster_runs": 3,
+    "models": None,  # every fixture
+    "dtypes": ["float16", "float32"],  # the GPU default first
+    "split_models": ["llama32", "qwen2", "llama32-4bit"],
+    "cuts": [[0, 2, 4], [0, 1, 3, 4]],
+    "beam_label": "JITBEAM=2",
+    "beam_env": {"JITBEAM": "2"},
+    "budget": 450.0,
+}
+# the CPU has no GPU's speed: the same steps on the tiny preset, and a BEAM narrowed to one round of a few
+# options per kernel (a full JITBEAM=2 takes minutes on two cores)
+DRY: dict[str, Any] = FULL | {
+    "preset": "tiny",
+    "prompt_len": 64,
+    "tokens": 16,
+    "peer_tokens": 8,
+    "peer_dtypes": ["float32"],
+    "cluster_tokens": 16,
+    "cluster_prompt_len": 16,
+    "cluster_runs": 2,
+    "models": ["llama32"],
+    "dtypes": ["float32", "float16"],
+    "split_models": ["llama32"],
+    "cuts": [[0, 2, 4]],
+    "beam_label": "JITBEAM=1 narrowed",
+    "beam_env": {"JITBEAM": "1", "BEAM_UPCAST_MAX": "1", "BEAM_LOCAL_MAX": "1", "BEAM_MIN_PROGRESS": "1e9"},
+    "budget": 240.0,
+}
+TARGETS = {"fp16_tok_s": 600, "q4_tok_s": 800, "ttft_ms": 100, "cluster_share": 0.85}
+
+
+# ============================================================================================== worker side
+def emit(**record: Any) -> None:
+    print(MARK + json.dumps(record), flush=True)
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def is_host(device: str) -> bool:
+    return device.split(":")[0] in ("CPU", "CLANG", "LLVM")
+
+
+def no_site_env() -> dict[str, str]:
+    """The environment without PYTHONPATH: torch and transformers run on the machine's own packages."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+TORCH_COPY = """
+import json, time, torch
+n = 1 << 30
+a = torch.ones(n, dtype=torch.uint8, device="cuda"); b = torch.empty_like(a)
+for _ in range(3): b.copy_(a)
+torch.cuda.synchronize(); best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(10): b.copy_(a)
+    torch.cuda.synchronize(); best = min(best, (time.perf_counter() - t0) / 10)
+print(json.dumps({"copy": 2 * n / best, "name": torch.cuda.get_device_name(), "torch": torch.__version__}))
+"""
+
+
+def w_bandwidth(a: dict[str, Any]) -> None:
+    from bench_engine import device_read_bandwidth, read_bandwidth
+
+    if is_host(a["device"]):
+        emit(host_read=read_bandwidth(), floor_source="numpy sum over 512 MiB, one thread, best of 3")
+        return
+    cmd = [a["ref_python"], "-c", TORCH_COPY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=no_site_env())
+    if proc.returncode == 0:
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        emit(torch_copy=r["copy"], torch=r["torch"], card=r["name"])
+    else:
+        note(f"torch copy failed:\n{proc.stderr[-2000:]}")
+    from tinygrad import Context
+
+    try:
+        emit(tinygrad_read=device_read_bandwidth(a["device"]))
+    except Exception as e:  # noqa: BLE001 - a failing device graph: the same sum without graphs
+        note(f"tinygrad sum with graphs failed ({type(e).__name__}: {e}); again with JIT=2")
+        with Context(JIT=2):
+            emit(tinygrad_read=device_read_bandwidth(a["device"]), tinygrad_read_graphs=False)
+
+
+def nvidia_smi_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of GPU 0 as nvidia-smi prints them (MiB)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    cmd = [exe, "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits", "-i", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+    free, total = (int(float(v)) << 20 for v in out.splitlines()[0].split(","))
+    return free, total
+
+
+def w_memory(a: dict[str, Any]) -> None:
+    from cluster.memory import _nvml_memory, device_kind, device_memory
+
+    dev = a["device"]
+    kind = device_kind(dev)
+    if kind != "nvidia":
+        mem = device_memory(dev)
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        ref_free, ref_total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
+        emit(kind=kind, planner_free=mem.free, planner_total=mem.total, ref_free=ref_free, ref_total=ref_total)
+        emit(ref="/proc/meminfo MemAvailable / MemTotal")
+        return
+    from tinygrad import Device, Tensor, dtypes
+
+    Tensor.ones(16, device=dev).contiguous().realize()  # the CUDA context exists before the first reading
+    Device[dev].synchronize()
+    mem, smi = device_memory(dev), nvidia_smi_memory()
+    emit(kind=kind, planner_free=mem.free, planner_total=mem.total, source="NVML" if _nvml_memory(0) else "nvidia-smi")
+    if smi is not None:
+        emit(ref_free=smi[0], ref_total=smi[1], ref="nvidia-smi --query-gpu=memory.free,memory.total")
+    size = 2 << 30  # a planner that sees tinygrad's allocations sees this much less free afterwards
+    block = Tensor.zeros(size // 4, dtype=dtypes.float32, device=dev).contiguous().realize()  # int32 indices
+    Device[dev].synchronize()
+    after, smi_after = device_memory(dev), nvidia_smi_memory()
+    ref_drop = None if smi is None or smi_after is None else smi[0] - smi_after[0]
+    emit(alloc=size, planner_drop=mem.free - after.free, ref_drop=ref_drop)
+    del block
+
+
+def graph_state(eng: Any) -> str:
+    """How the engine's decode step runs: as a device graph, kernel by kernel (the device has no graphs, or
+    JIT=2), or kernel by kernel after a graph failed."""
+    from cluster.engine.shard import uses_graphs
+
+    return "fell back" if not eng.jit_graphs else "graph" if uses_graphs(eng._decode_jit) else "kernels"
+
+
+def run_tokens(shards: list[Any], prompt: list[int], n: int) -> list[int]:
+    from cluster.generation import step
+    from cluster.sampling import SamplingParams
+
+    sid = "check"
+    for s in shards:
+        s.new_session(sid)
+    try:
+        ids, out = list(prompt), []
+        for _ in range(n):
+            token = step(shards, sid, ids, SamplingParams(), 0).token
+            assert token is not None
+            out.append(token)
+            ids = [token]
+        return out
+    finally:
+        for s in shards:
+            s.end_session(sid)
+
+
+def w_correctness(a: dict[str, Any]) -> None:
+    """The CPU tests' checks on the device: test_engine's reference and float16 cases, and the splits."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import ALL_MODELS, BUCKETS, FIXTURES, log_softmax, reference, reference_logits
+
+    from cluster.engine.shard import ShardEngine
+
+    dev = a["device"]
+
+    def engine(name: str, dtype: str | None, start: int = 0, end: int | None = None) -> ShardEngine:
+        return ShardEngine(
+            FIXTURES / name, start, end, device=dev, dtype=dtype, prefill_buckets=BUCKETS, max_context=128
+        )
+
+    def logprobs(r: Any, vocab: int) -> np.ndarray:
+        v = np.full(vocab, -np.inf)
+        for i, lp in r.top:
+            v[i] = lp
+        return v
+
+    def check_reference(name: str, dtype: str) -> None:
+        ref, logits = reference(name), reference_logits(name)
+        prompt, greedy, V = ref["prompt_ids"], ref["greedy_ids"], logits.shape[1]
+        t0 = time.perf_counter()
+        eng = engine(name, dtype)
+        sid = eng.new_session()
+        got, errs, want = [], [], []
+        # float32: free-running greedy against the reference (test_matches_reference_logits_and_greedy);
+        # float16: teacher-forced on the reference's tokens (test_float16_compute_stays_close_to_the_reference)
+        forced = dtype != "float32"
+        feed = greedy[:5] if forced else greedy[:-1]
+        r = eng.forward(sid, np.array(prompt), logprobs=V)
+        for i in range(len(feed) + 1):
+            row = logits[len(prompt) - 1 + i]
+            got.append(r.token)
+            want.append(int(np.argmax(row)) if forced else greedy[i])
+            errs.append(float(np.abs(logprobs(r, V) - log_softmax(row)).max()))
+            if i < len(feed):
+                r = eng.forward(sid, np.array([feed[i] if forced else got[-1]]), logprobs=V)
+        tol = 0.15 if forced else 1e-3
+        ok = got == want and max(errs) < tol
+        record = {"check": "reference", "model": name, "dtype": dtype, "positions": len(got), "tokens_ok": got == want}
+        emit(**record, max_err=max(errs), tol=tol, ok=ok, graphs=graph_state(eng), seconds=time.perf_counter() - t0)
+
+    wholes: dict[str, list[int]] = {}
+
+    def check_split(name: str, cuts: list[int]) -> None:
+        t0 = time.perf_counter()
+        prompt = reference(name)["prompt_ids"]
+        if name not in wholes:
+            wholes[name] = run_tokens([engine(name, None)], prompt, 12)
+        shards = [engine(name, None, lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+        same = run_tokens(shards, prompt, 12) == wholes[name]
+        record = {"check": "split", "model": name, "dtype": shards[0].info()["dtype"], "cuts": cuts}
+        emit(**record, ok=same, tokens_ok=same, seconds=time.perf_counter() - t0)
+
+    # most telling first, so a timeout cuts the least: every model in the first dtype, the splits, then the rest
+    models, (first, *rest) = a["models"] or ALL_MODELS, a["dtypes"]
+    for name in models:
+        check_reference(name, first)
+    for name in a["split_models"]:
+        check_split(name, a["cuts"][0])
+    for dtype in rest:
+        for name in models:
+            check_reference(name, dtype)
+    for cuts in a["cuts"][1:]:
+        for name in a["split_models"]:
+            check_split(name, cuts)
+
+
+def w_speed(a: dict[str, Any]) -> None:
+    import numpy as np
+    from bench_engine import compile_count, decode_kernels, resident_bytes
+
+    from cluster.engine.shard import ShardEngine, dtype_name
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "warmup":  # how far a warm-up got, should the step time out in it (a long BEAM search)
+            emit(warmup_progress=f"{done}/{total} graphs at {time.perf_counter() - t0:.0f}s")
+
+    model_dir = Path(a["model_dir"])
+    t0 = time.perf_counter()
+    eng = ShardEngine(model_dir, device=a["device"], progress=progress)
+    emit(load_s=time.perf_counter() - t0, dtype=dtype_name(eng.dtype), resident_bytes=resident_bytes(eng))
+    t0 = time.perf_counter()
+    eng.warmup()
+    emit(warmup_s=time.perf_counter() - t0, graphs=graph_state(eng))
+    compiled = compile_count()
+
+    vocab = eng.cfg.vocab_size
+    prompt = np.random.default_rng(0).integers(0, vocab, a["prompt_len"])
+    ttfts = []
+    for _ in range(3):  # fresh sessions; the median is reported
+        sid = eng.new_session()
+        t0 = time.perf_counter()
+        token = eng.forward(sid, prompt).token
+        ttfts.append(time.perf_counter() - t0)
+        eng.end_session(sid)
+    emit(ttft_ms=1e3 * statistics.median(ttfts), ttft_all_ms=[1e3 * t for t in ttfts])
+    sid = eng.new_session()
+    token = eng.forward(sid, prompt).token
+    for _ in range(2):
+        token = eng.forward(sid, np.array([token])).token
+    steps = []
+    for _ in range(a["tokens"]):
+        t0 = time.perf_counter()
+        token = eng.forward(sid, np.array([token])).token
+        steps.append(time.perf_counter() - t0)
+    assert token is not None
+    emit(
+        decode_tok_s=len(steps) / sum(steps),
+        step_ms_median=1e3 * statistics.median(steps),
+        step_ms_min=1e3 * min(steps),
+    )
+    kernels, launches = decode_kernels(eng, sid, token)
+    emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
+
+
+def w_cluster(a: dict[str, Any]) -> None:
+    import secrets
+    import tempfile
+
+    from bench_cluster import _terminate, make_prompt, measure_clusters
+
+    signal.signal(signal.SIGTERM, _terminate)  # a timeout unwinds through the code that stops the nodes
+    os.environ.setdefault("CLUSTERCTL_TOKEN", secrets.token_urlsafe(32))
+    model_dir = Path(a["model_dir"])
+    prompt = make_prompt(model_dir, a["cluster_prompt_len"])
+    log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-cluster-"))
+    emit(log_dir=str(log_dir), jit=a["jit"])
+    results = measure_clusters([1, 2], model_dir, prompt, a["cluster_tokens"], a["cluster_runs"], 1, log_dir, note)
+    for r in results:
+        emit(nodes=r.nodes, layers=r.layers, place_s=r.place_s, ttft_ms=r.ttft_ms, tok_s=r.tok_s)
+
+
+def w_peer(a: dict[str, Any]) -> None:
+    import numpy as np
+
+    model_dir = Path(a["model_dir"])
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompt = np.random.default_rng(0).integers(0, vocab, a["prompt_len"])
+    device = "cpu" if is_host(a["device"]) else "cuda"
+    for dtype in a["peer_dtypes"]:
+        cmd = [a["ref_python"], str(BENCH_DIR / "peer_transformers.py"), str(model_dir), "--dtype", dtype]
+        cmd += [
+            "--prompt",
+            ",".join(str(int(t)) for t in prompt),
+            "--tokens",
+            str(a["peer_tokens"]),
+            "--device",
+            device,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=no_site_env())
+        if proc.returncode != 0:
+            note(f"peer {dtype} failed:\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r.pop("tokens", None)
+        emit(**r)
+
+
+def w_build(a: dict[str, Any]) -> None:
+    from random_checkpoint import ensure_checkpoint
+
+    t0 = time.perf_counter()
+    path, built = ensure_checkpoint(a["preset"], Path(a["cache_dir"]), 0, a["bits"])
+    emit(model_dir=str(path), built=built, seconds=time.perf_counter() - t0)
+
+
+WORKERS = {
+    "bandwidth": w_bandwidth,
+    "memory": w_memory,
+    "correctness": w_correctness,
+    "speed": w_speed,
+    "cluster": w_cluster,
+    "peer": w_peer,
+    "build": w_build,
+}
+
+
+# ============================================================================================== driver side
+@dataclass
+class StepResult:
+    label: str
+    kind: str
+    status: str = "skipped"  # ok | failed (rc N) | timeout | skipped (budget) | skipped (...)
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    tail: str = ""
+
+    @property
+    def merged(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for r in self.records:
+            out.update(r)
+        return out
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace, cfg: dict[str, Any]):
+        self.args, self.cfg = args, cfg
+        self.device = args.device
+        self.deadline = time.monotonic() + args.budget
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / "gpu_log.txt", "w")
+        self.results: list[StepResult] = []
+        self.builds: dict[int, subprocess.Popen[str]] = {}
+        self.built: dict[int, Path | str] = {}  # bits -> checkpoint directory, or why it is missing
+        self.cache_dir = Path(args.cache_dir)
+        self.cachedb = self.cache_dir / "tinygrad-cache.db"
+
+    def say(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.log.write(msg + "\n")
+        self.log.flush()
+
+    def env(self, beam: bool) -> dict[str, str]:
+        env = {**os.environ, "DEV": self.device, "CACHEDB": str(self.cachedb), "PYTHONUNBUFFERED": "1"}
+        for key in ("JIT", "BEAM", "JITBEAM", *self.cfg["beam_env"]):
+            env.pop(key, None)  # every step starts from tinygrad's defaults
+        return env | (self.cfg["beam_env"] if beam else {})
+
+    def start_builds(self) -> None:
+        """Checkpoints are built on the CPU while the first steps use the device."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for bits in (16, 4):
+            payload = {"preset": self.cfg["preset"], "bits": bits, "cache_dir": str(self.cache_dir)}
+            cmd = [sys.executable, str(SELF), "--worker", "build", json.dumps(payload)]
+            self.builds[bits] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def checkpoint(self, bits: int) -> Path:
+        if bits not in self.built:
+            proc = self.builds[bits]
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out = "not built within the budget"
+            records = [json.loads(x[len(MARK) :]) for x in out.splitlines() if x.startswith(MARK)]
+            if proc.returncode == 0 and records:
+                self.built[bits] = Path(records[-1]["model_dir"])
+                self.say(f"== checkpoint {self.built[bits]}: {'built' if records[-1]['built'] else 'reused'}")
+            else:
+                self.built[bits] = f"building the {bits}-bit checkpoint failed:\n{out[-2000:]}"
+        got = self.built[bits]
+        if isinstance(got, str):
+            raise RuntimeError(got)
+        return got
+
+    def run(self, label: str, kind: str, timeout: float, args: dict[str, Any]) -> StepResult:
+        res = StepResult(label, kind)
+        self.results.append(res)
+        left = self.deadline - time.monotonic()
+        if left < MIN_STEP_S:
+            res.status = "skipped (budget)"
+            self.say(f"== {label}: skipped, {left:.0f}s of the budget left")
+            return res
+        t0 = time.monotonic()
+        try:
+            if "bits" in args:
+                args = {**args, "model_dir": str(self.checkpoint(args["bits"]))}
+            if kind == "peer":
+                args = {**args, "model_dir": str(self.checkpoint(16))}
+        except Exception as e:  # noqa: BLE001 - the report says why, the other steps go on
+            res.status, res.tail = "failed (checkpoint)", str(e)
+            self.say(f"== {label}: {e}")
+            return res
+        limit = min(timeout, self.deadline - time.monotonic())
+        beam = bool(args.get("beam"))
+        if kind == "cluster" and self.ok(f"fp16 {self.cfg['beam_label']}"):
+            beam = True  # the nodes find every kernel's BEAM result in the cache the speed step filled
+        payload = {**self.cfg, **args, "device": self.device, "ref_python": self.args.ref_python}
+        payload["jit"] = self.cfg["beam_label"] if beam else "default JIT settings"
+        self.say(f"== {label}: {kind}, limit {limit:.0f}s" + (f", {self.cfg['beam_label']}" if beam else ""))
+        cmd = [sys.executable, str(SELF), "--worker", kind, json.dumps(payload)]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env(beam),
+            cwd=ROOT,
+            start_new_session=True,  # one process group: a timeout kills what the step started too
+        )
+        lines: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                if line.startswith(MARK):
+                    try:
+                        res.records.append(json.loads(line[len(MARK) :]))
+                    except json.JSONDecodeError:
+                        pass
+                self.say(f"   {line}")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=limit)
+            res.status = "ok" if rc == 0 else f"failed (rc {rc})"
+        except subprocess.TimeoutExpired:
+            res.status = f"timeout ({limit:.0f}s)"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        reader.join(timeout=5)
+        res.seconds = time.monotonic() - t0
+        if res.status != "ok":
+            res.tail = "\n".join(line for line in lines[-25:] if not line.startswith(MARK))
+        self.say(f"== {label}: {res.status} in {res.seconds:.0f}s")
+        return res
+
+    def ok(self, label: str) -> bool:
+        return any(r.label == label and r.status == "ok" for r in self.results)
+
+    def result(self, label: str) -> StepResult | None:
+        return next((r for r in self.results if r.label == label), None)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "—"
+
+
+def run_out(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def meta(d: Driver) -> dict[str, Any]:
+    card = run_out(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    commit = run_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "unknown"
+    if run_out(["git", "-C", str(ROOT), "status", "--porcelain", "cluster", "bench"]):
+        commit += " with uncommitted changes in cluster/ or bench/"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "dry run (CPU)" if d.args.dry_run else "GPU",
+        "device": d.device,
+        "card": card or f"{cpu_model()}, {os.cpu_count()} cores",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "clusterctl": commit,
+        "packages": {n: pkg(n) for n in ("tinygrad", "numpy", "grpcio", "protobuf", "torch", "transformers")},
+        "cuda_path": os.environ.get("CUDA_PATH", ""),
+        "nvrtc_path": os.environ.get("NVRTC_PATH", ""),
+        "budget_s": d.args.budget,
+        "preset": d.cfg["preset"],
+    }
+
+
+def fmt(x: Any, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else "**pass**" if ok else "**FAIL**"
+
+
+Section = tuple[list[str], list[tuple[str, bool | None]]]  # markdown lines, (target, met or None)
+
+
+def floor_bandwidth(m: dict[str, Any]) -> tuple[float | None, str]:
+    """The bandwidth a decode step's floor is computed from, and how it was measured."""
+    if "torch_copy" in m:
+        text = f"torch device copy {m['torch_copy'] / 1e12:.2f} TB/s (read + write counted)"
+        if "tinygrad_read" in m:
+            text += f"; tinygrad jitted sum {m['tinygrad_read'] / 1e12:.2f} TB/s (no BEAM)"
+        return m["torch_copy"], text
+    if "tinygrad_read" in m:
+        return m["tinygrad_read"], f"tinygrad jitted sum {m['tinygrad_read'] / 1e12:.2f} TB/s (no BEAM: a lower bound)"
+    if "host_read" in m:
+        return m["host_read"], f"numpy read {m['host_read'] / 1e9:.1f} GB/s (one thread)"
+    return None, "not measured"
+
+
+def memory_section(m: dict[str, Any]) -> Section:
+    if "planner_free" not in m:
+        return [], []
+    gib = 2**30
+    line = f"Memory: the planner sees {m['planner_free'] / gib:.2f} GiB free of {m['planner_total'] / gib:.2f} GiB"
+    line += f" (source {m['source']})" if "source" in m else ""
+    if "ref_free" not in m:
+        return [line, ""], []
+    diff = (m["planner_free"] - m["ref_free"]) / 2**20
+    line += f"; {m['ref']}: {m['ref_free'] / gib:.2f} of {m['ref_total'] / gib:.2f} GiB ({diff:+.0f} MiB)"
+    ok = abs(diff) <= 256 and abs(m["planner_total"] - m["ref_total"]) <= 64 << 20
+    if "planner_drop" in m:
+        ref_drop = "—" if m["ref_drop"] is None else f"{m['ref_drop'] / gib:.2f}"
+        line += (
+            f"; after tinygrad allocates {m['alloc'] / gib:.0f} GiB, free drops {m['planner_drop'] / gib:.2f} GiB "
+            f"(nvidia-smi: {ref_drop})"
+        )
+        ok = ok and abs(m["planner_drop"] - m["alloc"]) < 0.1 * m["alloc"]
+    return [line, ""], [("free memory as the planner sees it matches the reference", ok)]
+
+
+def correctness_section(step: StepResult | None) -> Section:
+    checks = [r for r in (step.records if step else []) if "check" in r]
+    if not checks or step is None:
+        return [], []
+    out = [
+        "| check | model | dtype | positions / cuts | tokens equal | max logprob err | tol | graphs | ok |",
+        "|" + "---|" * 9,
+    ]
+    for c in checks:
+        where = c.get("positions") if c["check"] == "reference" else c.get("cuts")
+        out.append(
+            f"| {c['check']} | {c['model']} | {c['dtype']} | {where} | {c['tokens_ok']} "
+            f"| {fmt(c.get('max_err'), '.1e')} | {c.get('tol', '—')} | {c.get('graphs', '—')} | {verdict(c['ok'])} |"
+        )
+    out += [
+        "",
+        "Reference: the fixtures' transformers / mlx-lm fp32 logits. float32: free-running greedy with the CPU "
+        "tests' tolerance; float16: teacher-forced on the reference tokens, tolerance 0.15 as in test_engine; "
+        "split: the shards in a chain give the whole model's greedy tokens (engine default dtype).",
+        "",
+    ]
+    return out, [("correctness on the device", step.status == "ok" and all(c["ok"] for c in checks))]
+
+
+def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any]) -> Section:
+    if not rows:
+        return [], []
+    out = [
+        "| variant | dtype | warm-up s | TTFT ms | decode tok/s | ms/token | kernels/step (launches) | graphs "
+        "| resident GB | achieved GB/s | floor tok/s | % of floor | compiles after warm-up |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        s = r.merged
+        tok_s, res_b = s.get("decode_tok_s"), s.get("resident_bytes")
+        floor = bw / res_b if bw and res_b else None
+        kern = f"{s['kernels']} ({s['launches']})" if "kernels" in s else "—"
+        graphs = s.get("graphs", "—")
+        out.append(
+            f"| {r.label}{'' if r.status == 'ok' else f' ({r.status})'} | {s.get('dtype', '—')} "
+            f"| {fmt(s.get('warmup_s')) if 'warmup_s' in s else s.get('warmup_progress', '—')} "
+            f"| {fmt(s.get('ttft_ms'))} | {fmt(tok_s)} "
+            f"| {fmt(s.get('step_ms_median'), '.2f')} | {kern} | {graphs} | {num(res_b and res_b / 1e9)} "
+            f"| {num(tok_s and res_b and tok_s * res_b / 1e9)} | {num(floor)} "
+            f"| {fmt(tok_s and floor and 100 * tok_s / floor, '.0f')}% | {s.get('compiles_after_warmup', '—')} |"
+        )
+    out += [
+        "",
+        f"Decode: {cfg['tokens']} greedy tokens after 2 warm ones, wall clock per `forward`. TTFT: a fresh "
+        f"session's {cfg['prompt_len']}-token prompt, prefill plus the first token, median of 3. Kernels/step: the "
+        "decode + greedy JITs' kernels (graph batches expanded); launches as GlobalCounters counted them. Compiles: "
+        "kernels lowered + programs loaded after warm-up. A second start is a new process on the same CACHEDB.",
+        "",
+    ]
+
+    def best(prefix: str, key: str, lowest: bool = False) -> float | None:
+        vals = [r.merged[key] for r in rows if r.label.startswith(prefix) and key in r.merged]
+        return (min(vals) if lowest else max(vals)) if vals else None
+
+    fp16, q4, ttft = best("fp16", "decode_tok_s"), best("q4", "decode_tok_s"), best("", "ttft_ms", True)
+    compiles = [r.merged["compiles_after_warmup"] for r in rows if "compiles_after_warmup" in r.merged]
+    targets: list[tuple[str, bool | None]] = [
+        (f"fp16 decode >= {TARGETS['fp16_tok_s']} tok/s (best {fmt(fp16)})", at_least(fp16, TARGETS["fp16_tok_s"])),
+        (f"q4 decode >= {TARGETS['q4_tok_s']} tok/s (best {fmt(q4)})", at_least(q4, TARGETS["q4_tok_s"])),
+        (f"TTFT <= {TARGETS['ttft_ms']} ms (best {fmt(ttft)})", None if ttft is None else ttft <= TARGETS["ttft_ms"]),
+        ("zero compilations after warm-up", (max(compiles) == 0) if compiles else None),
+    ]
+    by_label = {r.label: r.merged for r in rows}
+    for label, second in by_label.items():
+        first = by_label.get(label.removesuffix(SECOND), {})
+        if label.endswith(SECOND) and "warmup_s" in first and "warmup_s" in second:
+            w1, w2 = first["warmup_s"], second["warmup_s"]
+            name = f"{label.removesuffix(SECOND)}: a second start warms up in half the time ({w1:.1f} -> {w2:.1f} s)"
+            targets.append((name, w2 < 0.5 * w1))
+    return out, targets
+
+
+def cluster_section(step: StepResult | None, cfg: dict[str, Any]) -> Section:
+    nodes = [r for r in (step.records if step else []) if "nodes" in r]
+    if not nodes or step is None:
+        return [], []
+    base = next((r["tok_s"] for r in nodes if r["nodes"] == 1), None)
+    out = [
+        f"Cluster on one device: `clusterctl join` processes on 127.0.0.1 talking gRPC, the 16-bit checkpoint, "
+        f"{step.merged.get('jit')}, {cfg['cluster_tokens']} tokens, median of {cfg['cluster_runs']} requests",
+        "",
+        "| nodes | layers | time to place s | TTFT ms | decode tok/s | vs 1 node |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in nodes:
+        share = f"{100 * r['tok_s'] / base:.0f}%" if base else "—"
+        layers = ", ".join(r["layers"])
+        out.append(
+            f"| {r['nodes']} | {layers} | {r['place_s']:.1f} | {r['ttft_ms']:.0f} | {r['tok_s']:.1f} | {share} |"
+        )
+    two = next((r["tok_s"] for r in nodes if r["nodes"] == 2), None)
+    if not (base and two):
+        return out + [""], []
+    share = two / base
+    return out + [""], [(f"2 nodes keep >= 85% of 1 node ({100 * share:.0f}%)", share >= TARGETS["cluster_share"])]
+
+
+def peer_section(step: StepResult | None) -> Section:
+    peers = [r for r in (step.records if step else []) if "decode_tok_s" in r]
+    if not peers:
+        return [], []
+    out = ["| peer | dtype | device | load s | TTFT ms | decode tok/s |", "|---|---|---|---|---|---|"]
+    for p in peers:
+        out.append(
+            f"| HF transformers {p['transformers']} (torch {p['torch']}, {p['attn']}) | {p['dtype']} | {p['device']} "
+            f"| {p['load_s']:.1f} | {p['ttft_ms']:.0f} | {p['decode_tok_s']:.1f} |"
+        )
+    return out + ["", "Peer: bench/peer_transformers.py, greedy over a DynamicCache, one token per forward.", ""], []
+
+
+def report(d: Driver, info: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None]]]:
+    bw_step = d.result("bandwidth")
+    bw, bw_text = floor_bandwidth(bw_step.merged if bw_step else {})
+    p = info["packages"]
+    out = [
+        f"### GPU bench ({info['mode']}): {info['card']}, {info['date']}",
+        "",
+        f"- tinygrad {p['tinygrad']}, Python {info['python']}, numpy {p['numpy']}, torch {p['torch']}, "
+        f"transformers {p['transformers']}; clusterctl {info['clusterctl']}; DEV={info['device']}",
+        f"- bandwidth for the floor: {bw_text}",
+        f"- checkpoint: `{info['preset']}` with random weights (bench/random_checkpoint.py), bf16 on disk, computed "
+        "in the engine's default dtype; q4: its MLX affine 4-bit form, group 64",
+        "",
+        "| step | status | s |",
+        "|---|---|---|",
+        *[f"| {r.label} | {r.status} | {r.seconds:.0f} |" for r in d.results],
+        "",
+    ]
+    mem = d.result("memory")
+    sections = [
+        memory_section(mem.merged if mem else {}),
+        correctness_section(d.result("correctness")),
+        speed_section([r for r in d.results if r.kind == "speed"], bw, d.cfg),
+        cluster_section(d.result("cluster"), d.cfg),
+        peer_section(d.result("peer")),
+    ]
+    targets = [t for _, ts in sections for t in ts]
+    for lines, _ in sections:
+        out += lines
+    out += ["Targets (issue 5):", "", *[f"- {name}: {verdict(ok)}" for name, ok in targets]]
+    if d.args.dry_run:
+        out += ["", "Dry run: the speed targets are for a GPU; here the pipeline, the checks and the counts matter."]
+    for r in d.results:
+        if r.tail:
+            out += ["", f"<details><summary>{r.label}: {r.status}</summary>", "", "```", r.tail, "```", "</details>"]
+    return "\n".join(out) + "\n", targets
+
+
+def at_least(x: float | None, bar: float) -> bool | None:
+    return None if x is None else x >= bar
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="the CPU, tiny models, short counts")
+    ap.add_argument("--device", help="tinygrad device (default CUDA, or CPU with --dry-run)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(BENCH_DIR / ".gpu-out"), help="results folder")
+    ap.add_argument("--budget", type=float, help="seconds for every step together")
+    ap.add_argument("--only", help="comma-separated step labels to run (default: all)")
+    ap.add_argument("--cache-dir", default=str(BENCH_DIR / ".cache"), help="checkpoints and tinygrad's CACHEDB")
+    ap.add_argument("--fresh-cache", action="store_true", help="delete the CACHEDB first: a cold first start")
+    ap.add_argument("--ref-python", help="a Python with torch + transformers (default: this one on the GPU)")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.device = args.device or ("CPU" if args.dry_run else "CUDA")
+    args.ref_python = args.ref_python or (REF_PYTHON_CPU if args.dry_run else sys.executable)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(BENCH_DIR))
+    if args.worker:
+        kind, payload = args.worker
+        WORKERS[kind](json.loads(payload))
+        return 0
+
+    cfg = DRY if args.dry_run else FULL
+    args.budget = args.budget or cfg["budget"]
+    d = Driver(args, cfg)
+    if args.fresh_cache:
+        d.cachedb.unlink(missing_ok=True)
+    d.say(f"bench_gpu: {'dry run on ' if args.dry_run else ''}{d.device}, budget {args.budget:.0f}s, out {d.out}")
+    d.say(f"CACHEDB {d.cachedb} ({'exists' if d.cachedb.exists() else 'new'}); checkpoints in {d.cache_dir}")
+    d.start_builds()
+    only = set(args.only.split(",")) if args.only else None
+    t0 = time.monotonic()
+    for label, kind, timeout, step_args in PLAN:
+        label = label.format(beam=cfg["beam_label"])
+        if only is None or label in only:
+            d.run(label, kind, timeout, step_args)
+    for proc in d.builds.values():
+        if proc.poll() is None:
+            proc.kill()
+    info = meta(d)
+    text, targets = report(d, info)
+    d.say("\n" + text)
+    (d.out / "gpu_results.md").write_text(text)
+    steps = [vars(r) for r in d.results]
+    data = {"meta": info, "config": cfg, "steps": steps, "targets": [{"name": n, "ok": ok} for n, ok in targets]}
+    (d.out / "gpu_results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    d.say(f"bench_gpu: {time.monotonic() - t0:.0f}s; wrote {d.out}/gpu_results.md, gpu_results.json, gpu_log.txt")
+    d.log.close()
+    ran = [r for r in d.results if not r.status.startswith("skipped")]
+    return 0 if ran and all(r.status == "ok" for r in d.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
