@@ -85,6 +85,43 @@ def _node_option(f: Any) -> Any:
     )(f)
 
 
+def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> Callable[[Any], Any]:
+    """--device, --dtype, --max-context and --models-dir, for `join` and for `run` (the node or the local engine it
+    starts). envvars: also read from CLUSTERCTL_* environment variables, as `join` does."""
+
+    def env(name: str) -> dict[str, Any]:
+        return {"envvar": f"CLUSTERCTL_{name}", "show_envvar": True} if envvars else {}
+
+    options = [
+        click.option(
+            "--device",
+            **env("DEVICE"),
+            default=None,
+            help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.",
+        ),
+        click.option(
+            "--dtype", **env("DTYPE"), type=click.Choice(["float32", "float16"]), default=None, help=dtype_help
+        ),
+        click.option(
+            "--max-context", **env("MAX_CONTEXT"), type=click.IntRange(min=16), default=4096, show_default=True
+        ),
+        click.option(
+            "--models-dir",
+            **env("MODELS_DIR"),
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help=models_dir_help,
+        ),
+    ]
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):  # the last applied is listed first
+            f = option(f)
+        return f
+
+    return decorate
+
+
 def _resolve_token(token: str | None, token_file: Path | None) -> str | None:
     from cluster.auth import TokenError, resolve_token
 
@@ -163,19 +200,11 @@ def _fail(e: Exception) -> NoReturn:
     help="When this command starts its own node: do not use mDNS (it then works alone or with --peer).",
 )
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="For the node this command starts.")
-@click.option("--device", default=None, help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default=None,
-    help="Compute dtype. Default: float32 on CPU, float16 on accelerators.",
-)
-@click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
-@click.option(
-    "--models-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where models live (--local: the Hugging Face cache by default; a node: ~/.cache/clusterctl/models).",
+@_engine_options(
+    envvars=False,
+    dtype_help="Compute dtype. Default: float32 on CPU, float16 on accelerators.",
+    models_dir_help="Where models live (--local: the Hugging Face cache by default; a node: "
+    "~/.cache/clusterctl/models).",
 )
 def run_cmd(
     model: str,
@@ -482,20 +511,10 @@ class _LocalTurns:
     default=None,
     help="Node name shown to the cluster. Default: the host name.",
 )
-@click.option(
-    "--device",
-    envvar="CLUSTERCTL_DEVICE",
-    show_envvar=True,
-    default=None,
-    help="tinygrad device (CPU, CUDA, AMD, CL, ...). Default: tinygrad's.",
-)
-@click.option(
-    "--dtype",
-    envvar="CLUSTERCTL_DTYPE",
-    show_envvar=True,
-    type=click.Choice(["float32", "float16"]),
-    default=None,
-    help="Compute dtype.",
+@_engine_options(
+    envvars=True,
+    dtype_help="Compute dtype.",
+    models_dir_help="Where models pulled from peers are kept. Default: ~/.cache/clusterctl/models.",
 )
 @click.option(
     "--memory",
@@ -505,14 +524,6 @@ class _LocalTurns:
     default=None,
     metavar="GiB",
     help="Memory this node offers, instead of what its device reports free.",
-)
-@click.option(
-    "--models-dir",
-    envvar="CLUSTERCTL_MODELS_DIR",
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where models pulled from peers are kept. Default: ~/.cache/clusterctl/models.",
 )
 @click.option(
     "--peer",
@@ -538,14 +549,6 @@ class _LocalTurns:
     multiple=True,
     metavar="ADDR",
     help="Announce and browse only on the interface with this IPv4 address (repeatable). Default: all.",
-)
-@click.option(
-    "--max-context",
-    envvar="CLUSTERCTL_MAX_CONTEXT",
-    show_envvar=True,
-    type=click.IntRange(min=16),
-    default=4096,
-    show_default=True,
 )
 @click.option(
     "--api-port",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
 
 import grpc
 
@@ -22,6 +22,9 @@ from cluster import auth
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
 from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -123,26 +126,36 @@ class PlanView:
     left_out: list[str]
 
 
-def _options(
-    model: str,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    min_p: float | None,
-    repetition_penalty: float | None,
-    seed: int | None,
-    stop: Sequence[str],
-    logprobs: int,
-) -> pb.GenerationOptions:
-    sampling = pb.SamplingParams()
-    chosen = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-    chosen |= {"repetition_penalty": repetition_penalty, "seed": seed}
-    for name, value in chosen.items():
-        if value is not None:
-            setattr(sampling, name, value)
+class RequestOptions(TypedDict, total=False):
+    """The keyword arguments that `generate` and `chat` take, on Client and AsyncClient alike. Unset (or None)
+    sampling values take the model's generation_config.json defaults."""
+
+    max_tokens: int  # default 256
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    seed: int | None
+    stop: Sequence[str]  # default none
+    logprobs: int  # the top K logprobs of each token; default 0
+
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+def _options(model: str, options: Mapping[str, Any]) -> pb.GenerationOptions:
+    # checked here because **options accepts any name at run time, whatever the type checker says
+    unknown = set(options) - RequestOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
+    sampling = pb.SamplingParams(**{k: options[k] for k in _SAMPLING if options.get(k) is not None})
     return pb.GenerationOptions(
-        model=model, max_tokens=max_tokens, sampling=sampling, stop=list(stop), logprobs=logprobs
+        model=model,
+        max_tokens=options.get("max_tokens", 256),
+        sampling=sampling,
+        stop=list(options.get("stop", ())),
+        logprobs=options.get("logprobs", 0),
     )
 
 
@@ -175,23 +188,6 @@ class _Assembler:
         return Chunk(tail, finish_reason=d.finish_reason, usage=usage, timing=timing, tokens=list(d.tokens))
 
 
-def _node_view(n: pb.NodeInfo) -> NodeView:
-    shards = [
-        {
-            "model_id": s.model_id,
-            "layers": [s.start, s.end],
-            "device": s.device,
-            "bytes": s.weight_bytes,
-            "sessions": s.sessions,
-            "memory_used": s.memory_used,
-        }
-        for s in n.shards
-    ]
-    return NodeView(
-        n.node_id, n.name, f"{n.host}:{n.port}", n.device, n.device_kind, n.total_memory, n.free_memory, shards
-    )
-
-
 def _plan_view(p: pb.PlanResponse) -> PlanView:
     shards = [
         {
@@ -207,11 +203,44 @@ def _plan_view(p: pb.PlanResponse) -> PlanView:
     return PlanView(p.model_id, p.num_layers, p.max_context, shards, list(p.left_out))
 
 
-def _messages(messages: Iterable[Mapping[str, str]]) -> list[pb.ChatMessage]:
-    return [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+Stream = TypeVar("Stream")  # Iterator[Chunk] for Client, AsyncIterator[Chunk] for AsyncClient
 
 
-class Client:
+class _Requests(Generic[Stream]):
+    """`generate` and `chat`, written once for both clients; each client says how a request streams."""
+
+    def _stream(self, method: str, request: Any, on_progress: ProgressCallback | None) -> Stream:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        raw: bool = False,
+        on_progress: ProgressCallback | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Stream:
+        """Complete `prompt` (as one user message through the chat template; raw=True sends it as is).
+        `options`: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, logprobs."""
+        request = pb.GenerateRequest(options=_options(model, options), prompt=prompt, raw=raw)
+        return self._stream("Generate", request, on_progress)
+
+    def chat(
+        self,
+        model: str,
+        messages: Iterable[Mapping[str, str]],
+        *,
+        on_progress: ProgressCallback | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Stream:
+        """Answer `messages` ([{"role": ..., "content": ...}, ...]) through the model's chat template; `options`
+        as for `generate`."""
+        chat = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+        return self._stream("Chat", pb.ChatRequest(options=_options(model, options), messages=chat), on_progress)
+
+
+class Client(_Requests[Iterator[Chunk]]):
     """Blocking client for one node (any node of the cluster coordinates the requests it receives)."""
 
     def __init__(
@@ -277,57 +306,12 @@ class Client:
             finally:
                 stream.cancel()  # a consumer that stops early ends the session on the cluster
 
-    def generate(
-        self,
-        model: str,
-        prompt: str,
-        *,
-        raw: bool = False,
-        max_tokens: int = 256,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        logprobs: int = 0,
-        on_progress: ProgressCallback | None = None,
-    ) -> Iterator[Chunk]:
-        """Complete `prompt` (as one user message through the chat template; raw=True sends it as is).
-        Unset sampling values take the model's generation_config.json defaults."""
-        options = _options(
-            model, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, logprobs
-        )
-        request = pb.GenerateRequest(options=options, prompt=prompt, raw=raw)
-        return self._stream("Generate", request, on_progress)
-
-    def chat(
-        self,
-        model: str,
-        messages: Iterable[Mapping[str, str]],
-        *,
-        max_tokens: int = 256,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        logprobs: int = 0,
-        on_progress: ProgressCallback | None = None,
-    ) -> Iterator[Chunk]:
-        """Answer `messages` ([{"role": ..., "content": ...}, ...]) through the model's chat template."""
-        options = _options(
-            model, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, logprobs
-        )
-        request = pb.ChatRequest(options=options, messages=_messages(messages))
-        return self._stream("Chat", request, on_progress)
-
     def nodes(self) -> list[NodeView]:
         try:
-            return [_node_view(n) for n in self._stub.Nodes(pb.NodesRequest(), timeout=self.timeout or 10).nodes]
+            return [
+                NodeView(**wire.node_info_dict(n))
+                for n in self._stub.Nodes(pb.NodesRequest(), timeout=self.timeout or 10).nodes
+            ]
         except grpc.RpcError as e:
             raise map_error(e, self.node) from None
 
@@ -348,7 +332,7 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Requests[AsyncIterator[Chunk]]):
     """The same calls for asyncio code (grpc.aio); `generate` and `chat` are async iterators."""
 
     def __init__(self, node: str = DEFAULT_NODE, *, token: str | None = None, timeout: float | None = None):
@@ -358,9 +342,9 @@ class AsyncClient:
         self._channel = auth.secure_aio_channel(node, _token(token), options)
         self._stub = pb_grpc.ClusterStub(self._channel)
 
-    async def _stream(self, call: Any, request: Any, on_progress: ProgressCallback | None) -> AsyncIterator[Chunk]:
+    async def _stream(self, method: str, request: Any, on_progress: ProgressCallback | None) -> AsyncIterator[Chunk]:
         assemble = _Assembler(on_progress)
-        stream = call(request, timeout=self.timeout)
+        stream = getattr(self._stub, method)(request, timeout=self.timeout)
         try:
             async for msg in stream:
                 chunk = assemble(msg)
@@ -371,22 +355,12 @@ class AsyncClient:
         finally:
             stream.cancel()
 
-    def generate(self, model: str, prompt: str, *, raw: bool = False, **kwargs: Any) -> AsyncIterator[Chunk]:
-        on_progress = kwargs.pop("on_progress", None)
-        request = pb.GenerateRequest(options=_kwargs_options(model, kwargs), prompt=prompt, raw=raw)
-        return self._stream(self._stub.Generate, request, on_progress)
-
-    def chat(self, model: str, messages: Iterable[Mapping[str, str]], **kwargs: Any) -> AsyncIterator[Chunk]:
-        on_progress = kwargs.pop("on_progress", None)
-        request = pb.ChatRequest(options=_kwargs_options(model, kwargs), messages=_messages(messages))
-        return self._stream(self._stub.Chat, request, on_progress)
-
     async def nodes(self) -> list[NodeView]:
         try:
             response = await self._stub.Nodes(pb.NodesRequest(), timeout=self.timeout or 10)
         except grpc.RpcError as e:
             raise map_error(e, self.node) from None
-        return [_node_view(n) for n in response.nodes]
+        return [NodeView(**wire.node_info_dict(n)) for n in response.nodes]
 
     async def plan(self, model: str) -> PlanView:
         try:
@@ -402,22 +376,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _kwargs_options(model: str, kwargs: dict[str, Any]) -> pb.GenerationOptions:
-    known = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "logprobs")
-    unknown = set(kwargs) - set(known)
-    if unknown:
-        raise TypeError(f"unexpected arguments: {sorted(unknown)}")
-    return _options(
-        model,
-        kwargs.get("max_tokens", 256),
-        kwargs.get("temperature"),
-        kwargs.get("top_p"),
-        kwargs.get("top_k"),
-        kwargs.get("min_p"),
-        kwargs.get("repetition_penalty"),
-        kwargs.get("seed"),
-        kwargs.get("stop", ()),
-        kwargs.get("logprobs", 0),
-    )

@@ -281,28 +281,7 @@ class Node:
 
     async def status(self) -> dict[str, Any]:
         """What the dashboard shows: members with their shards, the current plans, speed per model."""
-        nodes = []
-        for n in await self.nodes():
-            shards = [
-                {
-                    "model_id": s.model_id,
-                    "layers": [s.start, s.end],
-                    "sessions": s.sessions,
-                    "memory_used": s.memory_used,
-                }
-                for s in n.shards
-            ]
-            nodes.append(
-                {
-                    "name": n.name,
-                    "address": f"{n.host}:{n.port}",
-                    "device": n.device,
-                    "device_kind": n.device_kind,
-                    "total_memory": n.total_memory,
-                    "free_memory": n.free_memory,
-                    "shards": shards,
-                }
-            )
+        nodes = [wire.node_info_dict(n) for n in await self.nodes()]
         assert self.coordinator is not None
         plans = [
             {

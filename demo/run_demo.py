@@ -26,11 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/netns.py: the namespaces, shared with tests/test_netns.py
+from netns import NetnsError, Network, unavailable  # noqa: E402
+
 DEMO_MODEL = ROOT / "demo" / "pydoc-llama"
 NS_PREFIX = "ccdemo"  # every namespace the demo makes starts with this
 PORT = 50051
@@ -51,86 +54,7 @@ def say(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------- network
-def _ip(*args: str) -> str:
-    p = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if p.returncode != 0:
-        raise DemoError(f"ip {' '.join(args)}: {p.stderr.strip()}")
-    return p.stdout
-
-
-@dataclass
-class Namespaces:
-    """A bridge in namespace `switch`; host k lives in namespace `hosts[k - 1]` at 10.`subnet`.0.k."""
-
-    tag: str
-    subnet: int
-    hosts: list[str] = field(default_factory=list)
-    made: list[str] = field(default_factory=list)  # in creation order, for removal
-
-    @property
-    def switch(self) -> str:
-        return f"{self.tag}sw"
-
-    def addr(self, k: int) -> str:
-        return f"10.{self.subnet}.0.{k}"
-
-    def veth(self, k: int) -> str:
-        return f"{self.tag}v{k}"  # interface names have at most 15 characters
-
-    def build(self) -> None:
-        _ip("netns", "add", self.switch)
-        self.made.append(self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
-        _ip("-n", self.switch, "link", "set", "lo", "up")
-        for k in HOSTS:
-            ns = f"{self.tag}h{k}"
-            _ip("netns", "add", ns)
-            self.made.append(ns)
-            self.hosts.append(ns)
-            # both veth ends are created straight inside their namespaces: the machine's own sees nothing
-            _ip("link", "add", self.veth(k), "netns", ns, "type", "veth", "peer", "name", f"p{k}", "netns", self.switch)
-            _ip("-n", self.switch, "link", "set", f"p{k}", "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{self.addr(k)}/24", "dev", self.veth(k))
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", self.veth(k), "up")
-            # mDNS (224.0.0.251) leaves through the veth; there is no default route
-            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", self.veth(k))
-
-    def remove(self) -> None:
-        for ns in reversed(self.made):
-            _kill_namespace_processes(ns)
-            # deleting a namespace deletes the veth ends inside it, and with them their peers on the bridge
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        self.made.clear()
-
-
-def _kill_namespace_processes(ns: str) -> None:
-    """Whatever still runs in a namespace the demo made (a node's engine process, say) was started by it."""
-    p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
-    for pid in p.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-
-
-def namespaces_usable() -> str | None:
-    """None when this process may build network namespaces, else why not."""
-    if os.geteuid() != 0:
-        return "not root"
-    if shutil.which("ip") is None:
-        return "no `ip` (iproute2)"
-    probe = f"{NS_PREFIX}{secrets.token_hex(3)}pr"
-    try:
-        _ip("netns", "add", probe)
-    except (DemoError, OSError, subprocess.SubprocessError) as e:
-        return f"cannot make a network namespace here ({e})"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
-    return None
-
-
+# ---------------------------------------------------------------------------------------------- processes
 def _die_with_parent() -> None:
     """In a node, before exec: SIGTERM when the demo itself dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
     import ctypes
@@ -172,7 +96,7 @@ class Demo:
     def __init__(self, model: str, prompt: str, max_tokens: int, seed: int | None, mode: str):
         self.model, self.prompt, self.max_tokens, self.seed, self.mode = model, prompt, max_tokens, seed, mode
         self.workdir = Path(tempfile.mkdtemp(prefix="clusterctl-demo-"))
-        self.net: Namespaces | None = None
+        self.net: Network | None = None
         self.nodes: list[Node] = []
         self.descendants: set[int] = set()  # engine processes of loopback nodes, seen while they ran
         local_model = Path(model).expanduser().is_dir()
@@ -192,10 +116,11 @@ class Demo:
         if self.hub_model:
             self._download()
         if self.mode == "netns":
-            subnet = 16 + secrets.randbelow(200)
-            self.net = Namespaces(f"{NS_PREFIX}{secrets.token_hex(2)}", subnet)
-            say(f"Three hosts in network namespaces on one bridge (10.{subnet}.0.0/24), mDNS only between them")
-            self.net.build()
+            self.net = Network(f"{NS_PREFIX}{secrets.token_hex(2)}")
+            say(
+                f"Three hosts in network namespaces on one bridge (10.{self.net.subnet}.0.0/24), mDNS only between them"
+            )
+            self.net.build(len(HOSTS))
         else:
             say("Three nodes as processes on 127.0.0.1, mDNS kept on loopback")
         for k in HOSTS:
@@ -237,7 +162,7 @@ class Demo:
         return self.model
 
     def _in_host(self, k: int, args: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.net.hosts[k - 1], *args] if self.net else args
+        return self.net.exec(k, *args) if self.net else args
 
     def _start_node(self, k: int) -> Node:
         name = f"host{k}"
@@ -368,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode = args.mode
     if mode != "loopback":
-        why = namespaces_usable()
+        why = unavailable(NS_PREFIX)
         if why is not None:
             if mode == "netns":
                 print(f"demo: network namespaces are not available: {why}", file=sys.stderr)
@@ -400,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop as e:
         print(f"\ndemo: interrupted ({e}); cleaning up", file=sys.stderr)
         status = 130
-    except (DemoError, OSError, subprocess.SubprocessError, json.JSONDecodeError) as e:
+    except (DemoError, NetnsError, OSError, subprocess.SubprocessError, json.JSONDecodeError) as e:
         demo.dump_logs()
         print(f"\ndemo failed: {e}", file=sys.stderr)
     finally:

@@ -2,9 +2,10 @@
 hosts 2 and 3 pull the tensors of their layers from it, the nodes find each other over real mDNS inside the
 namespaces, and the output equals a local run.
 
-The network: a "switch" namespace holding a bridge, and three host namespaces, each with one veth pair whose other
-end is a port of that bridge. Nothing is created in the machine's own namespace, and a host namespace holds only
-`lo` and its veth, so mDNS (and everything else the nodes send) can only reach the other hosts through the bridge.
+The network (scripts/netns.py): a "switch" namespace holding a bridge, and three host namespaces, each with one veth
+pair whose other end is a port of that bridge. Nothing is created in the machine's own namespace, and a host
+namespace holds only `lo` and its veth, so mDNS (and everything else the nodes send) can only reach the other hosts
+through the bridge.
 
 Reference: the single-node engine run locally, `clusterctl run MODEL PROMPT --raw --json --local` in the machine's
 own namespace, greedy; the cluster's tokens must be the same.
@@ -18,13 +19,11 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,9 @@ import pytest
 from checkpoints import deepen
 from cluster_nodes import ROOT
 from conftest import FIXTURES
+
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/netns.py: the namespaces, shared with demo/run_demo.py
+from netns import NetnsError, Network, ip, unavailable  # noqa: E402
 
 PROMPT = "The small river runs past"
 MAX_TOKENS = 12
@@ -41,83 +43,25 @@ NUM_LAYERS = 6
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _ip(*args: str) -> str:
-    p = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
-    return p.stdout
-
-
 def _links(ns: str | None) -> list[dict[str, Any]]:
     """`ip -s link` of a namespace (None: the machine's own) as JSON: names, states, counters."""
-    return json.loads(_ip(*(["-n", ns] if ns else []), "-j", "-s", "link", "show"))
-
-
-@dataclass
-class Network:
-    """A bridge in namespace `switch`; host k (1-based) lives in `hosts[k - 1]` with address `addr(k)`."""
-
-    tag: str
-    subnet: int
-    switch: str
-    hosts: list[str] = field(default_factory=list)
-
-    def addr(self, k: int) -> str:
-        return f"10.{self.subnet}.0.{k}"
-
-    def veth(self, k: int) -> str:
-        return f"{self.tag}v{k}"  # at most 15 characters, as interface names must be
-
-    def exec(self, k: int, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.hosts[k - 1], *args]
-
-
-def _build_network() -> Network:
-    tag = "cx" + secrets.token_hex(3)
-    net = Network(tag, 16 + secrets.randbelow(200), f"{tag}sw")
-    try:
-        _ip("netns", "add", net.switch)
-        _ip("-n", net.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", net.switch, "link", "set", "br0", "up")
-        _ip("-n", net.switch, "link", "set", "lo", "up")
-        for k in HOSTS:
-            ns = f"{tag}h{k}"
-            _ip("netns", "add", ns)
-            net.hosts.append(ns)
-            # both ends are created straight in their namespaces: nothing appears in the machine's own
-            _ip("link", "add", net.veth(k), "netns", ns, "type", "veth", "peer", "name", f"p{k}", "netns", net.switch)
-            _ip("-n", net.switch, "link", "set", f"p{k}", "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{net.addr(k)}/24", "dev", net.veth(k))
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", net.veth(k), "up")
-            # multicast (mDNS's 224.0.0.251) leaves through the veth; there is no default route at all
-            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", net.veth(k))
-    except BaseException:
-        _remove_network(net)
-        raise
-    return net
-
-
-def _remove_network(net: Network) -> None:
-    # deleting a namespace deletes the veth ends inside it, and with them their peers on the bridge
-    for ns in [*net.hosts, net.switch]:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    return json.loads(ip(*(["-n", ns] if ns else []), "-j", "-s", "link", "show"))
 
 
 @pytest.fixture
 def network() -> Iterator[Network]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("needs `ip` (iproute2)")
+    why = unavailable("cx")
+    if why is not None:
+        pytest.skip(f"network namespaces: {why}")
+    net = Network("cx" + secrets.token_hex(3))
     try:
-        net = _build_network()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        net.build(len(HOSTS))  # removes what it made when it fails
+    except (NetnsError, OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"cannot make network namespaces here: {e}")
     try:
         yield net
     finally:
-        _remove_network(net)
+        net.remove()  # also kills what still runs inside (a node's engine process, say)
 
 
 class HostNode:
@@ -148,16 +92,6 @@ class HostNode:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-def _kill_leftovers(ns: str) -> None:
-    """Anything still running in a namespace this test made (a node's engine process, say) was started by it."""
-    p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
-    for pid in p.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def _cli(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -269,5 +203,3 @@ def test_three_hosts_in_namespaces_pull_their_layers_and_give_the_local_tokens(n
             local.wait()
         for n in nodes:
             n.stop()
-        for ns in net.hosts:
-            _kill_leftovers(ns)

@@ -108,3 +108,28 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def node_info_dict(n: pb.NodeInfo) -> dict[str, Any]:
+    """A member and its shards as plain data: the fields of the SDK's NodeView, and the dashboard's node rows."""
+    shards = [
+        {
+            "model_id": s.model_id,
+            "layers": [s.start, s.end],
+            "device": s.device,
+            "bytes": s.weight_bytes,
+            "sessions": s.sessions,
+            "memory_used": s.memory_used,
+        }
+        for s in n.shards
+    ]
+    return {
+        "node_id": n.node_id,
+        "name": n.name,
+        "address": f"{n.host}:{n.port}",
+        "device": n.device,
+        "device_kind": n.device_kind,
+        "total_memory": n.total_memory,
+        "free_memory": n.free_memory,
+        "shards": shards,
+    }
