@@ -376,6 +376,7 @@ class Coordinator:
             for attempt in range(3):
                 progress("plan", "", 0, 1)
                 plan = self._plan(ref, members)
+                progress("plan", "", 1, 1)
                 self.on_plan(plan)
                 try:
                     placed = self._load(ref, plan, progress)

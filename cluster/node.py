@@ -367,8 +367,8 @@ def _peer_info(peer: Peer) -> pb.NodeInfo:
 
 
 def _log_member(event: str, peer: Peer) -> None:
-    if event in ("joined", "left"):
-        log.warning(
+    if event in ("joined", "left"):  # info: `join` shows it; the node inside `run` keeps quiet
+        log.info(
             "node %s %s: %s (%s, %s) at %s",
             peer.name,
             event,
@@ -381,7 +381,7 @@ def _log_member(event: str, peer: Peer) -> None:
 
 def _log_plan(plan: Plan) -> None:
     ranges = ", ".join(f"{a.name} [{a.start},{a.end})" for a in plan.shards)
-    log.warning("plan for %s: %s", plan.model_id, ranges)
+    log.info("plan for %s: %s", plan.model_id, ranges)
 
 
 class _QuietServer(uvicorn.Server):
