@@ -248,7 +248,8 @@ def test_a_model_too_big_for_the_cluster_is_refused_with_the_numbers(tmp_path, m
 
 def test_peers_only_join_and_leave(tmp_path, models, single_node):
     """--peer without mDNS: two nodes, then a third joins an idle cluster and is used by the next plan, then it
-    leaves and is dropped."""
+    leaves and is dropped. Requests go through both a and b: after every change the two coordinators end up
+    sharing one copy of the model, and nothing of an old plan stays loaded."""
     a = NodeProcess("a", tmp_path, memory=2, mdns=False)
     b = NodeProcess("b", tmp_path, memory=1, mdns=False, peers=[a.address])
     c = None
@@ -258,18 +259,27 @@ def test_peers_only_join_and_leave(tmp_path, models, single_node):
         wait_for(lambda: member_names(a) == {"a", "b"} == member_names(b), 20, "peers to see each other")
         prompt = PROMPTS[0]
         assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+        assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
         with a.client() as client:
             assert [s["name"] for s in client.plan(str(models["llama32"])).shards] == ["a", "b"]
+            assert sorted(len(n.shards) for n in client.nodes()) == [1, 1]
         c = NodeProcess("c", tmp_path, memory=3, mdns=False, peers=[b.address])
         c.wait_ready()
         wait_for(lambda: member_names(a) == {"a", "b", "c"}, 20, "the new node to be known to every peer")
         assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
-        with a.client() as client:
-            held = {n.name: [s["layers"] for s in n.shards] for n in client.nodes()}
-        assert held["c"] == [[0, 3]] and held["a"] == [[3, 5]] and held["b"] == [[5, 6]]
+        assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
+
+        def held() -> dict[str, list[list[int]]]:
+            with a.client() as client:
+                return {n.name: [s["layers"] for s in n.shards] for n in client.nodes()}
+
+        # the old plan's shards go once b, their last holder, lets go (in the background)
+        wait_for(lambda: held() == {"c": [[0, 3]], "a": [[3, 5]], "b": [[5, 6]]}, 20, "one copy on the new plan")
         c.stop()
-        wait_for(lambda: member_names(a) == {"a", "b"}, 15, "the node that left to be dropped")
+        wait_for(lambda: member_names(a) == {"a", "b"} == member_names(b), 15, "the node that left to be dropped")
         assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+        assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
+        wait_for(lambda: sorted(map(len, held().values())) == [1, 1], 20, "one copy over a and b")
     finally:
         for n in (a, b, c):
             if n is not None:
