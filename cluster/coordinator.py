@@ -248,6 +248,25 @@ class Coordinator:
         for shard in list(self._streams.get(node_id, ())):
             shard.cancel()
 
+    def release_stale(self) -> None:
+        """The members changed: give back idle placements planned over the old ones now, so that the next plan
+        (this coordinator's or another's that shares the shards) finds their memory free."""
+        ids = frozenset(p.node_id for p in self._members())
+        with self._lock:
+            placements = list(self.placements.items())
+        for model_id, placement in placements:
+            model_lock = self._placing[model_id]
+            if not model_lock.acquire(blocking=False):
+                continue  # being placed right now: that placement decides
+            try:
+                if placement.active or placement.members == ids or self.placements.get(model_id) is not placement:
+                    continue
+                with self._lock:
+                    del self.placements[model_id]
+            finally:
+                model_lock.release()
+            self._unload_later(placement.shards)
+
     def _confirm_lost(self, error: ShardUnavailableError) -> None:
         """Exclude the node from plans unless it still answers (then the failure was its shard, not itself)."""
         if not error.node_id or error.node_id == self.self_id:
@@ -308,27 +327,41 @@ class Coordinator:
     # ------------------------------------------------------------------------------------ planning
     def plan(self, model: str) -> Plan:
         ref = self.resolve(model)
-        return self._plan(ref, self._members())
+        current = self.placements.get(ref.model_id)
+        return self._plan(ref, self._members(), {s.shard_id for s in current.shards} if current else set())
 
-    def _plan(self, ref: ModelRef, members: list[Peer]) -> Plan:
-        """A plan over the members' live free memory; where they hold the model already (placed through any
-        node), those shards, so that one copy serves every coordinator."""
+    def _plan(self, ref: ModelRef, members: list[Peer], releasing: set[str]) -> Plan:
+        """A plan over the members' live free memory. Where they hold the model already (placed through any
+        node) and those shards cover it on the plan's nodes, the plan is those shards: one copy serves every
+        coordinator. `releasing`: shard ids of this coordinator's placement that is being given back."""
         survey = self._survey(members)
         # the KV cache of one session, in the widest dtype among the nodes (float32 on CPUs, half on GPUs)
         itemsize = max(_ITEMSIZE.get(dtype, 4) for _, _, dtype in survey)
         costs = replace(ref.costs, kv_bytes_per_layer=kv_bytes_per_layer(ref.cfg, ref.costs.max_context, itemsize))
-        nodes, held = [], []
-        for peer, (free, shards, _) in zip(members, survey, strict=True):
-            mine = [
-                HeldShard(peer.node_id, s.start, s.end, s.weight_bytes)
-                for s in shards
-                if s.model_id == ref.model_id and s.max_context == ref.costs.max_context
+        held = [
+            (HeldShard(peer.node_id, s.start, s.end, s.weight_bytes), s.shard_id in releasing and s.holders <= 1)
+            for peer, (_, shards, _) in zip(members, survey, strict=True)
+            for s in shards
+            if s.model_id == ref.model_id and s.max_context == ref.costs.max_context
+        ]
+
+        def plan_counting(freed: list[HeldShard]) -> Plan:
+            extra: dict[str, int] = {}
+            for h in freed:
+                extra[h.node_id] = extra.get(h.node_id, 0) + h.bytes
+            nodes = [
+                NodeCapacity(p.node_id, p.name, p.address, free + extra.get(p.node_id, 0))
+                for p, (free, _, _) in zip(members, survey, strict=True)
             ]
-            held += mine
-            # memory this model holds is available to it again
-            nodes.append(NodeCapacity(peer.node_id, peer.name, peer.address, free + sum(h.bytes for h in mine)))
-        plan = plan_layers(costs, nodes, headroom=self.headroom)
-        return reuse_held(plan, held) or plan
+            return plan_layers(costs, nodes, headroom=self.headroom)
+
+        # as if the memory this model holds were free: the plan every coordinator would make, reused if held
+        try:
+            reused = reuse_held(plan_counting([h for h, _ in held]), [h for h, _ in held])
+        except PlanError:
+            reused = None
+        # else new shards beside the ones other placements keep: only this coordinator's last copy goes away
+        return reused or plan_counting([h for h, freed in held if freed])
 
     def _survey(self, members: list[Peer]) -> list[tuple[int, list[pb.ShardInfo], str]]:
         """Each member's free memory, shards and compute dtype, asked now: discovery's figure may predate a load."""
@@ -369,24 +402,38 @@ class Coordinator:
                 if alive and (current.members == ids or current.active > 0):
                     current.active += 1
                     return current
-                # a lost node may not answer for seconds: unload what is left without waiting for it
-                threading.Thread(target=self._unload, args=(current,), name="unload", daemon=True).start()
                 with self._lock:
                     del self.placements[ref.model_id]
+            stale = list(current.shards) if current else []  # the old placement's, let go below
             for attempt in range(3):
                 progress("plan", "", 0, 1)
-                plan = self._plan(ref, members)
+                try:  # planned while the stale shards are held, so their holder counts are exact
+                    plan = self._plan(ref, members, {s.shard_id for s in stale})
+                except BaseException:
+                    self._unload_later(stale)
+                    raise
+                # shards the new plan reuses are let go once it holds them (no reload); the others now, before the
+                # loads need their memory
+                reused = {(a.node_id, a.start, a.end) for a in plan.shards}
+                self._unload_later([s for s in stale if (s.node_id, s.start, s.end) not in reused])
+                stale = [s for s in stale if (s.node_id, s.start, s.end) in reused]
                 progress("plan", "", 1, 1)
                 self.on_plan(plan)
                 try:
                     placed = self._load(ref, plan, progress)
-                    break
                 except ShardUnavailableError as e:  # a member died before discovery noticed: plan without it
                     if attempt == 2:
+                        self._unload_later(stale)
                         raise
                     self._confirm_lost(e)
                     members = self._members()
                     ids = frozenset(p.node_id for p in members)
+                    continue
+                except BaseException:
+                    self._unload_later(stale)
+                    raise
+                self._unload_later(stale)
+                break
             limit = wire.message_limit(ref.cfg.hidden_size, plan.max_context)
             placement = Placement(ref.model_id, plan, placed, ids, limit, active=1)
             with self._lock:
@@ -429,12 +476,17 @@ class Coordinator:
                 except Exception as e:  # noqa: BLE001 - every failure is reported after the others are undone
                     errors.append(e)
         if errors:
-            self._unload(Placement(ref.model_id, plan, placed, frozenset(), 0))
+            self._unload(placed)
             raise errors[0]
         return placed
 
-    def _unload(self, placement: Placement) -> None:
-        for s in placement.shards:
+    def _unload_later(self, shards: Sequence[PlacedShard]) -> None:
+        # a lost node may not answer for seconds: nothing waits for it
+        if shards:
+            threading.Thread(target=self._unload, args=(list(shards),), name="unload", daemon=True).start()
+
+    def _unload(self, shards: Sequence[PlacedShard]) -> None:
+        for s in shards:
             try:
                 if s.local:
                     self.host.unload(s.shard_id)
@@ -517,7 +569,7 @@ class Coordinator:
     def close(self) -> None:
         with self._lock:
             for placement in self.placements.values():
-                self._unload(placement)
+                self._unload(placement.shards)
             self.placements.clear()
         for channel in self._channels.values():
             channel.close()

@@ -83,6 +83,7 @@ class HostedShard:
             weight_bytes=self.held_bytes,
             max_context=int(self.info["max_context"]),
             sessions=len(self.sessions),
+            holders=self.holders,
         )
 
 

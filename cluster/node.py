@@ -229,6 +229,8 @@ class Node:
         _log_member(event, peer)
         if event == "left" and self.coordinator is not None:
             self.coordinator.node_left(peer.node_id)
+        if event in ("joined", "left") and self.coordinator is not None:
+            self.coordinator.release_stale()
 
     async def _info_of(self, address: str, live_memory: bool = False) -> pb.NodeInfo:
         channel = self._channels.get(address)

@@ -260,21 +260,22 @@ def test_peers_only_join_and_leave(tmp_path, models, single_node):
         prompt = PROMPTS[0]
         assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
         assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
-        with a.client() as client:
-            assert [s["name"] for s in client.plan(str(models["llama32"])).shards] == ["a", "b"]
-            assert sorted(len(n.shards) for n in client.nodes()) == [1, 1]
-        c = NodeProcess("c", tmp_path, memory=3, mdns=False, peers=[b.address])
-        c.wait_ready()
-        wait_for(lambda: member_names(a) == {"a", "b", "c"}, 20, "the new node to be known to every peer")
-        assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
-        assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
 
         def held() -> dict[str, list[list[int]]]:
             with a.client() as client:
                 return {n.name: [s["layers"] for s in n.shards] for n in client.nodes()}
 
-        # the old plan's shards go once b, their last holder, lets go (in the background)
-        wait_for(lambda: held() == {"c": [[0, 3]], "a": [[3, 5]], "b": [[5, 6]]}, 20, "one copy on the new plan")
+        with a.client() as client:
+            assert [s["name"] for s in client.plan(str(models["llama32"])).shards] == ["a", "b"]
+        assert sorted(map(len, held().values())) == [1, 1]
+        c = NodeProcess("c", tmp_path, memory=3, mdns=False, peers=[b.address])
+        c.wait_ready()
+        wait_for(lambda: member_names(a) == {"a", "b", "c"} == member_names(b), 20, "every peer to know the new node")
+        # both coordinators give back the idle placement planned over the old members at once
+        wait_for(lambda: held() == {"a": [], "b": [], "c": []}, 20, "the stale placement to be released")
+        assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
+        assert cluster_tokens(b, models["llama32"], prompt) == single_node("llama32", prompt)
+        assert held() == {"c": [[0, 3]], "a": [[3, 5]], "b": [[5, 6]]}  # one copy, shared
         c.stop()
         wait_for(lambda: member_names(a) == {"a", "b"} == member_names(b), 15, "the node that left to be dropped")
         assert cluster_tokens(a, models["llama32"], prompt) == single_node("llama32", prompt)
