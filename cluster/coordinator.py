@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -335,9 +335,8 @@ class Coordinator:
         node) and those shards cover it on the plan's nodes, the plan is those shards: one copy serves every
         coordinator. `releasing`: shard ids of this coordinator's placement that is being given back."""
         survey = self._survey(members)
-        # the KV cache of one session, in the widest dtype among the nodes (float32 on CPUs, half on GPUs)
-        itemsize = max(_ITEMSIZE.get(dtype, 4) for _, _, dtype in survey)
-        costs = replace(ref.costs, kv_bytes_per_layer=kv_bytes_per_layer(ref.cfg, ref.costs.max_context, itemsize))
+        # each node's KV cache of one session in its own compute dtype (float32 on CPUs, half on GPUs)
+        kvs = [kv_bytes_per_layer(ref.cfg, ref.costs.max_context, _ITEMSIZE.get(dtype, 4)) for _, _, dtype in survey]
         held = [
             (HeldShard(peer.node_id, s.start, s.end, s.weight_bytes), s.shard_id in releasing and s.holders <= 1)
             for peer, (_, shards, _) in zip(members, survey, strict=True)
@@ -350,10 +349,10 @@ class Coordinator:
             for h in freed:
                 extra[h.node_id] = extra.get(h.node_id, 0) + h.bytes
             nodes = [
-                NodeCapacity(p.node_id, p.name, p.address, free + extra.get(p.node_id, 0))
-                for p, (free, _, _) in zip(members, survey, strict=True)
+                NodeCapacity(p.node_id, p.name, p.address, free + extra.get(p.node_id, 0), kv)
+                for p, (free, _, _), kv in zip(members, survey, kvs, strict=True)
             ]
-            return plan_layers(costs, nodes, headroom=self.headroom)
+            return plan_layers(ref.costs, nodes, headroom=self.headroom)
 
         # as if the memory this model holds were free: the plan every coordinator would make, reused if held
         try:

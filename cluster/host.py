@@ -102,6 +102,11 @@ class ShardHost:
         self.models_dir = models_dir
         self.token = token
         self.device, self.dtype = device, dtype
+        from cluster.engine.shard import default_device, default_dtype, dtype_name
+
+        # the dtype the shards compute and keep their KV caches in: --dtype, else the device's default. Asked
+        # here, on the constructing thread: tinygrad's device lookup uses a cache that its thread owns
+        self.compute_dtype: str = dtype or dtype_name(default_dtype(device or default_device()))
         self.engine_options: dict[str, Any] = {"max_sessions": max_sessions}
         if prefill_buckets:
             self.engine_options["prefill_buckets"] = tuple(prefill_buckets)
@@ -111,13 +116,6 @@ class ShardHost:
         self._loading: dict[tuple[Any, ...], Future[HostedShard]] = {}  # key -> a load under way
         self._lock = threading.Lock()
         self._pull_lock = threading.Lock()  # one pull at a time writes a model directory
-
-    @property
-    def compute_dtype(self) -> str:
-        """The dtype this node's shards compute and keep their KV caches in: --dtype, else the device's default."""
-        from cluster.engine.shard import default_device, default_dtype, dtype_name
-
-        return self.dtype or dtype_name(default_dtype(self.device or default_device()))
 
     # ------------------------------------------------------------------------------------ files
     def register_model(self, model_id: str, path: Path) -> None:

@@ -66,6 +66,12 @@ class NodeCapacity:
     name: str
     address: str
     free_memory: int  # bytes the node offers for model weights and KV cache
+    # one session's KV cache per layer on this node (its compute dtype: float32 on CPUs, half on GPUs); None: the
+    # model's costs.kv_bytes_per_layer
+    kv_bytes_per_layer: int | None = None
+
+    def kv(self, costs: ModelCosts) -> int:
+        return costs.kv_bytes_per_layer if self.kv_bytes_per_layer is None else self.kv_bytes_per_layer
 
 
 @dataclass(frozen=True)
@@ -197,11 +203,15 @@ def plan_layers(costs: ModelCosts, nodes: Sequence[NodeCapacity], *, headroom: f
 
     L, k = costs.num_layers, len(kept)
     caps = [usable[n] for n in kept]
+    kvs = [n.kv(costs) for n in kept]
     room = [cap - costs.fixed_bytes(j == 0, j == k - 1) for j, cap in enumerate(caps)]
+    if len(set(kvs)) > 1:  # a layer costs more on some nodes (a wider KV dtype): share out layers, not bytes
+        weights = sum(costs.layer_bytes)
+        room = [max(r, 0) * L * 2**20 // max(weights + L * kv, 1) for r, kv in zip(room, kvs, strict=True)]
     bounds = _bounds(_proportional_counts(L, room))
-    needs = [_need(costs, bounds[j], bounds[j + 1]) for j in range(k)]
+    needs = [_need(costs, bounds[j], bounds[j + 1], kvs[j]) for j in range(k)]
     if any(need > cap for need, cap in zip(needs, caps, strict=True)):
-        repaired = _repair(costs, caps, bounds)
+        repaired = _repair(costs, caps, kvs, bounds)
         if repaired is None:
             raise PlanError(_does_not_fit(costs, kept, usable, bounds, needs, left_out, headroom))
         bounds = repaired
@@ -213,7 +223,7 @@ def plan_layers(costs: ModelCosts, nodes: Sequence[NodeCapacity], *, headroom: f
                 (n.name, f"no run of whole layers fits its {format_bytes(usable[n])} usable next to the others")
             )
             continue
-        need = _need(costs, start, end)
+        need = _need(costs, start, end, n.kv(costs))
         shards.append(Assignment(n.node_id, n.name, n.address, start, end, need, n.free_memory))
     return Plan(costs.model_id, L, costs.max_context, tuple(shards), tuple(left_out))
 
@@ -224,8 +234,13 @@ def _select(
     """The nodes worth a share (ordered, largest first) and the others with the reason they hold nothing."""
     L = costs.num_layers
     # a node after the first holds at least one of layers 1..L-1; the last one also holds layer L-1 and the head
-    smallest = min(costs.layer_cost(i) for i in range(1, L)) if L > 1 else costs.layer_cost(0)
-    last_need = costs.layer_cost(L - 1) + costs.fixed_bytes(False, True)
+    lightest = min(costs.layer_bytes[1:]) if L > 1 else costs.layer_bytes[0]
+
+    def smallest(n: NodeCapacity) -> int:
+        return lightest + n.kv(costs)
+
+    def last_need(n: NodeCapacity) -> int:
+        return costs.layer_bytes[L - 1] + n.kv(costs) + costs.fixed_bytes(False, True)
 
     def too_small(n: NodeCapacity, need: int, what: str) -> tuple[str, str]:
         room = f"{format_bytes(n.free_memory)} free, {format_bytes(usable[n])} usable at {headroom:.0%} headroom"
@@ -233,15 +248,16 @@ def _select(
 
     kept, left_out = ordered[:1], []
     for n in ordered[1:]:
-        if usable[n] >= smallest:
+        if usable[n] >= smallest(n):
             kept.append(n)
         else:
-            left_out.append(too_small(n, smallest, "one layer"))
+            left_out.append(too_small(n, smallest(n), "one layer"))
     # each node holds at least one layer: with more nodes than layers the smallest ones sit out
     left_out += [(n.name, f"more nodes than the model's {L} layers") for n in kept[L:]]
     kept = kept[:L]
-    while len(kept) > 1 and usable[kept[-1]] < last_need:
-        left_out.append(too_small(kept.pop(), last_need, "the last layer with the final norm and lm_head"))
+    while len(kept) > 1 and usable[kept[-1]] < last_need(kept[-1]):
+        n = kept.pop()
+        left_out.append(too_small(n, last_need(n), "the last layer with the final norm and lm_head"))
     return kept, left_out
 
 
@@ -274,30 +290,31 @@ def _bounds(counts: list[int]) -> list[int]:
     return bounds
 
 
-def _need(costs: ModelCosts, start: int, end: int) -> int:
-    """Bytes of a shard holding layers [start, end), with the embedding and head where they fall to it."""
-    layers = sum(costs.layer_cost(i) for i in range(start, end))
+def _need(costs: ModelCosts, start: int, end: int, kv: int) -> int:
+    """Bytes of a shard holding layers [start, end) with `kv` bytes of KV cache per layer, with the embedding
+    and head where they fall to it."""
+    layers = sum(costs.layer_bytes[start:end]) + (end - start) * kv
     return layers + costs.fixed_bytes(start == 0, end == costs.num_layers)
 
 
-def _repair(costs: ModelCosts, caps: list[int], target: list[int]) -> list[int] | None:
+def _repair(costs: ModelCosts, caps: list[int], kvs: list[int], target: list[int]) -> list[int] | None:
     """Boundaries (node j holds [b[j], b[j+1]), empty when it is left out) that fit every node, leaving out the
     fewest nodes and then moving the fewest layers off the proportional split (sum of |b[j] - target[j]|); None
     when nothing fits. Dynamic programming over boundaries, so it is exact for the given node order."""
     L = costs.num_layers
-    prefix = [0]
+    prefix = [0]  # weights only: each node adds its own KV per layer
     for i in range(L):
-        prefix.append(prefix[-1] + costs.layer_cost(i))
+        prefix.append(prefix[-1] + costs.layer_bytes[i])
     # boundary after node j -> ((nodes left out, layers moved), boundary before node j)
     best: dict[int, tuple[tuple[int, int], int]] = {0: ((0, 0), -1)}
     steps = []
-    for j, cap in enumerate(caps):
+    for j, (cap, kv) in enumerate(zip(caps, kvs, strict=True)):
         nxt: dict[int, tuple[tuple[int, int], int]] = {}
         for s in sorted(best):
             (skipped, moved), _ = best[s]
             options = [(s, skipped + 1)]  # node j holds nothing
             for e in range(s + 1, L + 1):
-                if prefix[e] - prefix[s] + costs.fixed_bytes(s == 0, e == L) > cap:
+                if prefix[e] - prefix[s] + (e - s) * kv + costs.fixed_bytes(s == 0, e == L) > cap:
                     break  # the need only grows with e
                 options.append((e, skipped))
             for e, skips in options:

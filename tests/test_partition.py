@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -196,10 +197,10 @@ def test_plan_to_dict_and_table() -> None:
     ]
 
 
-def _fits(model: ModelCosts, caps: list[int], bounds: list[int]) -> bool:
+def _fits(model: ModelCosts, nodes: list[NodeCapacity], caps: list[int], bounds: list[int]) -> bool:
     k = len(caps)
     for j in range(k):
-        layers = sum(model.layer_cost(i) for i in range(bounds[j], bounds[j + 1]))
+        layers = sum(model.layer_bytes[i] + nodes[j].kv(model) for i in range(bounds[j], bounds[j + 1]))
         if layers + model.fixed_bytes(j == 0, j == k - 1) > caps[j]:
             return False
     return True
@@ -213,14 +214,18 @@ def _any_plan_fits(model: ModelCosts, nodes: list[NodeCapacity], headroom: float
         for subset in itertools.combinations(ordered, m):
             caps = [usable_bytes(n, headroom) for n in subset]
             for cuts in itertools.combinations(range(1, L), m - 1):
-                if _fits(model, caps, [0, *cuts, L]):
+                if _fits(model, list(subset), caps, [0, *cuts, L]):
                     return True
     return False
 
 
-@pytest.mark.parametrize("uniform", [True, False], ids=["uniform-layers", "uneven-layers"])
-def test_invariants_on_random_inputs(uniform: bool) -> None:
-    rng = np.random.default_rng(1234 if uniform else 4321)
+@pytest.mark.parametrize(
+    ("uniform", "mixed_kv"),
+    [(True, False), (False, False), (False, True)],
+    ids=["uniform-layers", "uneven-layers", "uneven-layers-per-node-kv"],
+)
+def test_invariants_on_random_inputs(uniform: bool, mixed_kv: bool) -> None:
+    rng = np.random.default_rng(1234 if uniform else 4321 + mixed_kv)
     planned = refused = 0
     for _ in range(300):
         L = int(rng.integers(1, 9))
@@ -231,6 +236,8 @@ def test_invariants_on_random_inputs(uniform: bool) -> None:
         )
         k = int(rng.integers(1, 6))
         nodes = [node(f"n{i}", int(rng.integers(0, 900))) for i in range(k)]
+        if mixed_kv:  # some nodes keep their KV cache in a wider dtype (a CPU next to GPUs)
+            nodes = [replace(n, kv_bytes_per_layer=int(rng.choice([0, 10, 40]))) for n in nodes]
         headroom = float(rng.choice([0.0, 0.1, 0.25]))
         try:
             plan = plan_layers(model, nodes, headroom=headroom)
@@ -250,8 +257,23 @@ def test_invariants_on_random_inputs(uniform: bool) -> None:
         for j, s in enumerate(shards):
             assert s.bytes <= usable_bytes(by_id[s.node_id], headroom)
             fixed = model.fixed_bytes(j == 0, j == len(shards) - 1)
-            assert s.bytes == sum(model.layer_cost(i) for i in range(s.start, s.end)) + fixed
+            kv = by_id[s.node_id].kv(model)
+            assert s.bytes == sum(model.layer_bytes[i] + kv for i in range(s.start, s.end)) + fixed
     assert planned > 50 and refused > 10  # both branches exercised
+
+
+def test_a_node_with_a_wider_kv_dtype_gets_fewer_layers() -> None:
+    model = costs(8, layer=MIB, kv=MIB)  # the KV cache weighs as much as the weights (long context)
+    gpu = replace(node("gpu", 10 * MIB), node_id="gpu")  # half-precision KV: the model's figure
+    cpu = replace(node("cpu", 9 * MIB), node_id="cpu", kv_bytes_per_layer=2 * MIB)  # float32 KV
+    plan = plan_layers(model, [gpu, cpu], headroom=0.0)
+    assert ranges(plan) == [("gpu", 0, 5), ("cpu", 5, 8)]
+    assert [s.bytes for s in plan.shards] == [5 * 2 * MIB, 3 * 3 * MIB]
+    # counted in half precision on both, the CPU would get 4 layers: 12 MiB, more than it has
+    assert counts(plan_layers(model, [gpu, replace(cpu, kv_bytes_per_layer=None)], headroom=0.0)) == {
+        "gpu": 4,
+        "cpu": 4,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ reuse
