@@ -449,11 +449,22 @@ class Coordinator:
 
             if a.node_id == self.self_id:
                 shard = self.host.load(
-                    ref.model_id, a.start, a.end, max_context=plan.max_context, sources=sources, progress=report
+                    ref.model_id,
+                    a.start,
+                    a.end,
+                    max_context=plan.max_context,
+                    sources=sources,
+                    holder=self.self_id,
+                    progress=report,
                 )
                 return PlacedShard(a.node_id, a.name, a.address, shard.shard_id, a.start, a.end, a.bytes, True)
             request = pb.LoadShardRequest(
-                model_id=ref.model_id, start=a.start, end=a.end, max_context=plan.max_context, sources=sources
+                model_id=ref.model_id,
+                start=a.start,
+                end=a.end,
+                max_context=plan.max_context,
+                sources=sources,
+                holder=self.self_id,
             )
             try:
                 for event in self._stub(a.address).LoadShard(request):
@@ -488,9 +499,10 @@ class Coordinator:
         for s in shards:
             try:
                 if s.local:
-                    self.host.unload(s.shard_id)
+                    self.host.unload(s.shard_id, self.self_id)
                 else:
-                    self._stub(s.address).UnloadShard(pb.UnloadShardRequest(shard_id=s.shard_id), timeout=10)
+                    request = pb.UnloadShardRequest(shard_id=s.shard_id, holder=self.self_id)
+                    self._stub(s.address).UnloadShard(request, timeout=10)
             except Exception as e:  # noqa: BLE001 - a node that left took its shard with it
                 log.info("unloading shard on %s: %s", s.name, e)
 

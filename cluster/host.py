@@ -63,7 +63,9 @@ class HostedShard:
     engine: EngineProcess
     info: dict[str, Any]
     key: tuple[Any, ...] = ()  # what load() asked for: a second load of the same key shares this shard
-    holders: int = 1  # placements using it (any coordinator's); the last unload closes the engine
+    # one entry per placement using it: the coordinating node's id (coordinators share shards); the engine closes
+    # when the last one lets go, or when the nodes holding it have left
+    holders: list[str] = field(default_factory=list)
     sessions: set[str] = field(default_factory=set)
 
     @property
@@ -83,7 +85,7 @@ class HostedShard:
             weight_bytes=self.held_bytes,
             max_context=int(self.info["max_context"]),
             sessions=len(self.sessions),
-            holders=self.holders,
+            holders=len(self.holders),
         )
 
 
@@ -213,6 +215,7 @@ class ShardHost:
         max_context: int,
         sources: Sequence[str] = (),
         dtype: str | None = None,
+        holder: str = "",
         progress: Progress = lambda stage, done, total: None,
     ) -> HostedShard:
         """Load and warm up layers [start, end); returns once the shard is ready to serve.
@@ -224,7 +227,7 @@ class ShardHost:
             with self._lock:
                 shared = next((s for s in self.shards.values() if s.key == key and s.engine.alive), None)
                 if shared is not None:
-                    shared.holders += 1
+                    shared.holders.append(holder)
                     log.info("sharing %s layers [%d, %d) (shard %s)", model_id, start, end, shared.shard_id[:8])
                     return shared
                 pending = self._loading.get(key)
@@ -236,7 +239,7 @@ class ShardHost:
             except Exception:  # noqa: BLE001 - its caller gets that error; this one tries for itself
                 pass
         try:
-            shard = self._load(key, sources, progress)
+            shard = self._load(key, sources, progress, holder)
             pending.set_result(shard)
             return shard
         except BaseException as e:
@@ -246,7 +249,7 @@ class ShardHost:
             with self._lock:
                 del self._loading[key]
 
-    def _load(self, key: tuple[Any, ...], sources: Sequence[str], progress: Progress) -> HostedShard:
+    def _load(self, key: tuple[Any, ...], sources: Sequence[str], progress: Progress, holder: str) -> HostedShard:
         model_id, start, end, max_context, dtype = key
         model_dir = self.ensure_files(model_id, start, end, sources, progress)
         options = {**self.engine_options, "max_context": max_context, "device": self.device}
@@ -262,7 +265,7 @@ class ShardHost:
         except BaseException:
             engine.close()
             raise
-        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key)
+        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder])
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])
@@ -278,17 +281,31 @@ class ShardHost:
         """The shards that can serve: an engine process that died is left out (its placement loads it again)."""
         return [s for s in list(self.shards.values()) if s.engine.alive]
 
-    def unload(self, shard_id: str) -> None:
-        """One placement lets go of the shard; the engine closes when no placement holds it."""
+    def unload(self, shard_id: str, holder: str = "") -> None:
+        """One placement of `holder` lets go of the shard; the engine closes when no placement holds it."""
         with self._lock:
             shard = self.shards.get(shard_id)
             if shard is None:
                 raise UnknownShardError(f"this node holds no shard {shard_id!r}")
-            shard.holders -= 1
-            if shard.holders > 0:
+            # a hold of another (or an unnamed) holder goes when this one has none: nothing is held twice
+            shard.holders.remove(holder if holder in shard.holders else shard.holders[0])
+            if shard.holders:
                 return
             del self.shards[shard_id]
         self._close(shard)
+
+    def release_holder(self, holder: str) -> None:
+        """A coordinating node left the cluster: its holds go, and shards nobody else holds are unloaded."""
+        closing = []
+        with self._lock:
+            for shard in list(self.shards.values()):
+                if holder in shard.holders:
+                    shard.holders = [h for h in shard.holders if h != holder]
+                    if not shard.holders:
+                        closing.append(self.shards.pop(shard.shard_id))
+        for shard in closing:
+            log.info("%s layers [%d, %d): its coordinator left", shard.model_id, shard.start, shard.end)
+            self._close(shard)
 
     def _close(self, shard: HostedShard) -> None:
         shard.engine.close()

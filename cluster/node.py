@@ -227,6 +227,9 @@ class Node:
 
     def _member_changed(self, event: str, peer: Peer) -> None:
         _log_member(event, peer)
+        if event == "left":
+            # shards placed for a coordinator that left are nobody's now (closing an engine takes a moment)
+            threading.Thread(target=self.host.release_holder, args=(peer.node_id,), daemon=True).start()
         if event == "left" and self.coordinator is not None:
             self.coordinator.node_left(peer.node_id)
         if event in ("joined", "left") and self.coordinator is not None:

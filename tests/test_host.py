@@ -25,23 +25,28 @@ def host(tmp_path: Path):
 
 def test_the_same_layers_are_loaded_once_and_shared_until_the_last_unload(host: ShardHost) -> None:
     loaded: list = []
-    threads = [threading.Thread(target=lambda: loaded.append(host.load("llama32", 0, 2, max_context=32))) for _ in "ab"]
+
+    def load(holder: str) -> None:
+        loaded.append(host.load("llama32", 0, 2, max_context=32, holder=holder))
+
+    threads = [threading.Thread(target=load, args=(holder,)) for holder in ("node-a", "node-b")]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     first, second = loaded
-    assert first is second and first.holders == 2 and len(host.shards) == 1
+    assert first is second and sorted(first.holders) == ["node-a", "node-b"] and len(host.shards) == 1
+    assert first.to_pb().holders == 2
 
     other = host.load("llama32", 0, 2, max_context=16)  # another context: another shard
     assert other is not first and len(host.live_shards()) == 2
     host.unload(other.shard_id)
 
-    host.unload(first.shard_id)  # one placement lets go: the other still steps through it
+    host.unload(first.shard_id, "node-a")  # one placement lets go: the other still steps through it
     assert first.engine.alive and host.live_shards() == [first]
     sid = first.engine.new_session()
     assert first.engine.forward(sid, [1, 2, 3]).hidden.shape[-1] > 0
-    host.unload(first.shard_id)
+    host.unload(first.shard_id, "node-b")
     assert not host.shards and not first.engine.alive
     with pytest.raises(UnknownShardError):
         host.unload(first.shard_id)
@@ -53,6 +58,16 @@ def test_a_shard_whose_engine_died_is_not_shared_again(host: ShardHost) -> None:
     wait_for(lambda: not dead.engine.alive, 10, "the engine process to die")
     assert host.live_shards() == []
     fresh = host.load("llama32", 0, 2, max_context=32)
-    assert fresh is not dead and fresh.engine.alive and fresh.holders == 1
+    assert fresh is not dead and fresh.engine.alive and fresh.holders == [""]
     host.unload(dead.shard_id)  # its placement lets go of the dead one
     assert host.live_shards() == [fresh] and list(host.shards) == [fresh.shard_id]
+
+
+def test_a_coordinator_that_left_lets_go_of_its_shards(host: ShardHost) -> None:
+    both = host.load("llama32", 0, 2, max_context=32, holder="node-a")
+    assert host.load("llama32", 0, 2, max_context=32, holder="node-b") is both
+    only_a = host.load("llama32", 2, 4, max_context=32, holder="node-a")
+    host.release_holder("node-a")  # node-a left the cluster without unloading (killed, unplugged)
+    assert host.live_shards() == [both] and both.holders == ["node-b"] and not only_a.engine.alive
+    host.release_holder("node-b")
+    assert not host.shards and not both.engine.alive

@@ -141,8 +141,17 @@ def test_a_dead_coordinator_is_a_clear_error_and_the_sdk_retries_on_another_node
     a, b = NodeProcess("ca", tmp_path, memory=1), NodeProcess("cb", tmp_path, memory=1)
     try:
         start([a, b])
-        with a.client() as c, pytest.raises(NodeUnavailable):
-            stream_with_kill(c, model, a)
+        with a.client() as c:
+            assert {s["name"] for s in c.plan(str(model)).shards} == {"ca", "cb"}  # b will hold layers for a
+            with pytest.raises(NodeUnavailable):
+                stream_with_kill(c, model, a)
+
+        def held_by_b() -> list[list[int]]:
+            with b.client() as c:
+                return [s["layers"] for n in c.nodes() if n.name == "cb" for s in n.shards]
+
+        # b unloads the layers a had placed there once a is dropped from the cluster (nobody else holds them)
+        wait_for(lambda: held_by_b() == [], 20, "the dead coordinator's shard to be unloaded")
         a2 = NodeProcess("ca2", tmp_path, memory=1)
         start([a2, b])
         with Client(a2.address, fallback_nodes=[b.address]) as c:

@@ -46,6 +46,8 @@ def check_load(request: pb.LoadShardRequest) -> None:
         raise wire.WireError(f"max_context must be in [16, {MAX_CONTEXT}], got {request.max_context}")
     if request.dtype not in ("", "float32", "float16"):
         raise wire.WireError(f"dtype must be float32 or float16, got {request.dtype!r}")
+    if len(request.holder) > MAX_ID or not request.holder.isprintable():
+        raise wire.WireError(f"holder must be at most {MAX_ID} printable characters")
     if len(request.sources) > MAX_SOURCES:
         raise wire.WireError(f"at most {MAX_SOURCES} sources")
     for source in request.sources:
@@ -135,6 +137,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 max_context=request.max_context,
                 sources=list(request.sources),
                 dtype=request.dtype or None,
+                holder=request.holder,
                 progress=progress,
             )
         )
@@ -151,7 +154,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             # the coordinator went away: a shard loaded for nobody is unloaded as soon as it is ready
             def unload_orphan(f: asyncio.Future[HostedShard]) -> None:
                 if not f.cancelled() and f.exception() is None:
-                    self.host.unload(f.result().shard_id)
+                    self.host.unload(f.result().shard_id, request.holder)
 
             load.add_done_callback(unload_orphan)
             raise
@@ -164,7 +167,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, request: pb.UnloadShardRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadShardResponse:
         try:
-            await asyncio.to_thread(self.host.unload, request.shard_id)
+            await asyncio.to_thread(self.host.unload, request.shard_id, request.holder)
         except UnknownShardError as e:
             await abort_with(context, e)
         return pb.UnloadShardResponse()
