@@ -32,7 +32,7 @@ from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/netns.py: the namespaces, shared with tests/test_netns.py
-from netns import NetnsError, Network, unavailable  # noqa: E402
+from netns import NetnsError, Network, stop, unavailable  # noqa: E402
 
 DEMO_MODEL = ROOT / "demo" / "pydoc-llama"
 NS_PREFIX = "ccdemo"  # every namespace the demo makes starts with this
@@ -83,13 +83,7 @@ class Node:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 class Demo:

@@ -47,6 +47,17 @@ def unavailable(prefix: str) -> str | None:
     return None
 
 
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 20) -> None:
+    """SIGTERM a host's process (a node says goodbye and unloads its shards), SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _kill_processes(ns: str) -> None:
     """Whatever still runs in a namespace made here (a node's engine process, say) was started by its caller."""
     p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from cluster_nodes import ROOT
 from conftest import FIXTURES
 
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/netns.py: the namespaces, shared with demo/run_demo.py
-from netns import NetnsError, Network, ip, unavailable  # noqa: E402
+from netns import NetnsError, Network, ip, stop, unavailable  # noqa: E402
 
 PROMPT = "The small river runs past"
 MAX_TOKENS = 12
@@ -84,13 +83,7 @@ class HostNode:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         self._log.close()
 
 
