@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,10 @@ class Placement:
     members: frozenset[str]
     limit: int  # message bytes the model's hidden states need
     active: int = 0  # sessions running on it
-    sources: list[str] = field(default_factory=list)
+
+    def outdated(self, members: frozenset[str]) -> bool:
+        """Planned over other members and idle: to be given back, and the model planned again."""
+        return not self.active and self.members != members
 
 
 def model_id_for(model: str) -> str:
@@ -259,7 +262,7 @@ class Coordinator:
             if not model_lock.acquire(blocking=False):
                 continue  # being placed right now: that placement decides
             try:
-                if placement.active or placement.members == ids or self.placements.get(model_id) is not placement:
+                if not placement.outdated(ids) or self.placements.get(model_id) is not placement:
                     continue
                 with self._lock:
                     del self.placements[model_id]
@@ -367,7 +370,7 @@ class Coordinator:
 
         def ask(peer: Peer) -> tuple[int, list[pb.ShardInfo], str]:
             if peer.node_id == self.self_id:  # members() measured this node just now
-                return peer.free_memory, [s.to_pb() for s in self.host.live_shards()], self.host.compute_dtype
+                return peer.free_memory, self.host.shard_infos(), self.host.compute_dtype
             try:
                 info = self._stub(peer.address).Info(pb.NodeInfoRequest(), timeout=2)
             except grpc.RpcError:
@@ -398,7 +401,7 @@ class Coordinator:
             current = self.placements.get(ref.model_id)
             if current is not None:
                 alive = {s.node_id for s in current.shards} <= ids and current is not failed
-                if alive and (current.members == ids or current.active > 0):
+                if alive and not current.outdated(ids):
                     current.active += 1
                     return current
                 with self._lock:

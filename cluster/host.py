@@ -281,6 +281,10 @@ class ShardHost:
         """The shards that can serve: an engine process that died is left out (its placement loads it again)."""
         return [s for s in list(self.shards.values()) if s.engine.alive]
 
+    def shard_infos(self) -> list[pb.ShardInfo]:
+        """What Info reports of this node's shards (the live ones)."""
+        return [s.to_pb() for s in self.live_shards()]
+
     def unload(self, shard_id: str, holder: str = "") -> None:
         """One placement of `holder` lets go of the shard; the engine closes when no placement holds it."""
         with self._lock:

@@ -145,7 +145,7 @@ class Node:
             free_memory=me.free_memory,
             host=me.host,
             port=me.port,
-            shards=[s.to_pb() for s in self.host.live_shards()],
+            shards=self.host.shard_infos(),
             token_fingerprint=me.token_fingerprint,
             peers=[p.address for p in self.discovery.peers()] if self.discovery else [],
             dtype=self.host.compute_dtype,
@@ -230,8 +230,8 @@ class Node:
         if event == "left":
             # shards placed for a coordinator that left are nobody's now (closing an engine takes a moment)
             threading.Thread(target=self.host.release_holder, args=(peer.node_id,), daemon=True).start()
-        if event == "left" and self.coordinator is not None:
-            self.coordinator.node_left(peer.node_id)
+            if self.coordinator is not None:
+                self.coordinator.node_left(peer.node_id)
         if event in ("joined", "left") and self.coordinator is not None:
             self.coordinator.release_stale()
 
