@@ -27,6 +27,7 @@ from tinygrad.device import Buffer
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import Ops
 
+from cluster.engine import cpu_threads
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import ShardModel, load_shard, rope_tables
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
@@ -122,6 +123,8 @@ class ShardEngine:
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = device or default_device()
         self.dtype: DType = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
+        if self.device.split(":")[0] == "CPU":
+            cpu_threads.enable()
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))

@@ -1,0 +1,130 @@
+"""Run tinygrad's per-core slices of a CPU kernel on every core at once.
+
+tinygrad 0.14 compiles each large CPU kernel split into `core_id` slices, one per core (its THREAD
+optimization, sized by NUM_CPU_THREADS), but its runtime calls the slices one after another on the calling
+thread, so a decode step used one core. The slices write disjoint parts of the output, so running them at
+once on a few threads gives the same bits; ctypes releases the GIL while a kernel runs. On a 2-core machine
+this took the 1B model from 4.1 to 7.6 tok/s (bench/RESULTS.md).
+
+A kernel whose serial run took under `MIN_PARALLEL_S` stays on the calling thread: handing its slices to
+other threads costs tens of microseconds, more than a small kernel saves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from tinygrad.helpers import NUM_CPU_THREADS
+
+log = logging.getLogger(__name__)
+
+MIN_PARALLEL_S = 100e-6
+
+_Job = tuple[Any, list[ctypes.c_uint64]]
+
+
+class _SlicePool:
+    """Threads that each run one kernel slice at a time; the caller runs slice 0 itself."""
+
+    def __init__(self, threads: int):
+        self.pid = os.getpid()
+        self.threads = threads
+        self.handed_off = 0  # slices run on pool threads, for tests and curiosity
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # one kernel at a time owns the done queue
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"cpu-slices-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fxn, args = self._jobs.get()
+            try:
+                fxn(*args)
+                self._done.put(None)
+            except BaseException as exc:  # handed back to the caller, which re-raises it
+                self._done.put(exc)
+
+    def run(self, fxn: Any, slices: list[list[ctypes.c_uint64]]) -> None:
+        with self._lock:
+            self.handed_off += len(slices) - 1
+            for args in slices[1:]:
+                self._jobs.put((fxn, args))
+            error: BaseException | None = None
+            try:
+                fxn(*slices[0])
+            finally:
+                for _ in slices[1:]:  # wait for every slice even if ours failed: they write shared buffers
+                    error = self._done.get() or error
+            if error is not None:
+                raise error
+
+
+_pool: _SlicePool | None = None
+_pool_lock = threading.Lock()
+_serial_call: Any = None
+
+
+def _slice_pool() -> _SlicePool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.pid != os.getpid():  # threads do not survive a fork
+            _pool = _SlicePool(max(1, NUM_CPU_THREADS.value - 1))
+        return _pool
+
+
+def _call(
+    self: Any,
+    *bufs: Any,
+    global_size: tuple[int, int, int] = (1, 1, 1),
+    local_size: tuple[int, int, int] = (1, 1, 1),
+    vals: tuple[int | None, ...] = (),
+    wait: bool = False,
+    timeout: int | None = None,
+) -> float | None:
+    """CPUProgram.__call__ with the slices of a kernel run at once once it proved big enough to gain."""
+    slot = self.runtimevars.get("core_id")
+    if slot is None or self.lvp or global_size[0] < 2 or not getattr(self, "_slices_in_parallel", False):
+        st = time.perf_counter()
+        _serial_call(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, timeout=timeout)
+        elapsed = time.perf_counter() - st
+        if slot is not None and elapsed >= MIN_PARALLEL_S:
+            self._slices_in_parallel = True
+        return elapsed if wait else None
+    st = time.perf_counter()
+    args = [*(b.va_addr for b in bufs), *vals]
+    slices = []
+    for tid in range(global_size[0]):
+        args[slot] = tid
+        slices.append([ctypes.c_uint64(x) for x in args])
+    _slice_pool().run(self.fxn, slices)
+    return time.perf_counter() - st if wait else None
+
+
+def enable() -> bool:
+    """Run CPU kernel slices in parallel from now on in this process (idempotent). False where this tinygrad's
+    CPU runtime is not the one this was written for, or only one core is in use."""
+    global _serial_call
+    if _serial_call is not None:
+        return True
+    if NUM_CPU_THREADS.value < 2:
+        return False
+    try:
+        from tinygrad.runtime.ops_cpu import CPUProgram
+    except ImportError:
+        return False
+    original = CPUProgram.__call__
+    code = getattr(original, "__code__", None)
+    if code is None or not {"global_size", "vals", "wait"} <= set(code.co_varnames):
+        log.warning("tinygrad's CPU runtime changed shape: CPU kernels run on one core")
+        return False
+    _serial_call = original
+    CPUProgram.__call__ = _call  # type: ignore[method-assign]
+    log.debug("CPU kernel slices run on up to %d threads", NUM_CPU_THREADS.value)
+    return True
