@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,13 @@ class Checkpoint:
         shape: Iterable[int] | None = None,
         *,
         raw: bool = False,
+        row_block: int = 1,
     ) -> Tensor:
         """A placeholder on `device` that `materialize()` fills from the file: cast to `dtype` (default: float32
-        for bf16, else the stored dtype), or with raw=True the stored values as they are (bf16 as uint16 bits)."""
+        for bf16, else the stored dtype), or with raw=True the stored values as they are (bf16 as uint16 bits).
+
+        row_block=R stores a 2-D (out, in) tensor as (out/R, in, R): each run of R rows interleaved, element
+        by element (`row_blocked` is the inverse view)."""
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:
             raise CheckpointError(
@@ -167,7 +171,13 @@ class Checkpoint:
             dtype = stored
         elif dtype is None:
             dtype = dtypes.float32 if info.dtype == "BF16" else stored
-        placeholder = Tensor.empty(*info.shape, dtype=dtype, device=device)
+        layout = info.shape
+        if row_block > 1:
+            out, cols = info.shape
+            if out % row_block:
+                raise ValueError(f"{name}: {out} rows do not split into blocks of {row_block}")
+            layout = (out // row_block, cols, row_block)
+        placeholder = Tensor.empty(*layout, dtype=dtype, device=device)
         self._pending.append((placeholder, info, raw))
         return placeholder
 
@@ -189,16 +199,34 @@ class Checkpoint:
     def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
+        devices = {str(placeholder.device) for placeholder, _, _ in pending}
         for i, (placeholder, info, raw) in enumerate(pending):
-            t = Tensor(self.read(info), device=placeholder.device)
-            if info.dtype == "BF16" and not raw:
-                t = widen_bf16(t)
-            placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
+            self._fill(placeholder, info, raw)
             if progress is not None:
                 progress(i + 1, len(pending))
+        for device in devices:
+            # a row_block permute staged each tensor in a buffer tinygrad keeps for reuse: give those back
+            free_cache = getattr(Device[device].allocator, "free_cache", None)
+            if free_cache is not None:
+                free_cache()
+
+    def _fill(self, placeholder: Tensor, info: TensorInfo, raw: bool) -> None:
+        t = Tensor(self.read(info), device=placeholder.device)
+        if info.dtype == "BF16" and not raw:
+            t = widen_bf16(t)
+        if placeholder.ndim == 3 and len(info.shape) == 2:  # row_block: (out, in) -> (out/R, in, R)
+            blocks, cols, block = placeholder.shape
+            t = t.reshape(blocks, block, cols).permute(0, 2, 1)
+        placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
 
     def nbytes(self, names: Iterable[str]) -> int:
         return sum(self.info(n).nbytes for n in names)
+
+
+def row_blocked(t: Tensor) -> Tensor:
+    """The (out, in) view of a tensor loaded with row_block (stored (out/R, in, R))."""
+    blocks, cols, block = t.shape
+    return t.permute(0, 2, 1).reshape(blocks * block, cols)
 
 
 def widen_bf16(bits: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 from tinygrad import dtypes
 
 from cluster.models.config import ModelConfig
-from cluster.models.decoder import QuantLinear, load_shard
-from cluster.weights import Checkpoint, CheckpointError, read_header
+from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear, load_shard
+from cluster.weights import Checkpoint, CheckpointError, read_header, row_blocked
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
 
@@ -178,6 +178,23 @@ def test_float_dtypes_roundtrip(tmp_path):
     np.testing.assert_array_equal(loaded(ckpt, "f32", "CPU"), arrays["f32"])
     np.testing.assert_array_equal(loaded(ckpt, "f16", "CPU", dtypes.float32), arrays["f16"].astype(np.float32))
     np.testing.assert_array_equal(loaded(ckpt, "u32", "CPU", dtypes.uint32), arrays["u32"])
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_row_block_interleaves_rows_and_row_blocked_undoes_it(tmp_path, raw):
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**16, (8, 6), dtype=np.uint16) & 0x7F7F  # finite bf16 values
+    write_raw(tmp_path / "model.safetensors", {"w": ("BF16", [8, 6], bits.tobytes())})
+    ckpt = Checkpoint(tmp_path)
+    t = ckpt.load("w", "CPU", row_block=4, raw=raw)
+    ckpt.materialize()
+    stored = bits if raw else bf16_to_f32(bits)
+    assert t.shape == (2, 6, 4)
+    # element [b, k, r] is row 4b + r, column k
+    np.testing.assert_array_equal(t.numpy(), stored.reshape(2, 4, 6).transpose(0, 2, 1))
+    np.testing.assert_array_equal(row_blocked(t).numpy(), stored)
+    with pytest.raises(ValueError, match="do not split into blocks of 3"):
+        ckpt.load("w", "CPU", row_block=3)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -425,9 +442,11 @@ def test_last_shard_tied_uses_embedding_as_lm_head():
     tensors, _ = read_raw(d / "model.safetensors")
     _, shape, raw = tensors["model.embed_tokens.weight"]
     embed = bf16_to_f32(np.frombuffer(raw, np.uint16)).reshape(shape)
-    # kept as stored (bf16 bits), widened exactly in the kernels that read it
+    # kept as stored (bf16 bits), rows interleaved in blocks of 4 on CPU, widened exactly in the kernels
     assert shard.lm_head.weight.dtype == dtypes.uint16
-    np.testing.assert_array_equal(shard.lm_head.widen(shard.lm_head.weight).numpy(), embed)
+    assert isinstance(shard.lm_head, Linear) and shard.lm_head.row_blocked
+    assert shard.lm_head.weight.shape == (shape[0] // CPU_ROW_BLOCK, shape[1], CPU_ROW_BLOCK)
+    np.testing.assert_array_equal(shard.lm_head.widen(shard.lm_head.matrix()).numpy(), embed)
 
 
 def test_single_shard_tied_counts_embedding_once():

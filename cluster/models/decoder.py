@@ -15,7 +15,7 @@ from tinygrad.dtype import DType
 from tinygrad.uop.ops import resolve
 
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
-from cluster.weights import Checkpoint, CheckpointError, widen_bf16
+from cluster.weights import Checkpoint, CheckpointError, row_blocked, widen_bf16
 
 # our attribute -> HF module path inside "model.layers.{i}."
 LAYER_MODULES: dict[str, str] = {
@@ -38,10 +38,17 @@ EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.norm", "lm_head"
 _LANES = 8
 
 
-def cpu_codegen(t: Tensor) -> bool:
+def cpu_codegen(t: Tensor | str) -> bool:
     """True on backends without local memory (tinygrad's CPU): there the matvec forms below beat the plain
     one; GPU backends keep the plain form their matvec heuristics are written for."""
-    return not Device[str(t.device)].renderer.has_local
+    return not Device[t if isinstance(t, str) else str(t.device)].renderer.has_local
+
+
+# Rows of a CPU weight (dense or quantized) are stored interleaved in blocks of this many (Checkpoint.load's row_block).
+# tinygrad's CPU matvec computes 4 rows at once and clang vectorizes across those rows; with the rows
+# interleaved that is one contiguous load instead of 4 gathered ones: a bf16 matvec runs 2.3x faster per
+# core, an fp32 one 1.5x (bench/RESULTS.md). Prefill matmuls lose ~20%.
+CPU_ROW_BLOCK = 4
 
 
 def _matvec(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -57,9 +64,16 @@ class Linear:
     """A dense weight, kept in its stored dtype (bf16 as uint16 bits) and widened to the compute dtype inside
     the kernel that reads it: half the bytes of a float32 copy, and faster on CPUs."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, dtype: DType | None = None):
-        self.weight, self.bias = weight, bias  # (out, in), (out,)
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, dtype: DType | None = None, row_blocked: bool = False
+    ):
+        self.weight, self.bias = weight, bias  # (out, in), or (out/R, in, R) when row_blocked; (out,)
         self.dtype = dtype or weight.dtype
+        self.row_blocked = row_blocked
+
+    def matrix(self) -> Tensor:
+        """The weight as (out, in) in its stored dtype."""
+        return row_blocked(self.weight) if self.row_blocked else self.weight
 
     def widen(self, w: Tensor) -> Tensor:
         if w.dtype == dtypes.uint16:
@@ -67,14 +81,14 @@ class Linear:
         return w if w.dtype == self.dtype else w.cast(self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        w = self.widen(self.weight)
+        w = self.widen(self.matrix())
         if x.shape[-2] == 1 and w.shape[1] % _LANES == 0 and cpu_codegen(w):
             return _matvec(x, w, self.bias)
         return x.linear(w.T, self.bias)
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows `ids` in the compute dtype (an embedding lookup)."""
-        return self.widen(self.weight[ids])
+        return self.widen(self.matrix()[ids])
 
     def params(self) -> list[Tensor]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -84,10 +98,24 @@ class QuantLinear:
     """MLX affine-quantized weight; dequantized lazily inside the matmul so only packed bytes are read."""
 
     def __init__(
-        self, packed: Tensor, scales: Tensor, biases: Tensor, spec: QuantSpec, dtype: DType, bias: Tensor | None = None
+        self,
+        packed: Tensor,
+        scales: Tensor,
+        biases: Tensor,
+        spec: QuantSpec,
+        dtype: DType,
+        bias: Tensor | None = None,
+        row_blocked: bool = False,
     ):
-        self.packed, self.scales, self.biases = packed, scales, biases  # (out, in*bits/32), (out, groups) x2
+        # (out, in*bits/32), (out, groups) x2; each stored as (out/R, cols, R) when row_blocked
+        self.packed, self.scales, self.biases = packed, scales, biases
         self.spec, self.dtype, self.bias = spec, dtype, bias
+        self.row_blocked = row_blocked
+
+    def matrices(self) -> tuple[Tensor, Tensor, Tensor]:
+        """packed, scales and biases as (out, cols)."""
+        parts = (self.packed, self.scales, self.biases)
+        return (row_blocked(parts[0]), row_blocked(parts[1]), row_blocked(parts[2])) if self.row_blocked else parts
 
     def unpack(self, packed: Tensor, groups: int) -> Tensor:
         """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
@@ -102,19 +130,21 @@ class QuantLinear:
         return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[-2] != 1 or not cpu_codegen(self.packed):
-            return x.linear(self.dequantize(self.packed, self.scales, self.biases).T, self.bias)
+        packed, scales, biases = self.matrices()
+        if x.shape[-2] != 1 or not cpu_codegen(packed):
+            return x.linear(self.dequantize(packed, scales, biases).T, self.bias)
         # CPU decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of
         # three (~2x faster, bench/)
-        groups = int(self.scales.shape[-1])
+        groups = int(scales.shape[-1])
         xg = x.reshape(*x.shape[:-1], 1, groups, self.spec.group_size)  # (..., 1, 1, groups, group)
-        dots = (self.unpack(self.packed, groups) * xg).sum(-1)  # (..., 1, out, groups)
-        y = (dots * self.scales).sum(-1) + (xg.sum(-1) * self.biases).sum(-1)  # (..., 1, out)
+        dots = (self.unpack(packed, groups) * xg).sum(-1)  # (..., 1, out, groups)
+        y = (dots * scales).sum(-1) + (xg.sum(-1) * biases).sum(-1)  # (..., 1, out)
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: Tensor) -> Tensor:
         """Dequantized rows `ids` (an embedding lookup on a quantized table)."""
-        return self.dequantize(self.packed[ids], self.scales[ids], self.biases[ids])
+        packed, scales, biases = self.matrices()
+        return self.dequantize(packed[ids], scales[ids], biases[ids])
 
     def params(self) -> list[Tensor]:
         return [self.packed, self.scales, self.biases] + ([self.bias] if self.bias is not None else [])
@@ -240,18 +270,23 @@ class _Loader:
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         self.used: list[str] = []
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: DType | None = None, raw: bool = False) -> Tensor:
+    def tensor(
+        self, name: str, shape: tuple[int, ...], dtype: DType | None = None, raw: bool = False, row_block: int = 1
+    ) -> Tensor:
         self.used.append(name)
-        return self.ckpt.load(name, self.device, self.dtype if dtype is None else dtype, shape, raw=raw)
+        dtype = self.dtype if dtype is None else dtype
+        return self.ckpt.load(name, self.device, dtype, shape, raw=raw, row_block=row_block)
 
     def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear | QuantLinear:
         b = self.tensor(f"{path}.bias", (out_dim,)) if bias else None
+        row_block = CPU_ROW_BLOCK if cpu_codegen(self.device) and out_dim % CPU_ROW_BLOCK == 0 else 1
         if f"{path}.scales" not in self.ckpt:
             name = f"{path}.weight"
             # float32 compute keeps bf16 weights narrow and widens them in-kernel (two integer ops);
             # fp16 is widened once at load, since CPU backends convert it ~10x slower than bf16
             keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
-            return Linear(self.tensor(name, (out_dim, in_dim), raw=keep_bf16), b, self.dtype)
+            weight = self.tensor(name, (out_dim, in_dim), raw=keep_bf16, row_block=row_block)
+            return Linear(weight, b, self.dtype, row_blocked=row_block > 1)
         q = self.cfg.quantization
         spec = q.for_module(path) if q is not None else None
         if spec is None:
@@ -262,12 +297,13 @@ class _Loader:
             raise CheckpointError(f"{path}: input size {in_dim} is not a multiple of group_size {spec.group_size}")
         words, groups = in_dim * spec.bits // 32, in_dim // spec.group_size
         return QuantLinear(
-            self.tensor(f"{path}.weight", (out_dim, words), dtypes.uint32),
-            self.tensor(f"{path}.scales", (out_dim, groups)),
-            self.tensor(f"{path}.biases", (out_dim, groups)),
+            self.tensor(f"{path}.weight", (out_dim, words), dtypes.uint32, row_block=row_block),
+            self.tensor(f"{path}.scales", (out_dim, groups), row_block=row_block),
+            self.tensor(f"{path}.biases", (out_dim, groups), row_block=row_block),
             spec,
             self.dtype,
             b,
+            row_blocked=row_block > 1,
         )
 
     def norm(self, path: str, dim: int) -> RMSNorm:
