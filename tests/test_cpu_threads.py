@@ -35,7 +35,10 @@ def test_parallel_slices_give_the_serial_bits(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_S", 0.0)
     pool = cpu_threads._slice_pool()
     before = pool.handed_off
-    _matvec(w, x)  # first run is timed on one thread and marks the kernel
+    for _ in range(cpu_threads.SERIAL_TRIALS - 1):  # timed on one thread until the kernel is marked
+        _matvec(w, x)
+    assert pool.handed_off == before, "one slow run must not be enough to go parallel"
+    _matvec(w, x)
     parallel = _matvec(w, x)
 
     assert pool.handed_off > before, "no slice ran on a pool thread"

@@ -6,8 +6,9 @@ thread, so a decode step used one core. The slices write disjoint parts of the o
 once on a few threads gives the same bits; ctypes releases the GIL while a kernel runs. On a 2-core machine
 this took the 1B model from 4.1 to 7.6 tok/s (bench/RESULTS.md).
 
-A kernel whose serial run took under `MIN_PARALLEL_S` stays on the calling thread: handing its slices to
-other threads costs tens of microseconds, more than a small kernel saves.
+A kernel stays on the calling thread until `SERIAL_TRIALS` serial runs all took at least `MIN_PARALLEL_S`:
+handing its slices to other threads costs tens of microseconds, more than a small kernel saves, and the
+fastest of a few runs is not fooled by one run the scheduler happened to interrupt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tinygrad.helpers import NUM_CPU_THREADS
 log = logging.getLogger(__name__)
 
 MIN_PARALLEL_S = 100e-6
+SERIAL_TRIALS = 3
 
 _Job = tuple[Any, list[ctypes.c_uint64]]
 
@@ -94,8 +96,10 @@ def _call(
         st = time.perf_counter()
         _serial_call(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, timeout=timeout)
         elapsed = time.perf_counter() - st
-        if slot is not None and elapsed >= MIN_PARALLEL_S:
-            self._slices_in_parallel = True
+        if slot is not None:
+            trials = getattr(self, "_serial_trials", 0) + 1 if elapsed >= MIN_PARALLEL_S else 0
+            self._serial_trials = trials  # consecutive slow runs; one fast run starts the count again
+            self._slices_in_parallel = trials >= SERIAL_TRIALS
         return elapsed if wait else None
     st = time.perf_counter()
     args = [*(b.va_addr for b in bufs), *vals]
