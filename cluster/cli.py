@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,8 +87,8 @@ def _node_option(f: Any) -> Any:
 
 
 def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> Callable[[Any], Any]:
-    """--device, --dtype, --max-context and --models-dir, for `join` and for `run` (the node or the local engine it
-    starts). envvars: also read from CLUSTERCTL_* environment variables, as `join` does."""
+    """--device, --dtype, --max-context, --cpu-threads and --models-dir, for `join` and for `run` (the node or the
+    local engine it starts). envvars: also read from CLUSTERCTL_* environment variables, as `join` does."""
 
     def env(name: str) -> dict[str, Any]:
         return {"envvar": f"CLUSTERCTL_{name}", "show_envvar": True} if envvars else {}
@@ -106,6 +107,13 @@ def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> 
             "--max-context", **env("MAX_CONTEXT"), type=click.IntRange(min=16), default=4096, show_default=True
         ),
         click.option(
+            "--cpu-threads",
+            **env("CPU_THREADS"),
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU cores a CPU engine computes on (tinygrad's NUM_CPU_THREADS). Default: all of them.",
+        ),
+        click.option(
             "--models-dir",
             **env("MODELS_DIR"),
             type=click.Path(file_okay=False, path_type=Path),
@@ -120,6 +128,18 @@ def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> 
         return f
 
     return decorate
+
+
+def _limit_cpu_threads(threads: int | None) -> None:
+    """--cpu-threads: tinygrad's NUM_CPU_THREADS for this process and the engine processes it starts (they
+    inherit the environment), so kernels are split into that many per-core slices."""
+    if threads is None:
+        return
+    os.environ["NUM_CPU_THREADS"] = str(threads)
+    if "tinygrad.helpers" in sys.modules:  # already imported: its setting was read from the environment
+        from tinygrad.helpers import NUM_CPU_THREADS
+
+        NUM_CPU_THREADS.value = threads
 
 
 def _resolve_token(token: str | None, token_file: Path | None) -> str | None:
@@ -229,6 +249,7 @@ def run_cmd(
     device: str | None,
     dtype: str | None,
     max_context: int,
+    cpu_threads: int | None,
     models_dir: Path | None,
 ) -> None:
     """Generate with MODEL: a registry name (see `clusterctl models`), an HF repo id or a local directory.
@@ -236,6 +257,7 @@ def run_cmd(
     Without PROMPT, starts an interactive chat. The request goes to the node at --node; when none answers
     there, this command starts a node inside its own process (it joins the cluster like `clusterctl join`).
     """
+    _limit_cpu_threads(cpu_threads)
     sampling = {
         "temperature": temperature,
         "top_p": top_p,
@@ -586,6 +608,7 @@ def join_cmd(
     no_mdns: bool,
     mdns_interfaces: tuple[str, ...],
     max_context: int,
+    cpu_threads: int | None,
     api_port: int,
     no_api: bool,
     token: str | None,
@@ -595,6 +618,7 @@ def join_cmd(
     import asyncio
     import signal
 
+    _limit_cpu_threads(cpu_threads)
     from cluster.node import Node, NodeSettings
 
     if logging.getLogger().level > logging.INFO:

@@ -109,3 +109,20 @@ def test_clear_errors_without_a_traceback(tmp_path):
     assert p.returncode != 0 and "gemma2" in p.stderr and "Traceback" not in p.stderr
     p = clusterctl("run", str(FIXTURES / "llama32"), "hi", "--top-p", "0")
     assert p.returncode == 2 and "top-p" in p.stderr
+
+
+def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(monkeypatch):
+    from tinygrad.helpers import NUM_CPU_THREADS
+
+    from cluster import cli
+
+    monkeypatch.delenv("NUM_CPU_THREADS", raising=False)
+    before = NUM_CPU_THREADS.value
+    try:
+        cli._limit_cpu_threads(None)  # the default leaves tinygrad's own choice (every core)
+        assert "NUM_CPU_THREADS" not in os.environ and NUM_CPU_THREADS.value == before
+        cli._limit_cpu_threads(1)
+        assert os.environ["NUM_CPU_THREADS"] == "1"  # inherited by the engine processes a node spawns
+        assert NUM_CPU_THREADS.value == 1  # and read by kernels this process compiles (`run --local`)
+    finally:
+        NUM_CPU_THREADS.value = before

@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 from conftest import BUCKETS, FIXTURES, reference
+from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine.process import EngineProcess
 from cluster.engine.runner import RunnerDied
@@ -27,7 +28,7 @@ def greedy(shard, prompt, n):
     return out
 
 
-def test_engine_process_generates_recovers_from_errors_and_from_death():
+def test_engine_process_generates_recovers_from_errors_and_from_death(monkeypatch):
     ref = reference("llama32")
     events: list[tuple[str, int, int]] = []
     proc = EngineProcess(
@@ -38,6 +39,7 @@ def test_engine_process_generates_recovers_from_errors_and_from_death():
         assert {e[0] for e in events} == {"load", "warmup"}
         assert events[-1][1] == events[-1][2]  # the last warm-up event says done
         assert proc.info()["ready"] is True
+        assert proc.info()["cpu_threads"] == NUM_CPU_THREADS.value  # every core by default
         assert greedy(proc, ref["prompt_ids"], 12) == ref["greedy_ids"]
         with pytest.raises(EngineError, match="unknown session"):
             proc.forward("missing", np.array([1]))
@@ -48,7 +50,10 @@ def test_engine_process_generates_recovers_from_errors_and_from_death():
             proc.new_session()
     finally:
         proc.close()
+    # what `--cpu-threads 1` does: the engine process inherits NUM_CPU_THREADS and its kernels stay whole
+    monkeypatch.setenv("NUM_CPU_THREADS", "1")
     with EngineProcess(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=64) as fresh:
+        assert fresh.info()["cpu_threads"] == 1
         assert greedy(fresh, ref["prompt_ids"], 4) == ref["greedy_ids"][:4]
 
 

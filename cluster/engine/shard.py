@@ -25,6 +25,7 @@ import psutil
 from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType
+from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_threads
@@ -214,6 +215,7 @@ class ShardEngine:
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_session": self.kv_bytes_per_session(),
             "quantized": self.cfg.quantization is not None,
+            "cpu_threads": NUM_CPU_THREADS.value if self.device.split(":")[0] == "CPU" else None,
             "ready": self.ready,
         }
 
