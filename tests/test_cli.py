@@ -116,7 +116,9 @@ def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(m
 
     from cluster import cli
 
-    monkeypatch.delenv("NUM_CPU_THREADS", raising=False)
+    # setenv first so that monkeypatch puts the variable back as it was (absent) after the test
+    monkeypatch.setenv("NUM_CPU_THREADS", "0")
+    monkeypatch.delenv("NUM_CPU_THREADS")
     before = NUM_CPU_THREADS.value
     try:
         cli._limit_cpu_threads(None)  # the default leaves tinygrad's own choice (every core)
