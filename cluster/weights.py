@@ -110,7 +110,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self.tensors.update(read_header(file))
-        self._pending: list[tuple[Tensor, TensorInfo, bool]] = []
+        self._pending: list[tuple[Tensor, TensorInfo, bool, int]] = []  # placeholder, tensor, raw, row_block
 
     def _files(self) -> list[Path]:
         index = self.model_dir / "model.safetensors.index.json"
@@ -173,12 +173,14 @@ class Checkpoint:
             dtype = dtypes.float32 if info.dtype == "BF16" else stored
         layout = info.shape
         if row_block > 1:
+            if len(info.shape) != 2:
+                raise ValueError(f"{name}: row_block needs a 2-D tensor, not shape {list(info.shape)}")
             out, cols = info.shape
             if out % row_block:
                 raise ValueError(f"{name}: {out} rows do not split into blocks of {row_block}")
             layout = (out // row_block, cols, row_block)
         placeholder = Tensor.empty(*layout, dtype=dtype, device=device)
-        self._pending.append((placeholder, info, raw))
+        self._pending.append((placeholder, info, raw, row_block))
         return placeholder
 
     def read(self, info: TensorInfo) -> np.ndarray:
@@ -194,14 +196,14 @@ class Checkpoint:
 
     def pending_bytes(self) -> int:
         """Device bytes the placeholders handed out so far will take once materialized."""
-        return sum(t.nbytes() for t, _, _ in self._pending)
+        return sum(t.nbytes() for t, *_ in self._pending)
 
     def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
-        devices = {str(placeholder.device) for placeholder, _, _ in pending}
-        for i, (placeholder, info, raw) in enumerate(pending):
-            self._fill(placeholder, info, raw)
+        devices = {str(placeholder.device) for placeholder, *_ in pending}
+        for i, (placeholder, info, raw, row_block) in enumerate(pending):
+            self._fill(placeholder, info, raw, row_block)
             if progress is not None:
                 progress(i + 1, len(pending))
         for device in devices:
@@ -210,13 +212,13 @@ class Checkpoint:
             if free_cache is not None:
                 free_cache()
 
-    def _fill(self, placeholder: Tensor, info: TensorInfo, raw: bool) -> None:
+    def _fill(self, placeholder: Tensor, info: TensorInfo, raw: bool, row_block: int) -> None:
         t = Tensor(self.read(info), device=placeholder.device)
         if info.dtype == "BF16" and not raw:
             t = widen_bf16(t)
-        if placeholder.ndim == 3 and len(info.shape) == 2:  # row_block: (out, in) -> (out/R, in, R)
-            blocks, cols, block = placeholder.shape
-            t = t.reshape(blocks, block, cols).permute(0, 2, 1)
+        if row_block > 1:  # (out, in) -> (out/R, in, R)
+            out, cols = info.shape
+            t = t.reshape(out // row_block, row_block, cols).permute(0, 2, 1)
         placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
 
     def nbytes(self, names: Iterable[str]) -> int:

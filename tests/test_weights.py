@@ -195,6 +195,9 @@ def test_row_block_interleaves_rows_and_row_blocked_undoes_it(tmp_path, raw):
     np.testing.assert_array_equal(row_blocked(t).numpy(), stored)
     with pytest.raises(ValueError, match="do not split into blocks of 3"):
         ckpt.load("w", "CPU", row_block=3)
+    write_raw(tmp_path / "model.safetensors", {"v": ("BF16", [8], bits.reshape(-1)[:8].tobytes())})
+    with pytest.raises(ValueError, match="needs a 2-D tensor"):
+        Checkpoint(tmp_path).load("v", "CPU", row_block=4)
 
 
 # ------------------------------------------------------------------------------------------ errors

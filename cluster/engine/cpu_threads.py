@@ -90,7 +90,7 @@ def _call(
     wait: bool = False,
     timeout: int | None = None,
 ) -> float | None:
-    """CPUProgram.__call__ with the slices of a kernel run at once once it proved big enough to gain."""
+    """CPUProgram.__call__ that runs a kernel's slices at once after the kernel proved big enough to gain."""
     slot = self.runtimevars.get("core_id")
     if slot is None or self.lvp or global_size[0] < 2 or not getattr(self, "_slices_in_parallel", False):
         st = time.perf_counter()

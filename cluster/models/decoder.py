@@ -44,10 +44,10 @@ def cpu_codegen(t: Tensor | str) -> bool:
     return not Device[t if isinstance(t, str) else str(t.device)].renderer.has_local
 
 
-# Rows of a CPU weight (dense or quantized) are stored interleaved in blocks of this many (Checkpoint.load's row_block).
-# tinygrad's CPU matvec computes 4 rows at once and clang vectorizes across those rows; with the rows
-# interleaved that is one contiguous load instead of 4 gathered ones: a bf16 matvec runs 2.3x faster per
-# core, an fp32 one 1.5x (bench/RESULTS.md). Prefill matmuls lose ~20%.
+# Rows of a CPU weight (dense or quantized) are stored interleaved in blocks of this many (Checkpoint.load's
+# row_block). tinygrad's CPU matvec computes 4 rows at once and clang vectorizes across those rows; with the
+# rows interleaved that is one contiguous load instead of 4 gathered ones: a bf16 matvec runs 2.3x faster per
+# core, fp32 1.5x, MLX 4-bit 1.4x (bench/RESULTS.md). Prefill matmuls on bf16 weights lose ~20%.
 CPU_ROW_BLOCK = 4
 
 
@@ -114,8 +114,9 @@ class QuantLinear:
 
     def matrices(self) -> tuple[Tensor, Tensor, Tensor]:
         """packed, scales and biases as (out, cols)."""
-        parts = (self.packed, self.scales, self.biases)
-        return (row_blocked(parts[0]), row_blocked(parts[1]), row_blocked(parts[2])) if self.row_blocked else parts
+        if not self.row_blocked:
+            return self.packed, self.scales, self.biases
+        return row_blocked(self.packed), row_blocked(self.scales), row_blocked(self.biases)
 
     def unpack(self, packed: Tensor, groups: int) -> Tensor:
         """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
