@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 MIN_PARALLEL_S = 100e-6
 SERIAL_TRIALS = 3
 
-_Job = tuple[Any, list[ctypes.c_uint64]]
+_Job = tuple[Any, list[ctypes.c_uint64], Any]  # kernel, its arguments, the caller's done queue
 
 
 class _SlicePool:
@@ -39,31 +39,32 @@ class _SlicePool:
         self.threads = threads
         self.handed_off = 0  # slices run on pool threads, for tests and curiosity
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # one kernel at a time owns the done queue
+        self._lock = threading.Lock()  # one kernel at a time
         for i in range(threads):
             threading.Thread(target=self._work, name=f"cpu-slices-{i}", daemon=True).start()
 
     def _work(self) -> None:
         while True:
-            fxn, args = self._jobs.get()
+            fxn, args, done = self._jobs.get()
             try:
                 fxn(*args)
-                self._done.put(None)
+                done.put(None)
             except BaseException as exc:  # handed back to the caller, which re-raises it
-                self._done.put(exc)
+                done.put(exc)
 
     def run(self, fxn: Any, slices: list[list[ctypes.c_uint64]]) -> None:
+        # a done queue per kernel: a caller interrupted while waiting leaves no stale signal for the next one
+        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         with self._lock:
             self.handed_off += len(slices) - 1
             for args in slices[1:]:
-                self._jobs.put((fxn, args))
+                self._jobs.put((fxn, args, done))
             error: BaseException | None = None
             try:
                 fxn(*slices[0])
             finally:
                 for _ in slices[1:]:  # wait for every slice even if ours failed: they write shared buffers
-                    error = self._done.get() or error
+                    error = done.get() or error
             if error is not None:
                 raise error
 
