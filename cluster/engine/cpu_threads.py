@@ -36,7 +36,6 @@ class _SlicePool:
 
     def __init__(self, threads: int):
         self.pid = os.getpid()
-        self.threads = threads
         self.handed_off = 0  # slices run on pool threads, for tests and curiosity
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()  # one kernel at a time

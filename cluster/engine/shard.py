@@ -124,7 +124,8 @@ class ShardEngine:
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = device or default_device()
         self.dtype: DType = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
-        if self.device.split(":")[0] == "CPU":
+        self.on_cpu = self.device.split(":")[0] == "CPU"  # tinygrad's CPU device, whichever renderer
+        if self.on_cpu:
             cpu_threads.enable()
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
@@ -180,7 +181,7 @@ class ShardEngine:
 
     def _check_fits(self, weight_bytes: int, budget: int | None) -> None:
         """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway."""
-        if budget is None and self.device.split(":")[0] == "CPU":
+        if budget is None and self.on_cpu:
             budget = psutil.virtual_memory().available
         if budget is None:
             return
@@ -215,7 +216,7 @@ class ShardEngine:
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_session": self.kv_bytes_per_session(),
             "quantized": self.cfg.quantization is not None,
-            "cpu_threads": NUM_CPU_THREADS.value if self.device.split(":")[0] == "CPU" else None,
+            "cpu_threads": NUM_CPU_THREADS.value if self.on_cpu else None,
             "ready": self.ready,
         }
 
