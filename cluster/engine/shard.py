@@ -28,7 +28,7 @@ from tinygrad.dtype import DType
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_threads
+from cluster.engine import cpu_matmul, cpu_threads
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import ShardModel, load_shard, rope_tables
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
@@ -127,6 +127,7 @@ class ShardEngine:
         self.on_cpu = self.device.split(":")[0] == "CPU"  # tinygrad's CPU device, whichever renderer
         if self.on_cpu:
             cpu_threads.enable()
+            cpu_matmul.enable()
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))

@@ -1,0 +1,150 @@
+"""Kernel options for the matmuls of a CPU prefill: a wider register tile than tinygrad's default.
+
+tinygrad 0.14's heuristic gives a CPU matmul of a prompt chunk (T tokens x a row-blocked weight, see
+decoder.CPU_ROW_BLOCK) a tile of 4 tokens x 4 weight rows with the reduction unrolled by 4. clang vectorizes
+that across the 4 rows only, and each accumulator waits on a chain of 4 dependent multiply-adds: 45-60
+GFLOP/s on 2 cores. A tile of 8 tokens x 8 rows (two row blocks) keeps 16 independent accumulators busy,
+and for MLX-quantized weights the values of one packed word are unrolled whole, so each word is unpacked
+once for 8 tokens: 85-110 GFLOP/s on the same matmuls, bf16 and 4/8-bit alike (bench/RESULTS.md).
+
+`enable()` wraps tinygrad's `hand_coded_optimizations`. A kernel that is such a matmul gets the wider tile;
+every other kernel (decode matvecs and attention included) gets tinygrad's own choice. tinygrad also lowers
+kernels in a pool of spawned compile processes, so their initializer installs the same wrapper there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from math import prod
+from typing import Any
+
+from tinygrad.codegen.opt import KernelOptError, Opt, OptOps, heuristic
+from tinygrad.codegen.opt.postrange import Scheduler
+from tinygrad.engine import worker
+from tinygrad.uop.ops import AxisType, Ops
+
+log = logging.getLogger(__name__)
+
+TOKEN_TILE = 8  # prompt rows per register tile
+ROW_BLOCKS = 2  # row blocks (of decoder.CPU_ROW_BLOCK rows) per register tile
+REDUCE_UNROLL = 2
+WHOLE_UNROLL = 8  # a reduce axis this short (the values of one quantized word) is unrolled whole
+# Shorter reductions gain nothing, and clang unrolls their short loops whole around the bigger tile, which
+# made the warm-up of the tests' tiny models twice as long.
+MIN_REDUCE = 256
+
+_default_heuristic: Callable[[Scheduler], Scheduler] | None = None
+_default_worker_init: Callable[[], None] | None = None
+
+
+def _uses(buf: Any, rng: Any) -> bool:
+    return rng in buf.src[1].get_idx().backward_slice
+
+
+def _unit_stride(buf: Any, rng: Any) -> bool:
+    return any(term is rng for term in buf.src[1].get_idx().split_uop(Ops.ADD))
+
+
+def matmul_axes(k: Scheduler, row_block: int = 4) -> tuple[int, int, int | None] | None:
+    """(token axis, row-block axis, another weight axis or None) when the kernel `k` (before any options) is a
+    CPU matmul of several prompt rows against a row-blocked weight; None for every other kernel."""
+    if k.ren.has_local or k.reduceop is None or k.reduceop.arg[0] is not Ops.ADD:
+        return None
+    shape = k.full_shape
+    if not all(isinstance(s, int) for s in shape):
+        return None  # symbolic sizes: attention over the cached positions
+    reduces = k.axes_of(AxisType.REDUCE)
+    if not reduces or prod(shape[a] for a in reduces) < MIN_REDUCE:
+        return None
+    free = k.upcastable_dims
+    for block in (a for a in free if shape[a] == row_block):
+        rng = k.rngs[block]
+        for weight in (b for b in k.bufs if _unit_stride(b, rng)):
+            for token in (a for a in free if a != block and shape[a] % TOKEN_TILE == 0):
+                if _uses(weight, k.rngs[token]):
+                    continue
+                acts = [b for b in k.bufs if _uses(b, k.rngs[token]) and not _uses(b, rng)]
+                if not any(_uses(b, k.rngs[r]) for b in acts for r in reduces):
+                    continue  # the token axis must index an input that is reduced against the weight
+                others = [
+                    a
+                    for a in free
+                    if a not in (block, token)
+                    and shape[a] % ROW_BLOCKS == 0
+                    and _uses(weight, k.rngs[a])
+                    and not any(_uses(b, k.rngs[a]) for b in acts)
+                ]
+                return token, block, max(others, key=lambda a: shape[a]) if others else None
+    return None
+
+
+def _axis(k: Scheduler, arg: Any) -> int:
+    """The axis of the range named `arg` (ranges are rebuilt, and axes renumbered, as options apply)."""
+    return next(i for i, r in enumerate(k.rngs) if r.arg == arg)
+
+
+def _optimize(k: Scheduler) -> Scheduler:
+    """tinygrad's hand_coded_optimizations, with the wider tile for prefill matmuls."""
+    assert _default_heuristic is not None
+    axes = matmul_axes(k)
+    if axes is None:
+        return _default_heuristic(k)
+    token, block, other = axes
+    names = {a: k.rngs[a].arg for a in (token, block, other) if a is not None}
+    tiled = k.copy()
+    try:
+        tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[block]), 0))
+        tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[token]), TOKEN_TILE))
+        if other is not None:
+            tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[other]), ROW_BLOCKS))
+        last = len(tiled.unrollable_dims) - 1
+        size = tiled.full_shape[tiled.unrollable_dims[last]]
+        if size <= WHOLE_UNROLL:
+            tiled.apply_opt(Opt(OptOps.UNROLL, last, 0))
+        elif size % REDUCE_UNROLL == 0:
+            tiled.apply_opt(Opt(OptOps.UNROLL, last, REDUCE_UNROLL))
+        _add_threads(tiled)
+    except KernelOptError as e:
+        log.debug("tinygrad's options for %s: %s", k.full_shape, e)
+        return _default_heuristic(k)
+    return tiled
+
+
+def _add_threads(k: Scheduler) -> None:
+    """Split the kernel over the CPU cores the way tinygrad's heuristic does (about 128K operations a thread,
+    on the first axis that the thread count divides)."""
+    if not k.ren.has_threads or k.ren.global_max is None:
+        return
+    for threads in (32, 16, 12, 8, 6, 5, 4, 3, 2):
+        if threads > k.ren.global_max[0] or prod(k.full_shape) // (128 << 10) < threads:
+            continue
+        axis = next((a for a in k.axes_of(AxisType.WEAK) if k.full_shape[a] % threads == 0), None)
+        if axis is not None:
+            k.apply_opt(Opt(OptOps.THREAD, axis, threads))
+            return
+
+
+def _compile_worker_init() -> None:
+    """Initializer of tinygrad's compile processes: tinygrad's own, then the same options as here."""
+    (_default_worker_init or worker._init_worker)()  # in a fresh compile process this is tinygrad's own
+    enable()
+
+
+def enable() -> bool:
+    """Give CPU prefill matmuls the wider tile from now on, in this process and in the compile processes that
+    tinygrad starts (idempotent). False where this tinygrad's optimizer is not the one this was written for."""
+    global _default_heuristic, _default_worker_init
+    if _default_heuristic is not None:
+        return True
+    needed = ("full_shape", "rngs", "bufs", "axes_of", "upcastable_dims", "unrollable_dims", "apply_opt", "copy")
+    if not all(hasattr(Scheduler, name) for name in needed) or not hasattr(worker, "_init_worker"):
+        log.warning("tinygrad's kernel optimizer changed shape: CPU prefill keeps tinygrad's default tiles")
+        return False
+    _default_heuristic = heuristic.hand_coded_optimizations
+    heuristic.hand_coded_optimizations = _optimize  # apply_opts looks it up at every call
+    if worker._init_worker is not _compile_worker_init:
+        _default_worker_init = worker._init_worker
+        worker._init_worker = _compile_worker_init  # a pool made from now on runs it in each process
+        worker.terminate_worker_pool()  # a pool made before would lower kernels with the default tiles
+    return True

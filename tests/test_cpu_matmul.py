@@ -1,0 +1,141 @@
+"""CPU prefill matmuls get a wider register tile (cluster/engine/cpu_matmul.py).
+
+Reference: numpy in float64 on the same weights (bf16 bits widened, MLX words unpacked LSB first, value =
+q * scale + bias), for the layers the decoder builds. The whole-model references (HF transformers, mlx-lm)
+are in test_engine, whose fixtures run every projection through the tile as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.helpers import Context
+
+from cluster.engine import cpu_matmul
+from cluster.models.config import QuantSpec
+from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear
+
+pytestmark = pytest.mark.skipif(Device.DEFAULT != "CPU", reason="needs tinygrad's CPU device")
+
+IN, OUT, GROUP = 256, 64, 64
+
+
+def _blocked(a: np.ndarray) -> Tensor:
+    """(out, cols) -> (out/R, cols, R), as Checkpoint.load(row_block=R) stores a CPU weight."""
+    rows, cols = a.shape
+    return Tensor(np.ascontiguousarray(a.reshape(rows // CPU_ROW_BLOCK, CPU_ROW_BLOCK, cols).transpose(0, 2, 1)))
+
+
+def _bf16_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
+    bits = (rng.standard_normal((OUT, IN), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return Linear(_blocked(bits), dtype=dtypes.float32, row_blocked=True), (bits.astype(np.uint32) << 16).view(
+        np.float32
+    )
+
+
+def _f32_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
+    w = rng.standard_normal((OUT, IN), dtype=np.float32)
+    return Linear(_blocked(w), dtype=dtypes.float32, row_blocked=True), w
+
+
+def _quant_layer(bits: int) -> Callable[[np.random.Generator], tuple[QuantLinear, np.ndarray]]:
+    def build(rng: np.random.Generator) -> tuple[QuantLinear, np.ndarray]:
+        per_word = 32 // bits
+        levels = rng.integers(0, 1 << bits, size=(OUT, IN), dtype=np.uint32)
+        words = levels.reshape(OUT, IN // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
+        packed = np.bitwise_or.reduce(words, axis=-1)
+        scales = rng.uniform(0.01, 0.1, size=(OUT, IN // GROUP)).astype(np.float32)
+        biases = rng.uniform(-0.5, 0.5, size=(OUT, IN // GROUP)).astype(np.float32)
+        w = levels.reshape(OUT, -1, GROUP) * scales[..., None] + biases[..., None]
+        layer = QuantLinear(
+            _blocked(packed),
+            _blocked(scales),
+            _blocked(biases),
+            QuantSpec(GROUP, bits),
+            dtypes.float32,
+            row_blocked=True,
+        )
+        return layer, w.reshape(OUT, IN)
+
+    return build
+
+
+LAYERS = {"bf16": _bf16_layer, "float32": _f32_layer, "mlx-4bit": _quant_layer(4), "mlx-8bit": _quant_layer(8)}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_prefill_matmul_is_tiled_and_right_decode_is_left_alone(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_matmul.enable()
+    tiled: list[tuple[Any, ...]] = []
+    find = cpu_matmul.matmul_axes
+
+    def spy(k: Any, *args: Any) -> Any:
+        axes = find(k, *args)
+        if axes is not None:
+            tiled.append(tuple(k.full_shape))
+        return axes
+
+    monkeypatch.setattr(cpu_matmul, "matmul_axes", spy)
+    rng = np.random.default_rng(len(kind))
+    layer, w = LAYERS[kind](rng)
+    prompt = rng.standard_normal((1, 16, IN), dtype=np.float32)
+    step = rng.standard_normal((1, 1, IN), dtype=np.float32)
+    with Context(PARALLEL=0):  # lower kernels in this process, where the spy is
+        out = layer(Tensor(prompt)).numpy()
+        assert tiled, "the prefill matmul kept tinygrad's default tile"
+        tiled.clear()
+        one = layer(Tensor(step)).numpy()
+        assert not tiled, f"a decode kernel was tiled: {tiled}"
+
+    np.testing.assert_allclose(out, prompt.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(one, step.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+_PROBE = """
+import json, re, sys
+import numpy as np
+from tinygrad import Tensor
+from tinygrad.codegen import to_program_cache
+from tinygrad.engine import worker
+from cluster.engine import cpu_matmul
+if sys.argv[1] == "pool-first":
+    worker.get_worker_pool()  # a compile pool that exists before enable()
+if sys.argv[1] != "off":
+    assert cpu_matmul.enable()
+rng = np.random.default_rng(0)
+x = Tensor(rng.standard_normal((16, 256), dtype=np.float32))
+outs = []
+for rows in (64, 128):  # two kernels to lower at once: tinygrad hands them to its compile pool
+    w = Tensor(rng.standard_normal((rows // 4, 256, 4), dtype=np.float32))
+    outs.append(x.linear(w.permute(0, 2, 1).reshape(rows, 256).T))
+Tensor.realize(*outs)
+names = sorted(re.sub(r"\\x1b\\[[0-9;]*m", "", p.arg.name) for p in to_program_cache.values())
+print(json.dumps(names))
+"""
+
+
+def _kernels(mode: str, parallel: int) -> list[str]:
+    env = {**os.environ, "PARALLEL": str(parallel)}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_compile_processes_give_the_same_tile_as_this_process() -> None:
+    here = _kernels("on", 0)
+    assert _kernels("on", 2) == here
+    assert _kernels("pool-first", 2) == here, "a compile pool started before enable() kept the default tile"
+    default = _kernels("off", 0)
+    assert len(default) == len(here) == 2
+    assert default != here, "enable() changed no kernel"
+    assert all(re.match(r"r_\w+", name) for name in here)
