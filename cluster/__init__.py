@@ -23,6 +23,7 @@ _EXPORTS = {
     "DoesNotFit": "cluster.client",
     "InvalidRequest": "cluster.client",
     "ModelNotFound": "cluster.client",
+    "NodeBusy": "cluster.client",
     "NodeUnavailable": "cluster.client",
     "NotAuthorised": "cluster.client",
     "Checkpoint": "cluster.weights",

@@ -47,6 +47,10 @@ class DoesNotFit(ClusterError):
     """The model (or the request's context) does not fit the memory of the cluster."""
 
 
+class NodeBusy(ClusterError):
+    """Every session of a shard the request needs stayed in use for the node's wait (5 minutes); try later."""
+
+
 class NodeUnavailable(ClusterError):
     """No node answers at the address, or a node of the cluster stopped answering."""
 
@@ -69,6 +73,8 @@ _ERRORS: dict[grpc.StatusCode, type[ClusterError]] = {
 
 def map_error(e: grpc.RpcError, node: str) -> ClusterError:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy: "):
+        return NodeBusy(details)
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("node "):
         refused = auth.refused_message(details)
         if refused is not None:

@@ -27,7 +27,7 @@ from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
 from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
-from cluster.host import ShardHost, UnknownShardError, check_model_id
+from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
 from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
@@ -185,9 +185,13 @@ class LocalShard:
         except UnknownShardError as e:  # unloaded since it was placed
             raise ShardUnavailableError(str(e), self.node_id) from None
         self.engine = self.hosted.engine
-        sid = self.engine.new_session(session_id, sampling)
-        self.hosted.sessions.add(sid)
-        return sid
+        sid = session_id or uuid.uuid4().hex
+        self.hosted.reserve(sid)  # waits while every session of the shard is in use
+        try:
+            return self.engine.new_session(sid, sampling)
+        except BaseException:
+            self.hosted.release(sid)
+            raise
 
     def truncate(self, session_id: str, length: int) -> None:
         self.engine.truncate(session_id, length)
@@ -199,12 +203,14 @@ class LocalShard:
             raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
 
     def end_session(self, session_id: str) -> None:
-        self.hosted.sessions.discard(session_id)
-        self.engine.end_session(session_id)
+        if self.hosted.release(session_id):
+            self.engine.end_session(session_id)
 
 
 def _shard_error(e: grpc.RpcError, node: str, node_id: str = "") -> Exception:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
+    if code == wire.EXHAUSTED and details.startswith("busy: "):
+        return ShardBusyError(details)
     if code == wire.EXHAUSTED:
         return ContextFullError(details)
     if code in (wire.INVALID, wire.PRECONDITION):

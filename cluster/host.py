@@ -6,6 +6,7 @@ directly by the coordinator (no network in between).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -43,6 +44,15 @@ class UnknownShardError(LookupError):
     pass
 
 
+# A request for a shard whose sessions are all in use waits this long for one to end, then is refused as busy.
+SESSION_WAIT_S = 300.0
+_SLOT_POLL_S = 0.02  # how often a request waiting in the event loop looks for a free session
+
+
+class ShardBusyError(RuntimeError):
+    """Every session of a shard stayed in use while a request waited for one. Messages start with "busy: "."""
+
+
 def default_models_dir() -> Path:
     return Path(os.environ.get("CLUSTERCTL_MODELS", "~/.cache/clusterctl/models")).expanduser()
 
@@ -66,7 +76,44 @@ class HostedShard:
     # one entry per placement using it: the coordinating node's id (coordinators share shards); the engine closes
     # when the last one lets go, or when the nodes holding it have left
     holders: list[str] = field(default_factory=list)
-    sessions: set[str] = field(default_factory=set)
+    sessions: set[str] = field(default_factory=set)  # open on the engine, or about to be
+    max_sessions: int = 8  # the engine's limit; more requests wait for a session to end
+    _slots: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
+
+    def reserve(self, session_id: str, timeout: float | None = None) -> None:
+        """Count a new session, waiting until fewer than max_sessions are open (blocking; for threads)."""
+        timeout = SESSION_WAIT_S if timeout is None else timeout
+        with self._slots:
+            if not self._slots.wait_for(lambda: len(self.sessions) < self.max_sessions, timeout):
+                raise self._busy(timeout)
+            self.sessions.add(session_id)
+
+    async def areserve(self, session_id: str, timeout: float | None = None) -> None:
+        """`reserve` for the event loop: polls instead of parking one of the loop's worker threads per request."""
+        timeout = SESSION_WAIT_S if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._slots:
+                if len(self.sessions) < self.max_sessions:
+                    self.sessions.add(session_id)
+                    return
+            if time.monotonic() >= deadline:
+                raise self._busy(timeout)
+            await asyncio.sleep(_SLOT_POLL_S)
+
+    def release(self, session_id: str) -> bool:
+        """Stop counting a session; True when it was counted (the caller then ends it on the engine)."""
+        with self._slots:
+            counted = session_id in self.sessions
+            self.sessions.discard(session_id)
+            self._slots.notify()
+            return counted
+
+    def _busy(self, timeout: float) -> ShardBusyError:
+        return ShardBusyError(
+            f"busy: all {self.max_sessions} sessions of {self.model_id} layers [{self.start}, {self.end}) on this "
+            f"node stayed in use for {timeout:g} s; try again later"
+        )
 
     @property
     def held_bytes(self) -> int:
@@ -266,6 +313,7 @@ class ShardHost:
             engine.close()
             raise
         shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder])
+        shard.max_sessions = int(options["max_sessions"])
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])

@@ -166,3 +166,11 @@ def test_a_client_that_disconnects_ends_its_session(client, pair, model):
     assert open_sessions() == 2
     stream.close()
     wait_for(lambda: open_sessions() == 0, 10, "the session to end on both nodes")
+
+
+def test_a_busy_shard_is_a_503_with_code_busy():
+    from cluster.api.server import api_error
+    from cluster.host import ShardBusyError
+
+    error = api_error(ShardBusyError("busy: all 8 sessions of m layers [0, 4) on this node stayed in use for 300 s"))
+    assert (error.status, error.code) == (503, "busy") and str(error).startswith("busy: ")

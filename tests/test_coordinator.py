@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import BUCKETS, FIXTURES, TEST_TOKEN
 
+from cluster import host as host_module
 from cluster.coordinator import Coordinator
 from cluster.discovery import Peer
 from cluster.generation import GenerationResult
-from cluster.host import ShardHost
+from cluster.host import ShardBusyError, ShardHost
 from cluster.models.costs import model_costs
 
 PROMPT = "The quick brown fox"
@@ -62,3 +63,41 @@ def test_the_plan_counts_the_kv_cache_in_the_nodes_compute_dtype(coordinator: Co
     assert coordinator.host.compute_dtype == "float32"
     assert plan.max_context == 128 and [(s.start, s.end) for s in plan.shards] == [(0, 4)]
     assert plan.shards[0].bytes == model_costs(FIXTURES / "llama32", max_context=128, kv_itemsize=4).total_bytes
+
+
+def test_requests_beyond_the_engines_sessions_wait_their_turn(coordinator: Coordinator) -> None:
+    """The engines hold 2 sessions here; 5 requests at once all finish, the later ones once a session ended."""
+    expected = tokens(coordinator, "llama32")
+    results: list[list[int] | BaseException] = [[] for _ in range(5)]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = tokens(coordinator, "llama32")
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [expected] * 5
+    (shard,) = coordinator.host.live_shards()
+    assert shard.sessions == set()
+
+
+def test_a_request_that_waits_too_long_is_refused_as_busy(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens(coordinator, "llama32")
+    (shard,) = coordinator.host.live_shards()
+    monkeypatch.setattr(host_module, "SESSION_WAIT_S", 0.3)
+    shard.reserve("held-1")
+    shard.reserve("held-2")
+    try:
+        with pytest.raises(ShardBusyError, match=r"^busy: all 2 sessions of llama32 .* stayed in use for 0.3 s"):
+            tokens(coordinator, "llama32")
+    finally:
+        shard.release("held-1")
+        shard.release("held-2")
+    assert len(tokens(coordinator, "llama32")) == 6  # served again once sessions are free

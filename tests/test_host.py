@@ -3,6 +3,7 @@ and shared; it stays loaded until the last placement lets go. Real engine proces
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ import pytest
 from cluster_nodes import wait_for
 from conftest import FIXTURES, TEST_TOKEN
 
-from cluster.host import ShardHost, UnknownShardError
+from cluster.host import ShardBusyError, ShardHost, UnknownShardError
 
 
 @pytest.fixture
@@ -71,3 +72,31 @@ def test_a_coordinator_that_left_lets_go_of_its_shards(host: ShardHost) -> None:
     assert host.live_shards() == [both] and both.holders == ["node-b"] and not only_a.engine.alive
     host.release_holder("node-b")
     assert not host.shards and not both.engine.alive
+
+
+def test_a_full_shard_makes_new_sessions_wait_until_one_ends(host: ShardHost) -> None:
+    shard = host.load("llama32", 0, 2, max_context=32)
+    assert shard.max_sessions == 2  # the engine's limit, from the host's options
+    shard.reserve("a")
+    shard.reserve("b")
+    opened = threading.Event()
+    waiter = threading.Thread(target=lambda: (shard.reserve("c"), opened.set()))
+    waiter.start()
+    assert not opened.wait(0.3), "a third session was counted while two were open"
+    assert shard.release("a") and not shard.release("a")  # counted once
+    assert opened.wait(5), "the waiting session did not get the freed place"
+    waiter.join()
+    assert shard.sessions == {"b", "c"}
+
+    with pytest.raises(ShardBusyError, match=r"^busy: all 2 sessions of llama32 layers \[0, 2\)"):
+        shard.reserve("d", timeout=0.2)
+
+    async def wait_in_loop() -> None:
+        with pytest.raises(ShardBusyError, match="^busy: "):
+            await shard.areserve("d", timeout=0.1)
+        later = asyncio.get_running_loop().call_later(0.2, shard.release, "b")
+        await shard.areserve("d", timeout=5)  # polls until the release above
+        later.cancel()
+
+    asyncio.run(wait_in_loop())
+    assert shard.sessions == {"c", "d"}

@@ -23,6 +23,7 @@ from cluster.api.schemas import ChatCompletionRequest, CompletionRequest, sampli
 from cluster.chain import ShardUnavailableError
 from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
+from cluster.host import ShardBusyError
 from cluster.partition import PlanError
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
@@ -54,6 +55,8 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), "invalid_request_error")
     if isinstance(exc, ShardUnavailableError):
         return ApiError(503, str(exc), "server_error", "node_unavailable")
+    if isinstance(exc, ShardBusyError):
+        return ApiError(503, str(exc), "server_error", "busy")
     log.exception("API request failed", exc_info=exc)
     return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
 

@@ -17,7 +17,14 @@ from cluster import transfer
 from cluster.discovery import parse_address
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError
-from cluster.host import HostedShard, ModelUnavailableError, ShardHost, UnknownShardError, check_model_id
+from cluster.host import (
+    HostedShard,
+    ModelUnavailableError,
+    ShardBusyError,
+    ShardHost,
+    UnknownShardError,
+    check_model_id,
+)
 from cluster.models.config import ConfigError
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -68,7 +75,7 @@ def check_step(shard: HostedShard, request: pb.ForwardRequest) -> None:
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC code a node answers an exception with (the client maps codes back to typed errors)."""
-    if isinstance(exc, ContextFullError):
+    if isinstance(exc, (ContextFullError, ShardBusyError)):
         return wire.EXHAUSTED
     if isinstance(exc, EngineError) and "need" in str(exc) and "available" in str(exc):
         return wire.EXHAUSTED  # the shard does not fit this node's memory
@@ -196,8 +203,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                         sid = ""  # not ours to end
                         raise wire.WireError(f"session {request.session_id!r} is already open on this shard")
                     sampling = wire.sampling_from_pb(request.sampling)
-                    await shard.engine.acall("new_session", sid, sampling)
-                    shard.sessions.add(sid)
+                    await shard.areserve(sid)  # waits while every session of the shard is in use
+                    try:
+                        await shard.engine.acall("new_session", sid, sampling)
+                    except BaseException:
+                        shard.release(sid)
+                        raise
                 elif request.session_id not in ("", sid):
                     raise wire.WireError(f"this stream carries session {sid!r}, not {request.session_id!r}")
                 yield await self._step(shard, sid, request, sampling)
@@ -206,8 +217,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         finally:
-            if shard is not None and sid in shard.sessions:
-                shard.sessions.discard(sid)
+            if shard is not None and sid and shard.release(sid):
                 try:
                     await shard.engine.acall("end_session", sid)
                 except (EngineError, RunnerError):
@@ -252,8 +262,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         except UnknownShardError as e:
             await abort_with(context, e)
             raise
-        if request.session_id in shard.sessions:
-            shard.sessions.discard(request.session_id)
+        if shard.release(request.session_id):
             await shard.engine.acall("end_session", request.session_id)
         return pb.EndSessionResponse()
 
