@@ -53,6 +53,10 @@ class ShardBusyError(RuntimeError):
     """Every session of a shard stayed in use while a request waited for one. Messages start with "busy: "."""
 
 
+class SessionOpenError(ValueError):
+    """A session id that is already open on the shard."""
+
+
 def default_models_dir() -> Path:
     return Path(os.environ.get("CLUSTERCTL_MODELS", "~/.cache/clusterctl/models")).expanduser()
 
@@ -84,8 +88,10 @@ class HostedShard:
         """Count a new session, waiting until fewer than max_sessions are open (blocking; for threads)."""
         timeout = SESSION_WAIT_S if timeout is None else timeout
         with self._slots:
+            self._check_new(session_id)
             if not self._slots.wait_for(lambda: len(self.sessions) < self.max_sessions, timeout):
                 raise self._busy(timeout)
+            self._check_new(session_id)
             self.sessions.add(session_id)
 
     async def areserve(self, session_id: str, timeout: float | None = None) -> None:
@@ -94,6 +100,7 @@ class HostedShard:
         deadline = time.monotonic() + timeout
         while True:
             with self._slots:
+                self._check_new(session_id)
                 if len(self.sessions) < self.max_sessions:
                     self.sessions.add(session_id)
                     return
@@ -108,6 +115,10 @@ class HostedShard:
             self.sessions.discard(session_id)
             self._slots.notify()
             return counted
+
+    def _check_new(self, session_id: str) -> None:
+        if session_id in self.sessions:  # checked under the lock: two streams cannot both open one id
+            raise SessionOpenError(f"session {session_id!r} is already open on this shard")
 
     def _busy(self, timeout: float) -> ShardBusyError:
         return ShardBusyError(

@@ -13,7 +13,7 @@ import pytest
 from cluster_nodes import wait_for
 from conftest import FIXTURES, TEST_TOKEN
 
-from cluster.host import ShardBusyError, ShardHost, UnknownShardError
+from cluster.host import SessionOpenError, ShardBusyError, ShardHost, UnknownShardError
 
 
 @pytest.fixture
@@ -79,6 +79,8 @@ def test_a_full_shard_makes_new_sessions_wait_until_one_ends(host: ShardHost) ->
     assert shard.max_sessions == 2  # the engine's limit, from the host's options
     shard.reserve("a")
     shard.reserve("b")
+    with pytest.raises(SessionOpenError, match="already open"):  # one id, one session; checked under the lock
+        shard.reserve("a", timeout=0)
     opened = threading.Event()
     waiter = threading.Thread(target=lambda: (shard.reserve("c"), opened.set()))
     waiter.start()

@@ -20,6 +20,7 @@ from cluster.engine.shard import ContextFullError, EngineError
 from cluster.host import (
     HostedShard,
     ModelUnavailableError,
+    SessionOpenError,
     ShardBusyError,
     ShardHost,
     UnknownShardError,
@@ -199,11 +200,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                 if shard is None:
                     shard = self.host.shard(check_id(request.shard_id, "shard_id"))
                     sid = check_id(request.session_id, "the first message's session_id")
-                    if sid in shard.sessions:
-                        sid = ""  # not ours to end
-                        raise wire.WireError(f"session {request.session_id!r} is already open on this shard")
                     sampling = wire.sampling_from_pb(request.sampling)
-                    await shard.areserve(sid)  # waits while every session of the shard is in use
+                    try:
+                        await shard.areserve(sid)  # waits while every session of the shard is in use
+                    except SessionOpenError:
+                        sid = ""  # not ours to end
+                        raise
                     try:
                         await shard.engine.acall("new_session", sid, sampling)
                     except BaseException:
