@@ -548,6 +548,15 @@ class _LocalTurns:
     help="Memory this node offers, instead of what its device reports free.",
 )
 @click.option(
+    "--max-sessions",
+    envvar="CLUSTERCTL_MAX_SESSIONS",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Sessions each shard serves at once, each with its own KV cache; more requests wait for a turn.",
+)
+@click.option(
     "--peer",
     "peers",
     envvar="CLUSTERCTL_PEERS",
@@ -603,6 +612,7 @@ def join_cmd(
     device: str | None,
     dtype: str | None,
     memory: float | None,
+    max_sessions: int,
     models_dir: Path | None,
     peers: tuple[str, ...],
     no_mdns: bool,
@@ -633,6 +643,7 @@ def join_cmd(
         "mdns": not no_mdns,
         "mdns_interfaces": mdns_interfaces or None,
         "max_context": max_context,
+        "max_sessions": max_sessions,
         "token": _token_for_node(token, token_file),
         "api_port": None if no_api else api_port,
     }

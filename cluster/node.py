@@ -50,6 +50,7 @@ class NodeSettings:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] | None = None  # None: every interface of the host
     max_context: int = 4096
+    max_sessions: int = 8  # per shard; more requests wait for a session to end
     prefill_buckets: tuple[int, ...] | None = None
     session_timeout: float = 600.0
     health_interval: float = 1.0
@@ -88,6 +89,7 @@ class Node:
             device=settings.device,
             dtype=settings.dtype,
             prefill_buckets=settings.prefill_buckets,
+            max_sessions=settings.max_sessions,
             memory_budget=self._budget,
         )
         self.server: grpc.aio.Server | None = None

@@ -33,8 +33,10 @@ class NodeProcess:
         mdns: bool = True,
         token: str | None = None,
         api_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ):
-        """token: this node's cluster token (default: the test run's, from $CLUSTERCTL_TOKEN)."""
+        """token: this node's cluster token (default: the test run's, from $CLUSTERCTL_TOKEN); extra_args: more
+        `join` flags."""
         self.token = token
         self.name = name
         self.port = free_port()
@@ -49,6 +51,7 @@ class NodeProcess:
         for peer in peers:
             args += ["--peer", peer]
         args += ["--api-port", str(api_port)] if api_port is not None else ["--no-api"]
+        args += list(extra_args)
         self.api_port = api_port
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if token is not None:

@@ -128,3 +128,38 @@ def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(m
         assert NUM_CPU_THREADS.value == 1  # and read by kernels this process compiles (`run --local`)
     finally:
         NUM_CPU_THREADS.value = before
+
+
+def test_join_max_sessions_makes_requests_take_turns(tmp_path):
+    """`join --max-sessions 1`: three requests at once all finish with the tokens of one alone, and the node
+    never reports more than one open session on its shard while they run."""
+    import threading
+
+    from cluster_nodes import NodeProcess
+
+    node = NodeProcess("solo", tmp_path, mdns=False, extra_args=["--max-sessions", "1"])
+    try:
+        node.wait_ready()
+        model = str(FIXTURES / "llama32")
+        with node.client() as c:
+            *_, alone = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
+        results: list = []
+        seen: list[int] = []
+
+        def run() -> None:
+            with node.client() as c:
+                *_, last = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
+                results.append(last.tokens)
+
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for t in threads:
+            t.start()
+        with node.client() as c:
+            while any(t.is_alive() for t in threads):
+                seen += [s["sessions"] for n in c.nodes() for s in n.shards]
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [alone.tokens] * 3
+        assert seen and max(seen) == 1
+    finally:
+        node.stop()
