@@ -24,10 +24,12 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import worker
 from tinygrad.uop.ops import AxisType, Ops
 
+from cluster.models.decoder import CPU_ROW_BLOCK
+
 log = logging.getLogger(__name__)
 
 TOKEN_TILE = 8  # prompt rows per register tile
-ROW_BLOCKS = 2  # row blocks (of decoder.CPU_ROW_BLOCK rows) per register tile
+ROW_BLOCKS = 2  # row blocks (of CPU_ROW_BLOCK rows) per register tile
 REDUCE_UNROLL = 2
 WHOLE_UNROLL = 8  # a reduce axis this short (the values of one quantized word) is unrolled whole
 # Shorter reductions gain nothing, and clang unrolls their short loops whole around the bigger tile, which
@@ -46,7 +48,7 @@ def _unit_stride(buf: Any, rng: Any) -> bool:
     return any(term is rng for term in buf.src[1].get_idx().split_uop(Ops.ADD))
 
 
-def matmul_axes(k: Scheduler, row_block: int = 4) -> tuple[int, int, int | None] | None:
+def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
     """(token axis, row-block axis, another weight axis or None) when the kernel `k` (before any options) is a
     CPU matmul of several prompt rows against a row-blocked weight; None for every other kernel."""
     if k.ren.has_local or k.reduceop is None or k.reduceop.arg[0] is not Ops.ADD:
@@ -58,7 +60,7 @@ def matmul_axes(k: Scheduler, row_block: int = 4) -> tuple[int, int, int | None]
     if not reduces or prod(shape[a] for a in reduces) < MIN_REDUCE:
         return None
     free = k.upcastable_dims
-    for block in (a for a in free if shape[a] == row_block):
+    for block in (a for a in free if shape[a] == CPU_ROW_BLOCK):
         rng = k.rngs[block]
         for weight in (b for b in k.bufs if _unit_stride(b, rng)):
             for token in (a for a in free if a != block and shape[a] % TOKEN_TILE == 0):
