@@ -73,7 +73,7 @@ _ERRORS: dict[grpc.StatusCode, type[ClusterError]] = {
 
 def map_error(e: grpc.RpcError, node: str) -> ClusterError:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy: "):
+    if code == wire.EXHAUSTED and details.startswith(wire.BUSY):
         return NodeBusy(details)
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("node "):
         refused = auth.refused_message(details)

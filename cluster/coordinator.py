@@ -186,12 +186,8 @@ class LocalShard:
             raise ShardUnavailableError(str(e), self.node_id) from None
         self.engine = self.hosted.engine
         sid = session_id or uuid.uuid4().hex
-        self.hosted.reserve(sid)  # waits while every session of the shard is in use
-        try:
-            return self.engine.new_session(sid, sampling)
-        except BaseException:
-            self.hosted.release(sid)
-            raise
+        self.hosted.open_session(sid, sampling)  # waits while every session of the shard is in use
+        return sid
 
     def truncate(self, session_id: str, length: int) -> None:
         self.engine.truncate(session_id, length)
@@ -203,13 +199,12 @@ class LocalShard:
             raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
 
     def end_session(self, session_id: str) -> None:
-        if self.hosted.release(session_id):
-            self.engine.end_session(session_id)
+        self.hosted.end_session(session_id)
 
 
 def _shard_error(e: grpc.RpcError, node: str, node_id: str = "") -> Exception:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
-    if code == wire.EXHAUSTED and details.startswith("busy: "):
+    if code == wire.EXHAUSTED and details.startswith(wire.BUSY):
         return ShardBusyError(details)
     if code == wire.EXHAUSTED:
         return ContextFullError(details)

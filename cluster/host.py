@@ -50,7 +50,7 @@ _SLOT_POLL_S = 0.02  # how often a request waiting in the event loop looks for a
 
 
 class ShardBusyError(RuntimeError):
-    """Every session of a shard stayed in use while a request waited for one. Messages start with "busy: "."""
+    """Every session of a shard stayed in use while a request waited for one. Messages start with wire.BUSY."""
 
 
 class SessionOpenError(ValueError):
@@ -84,15 +84,38 @@ class HostedShard:
     max_sessions: int = 8  # the engine's limit; more requests wait for a session to end
     _slots: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
+    def open_session(self, session_id: str, sampling: Any) -> None:
+        """Open a session on the engine once fewer than max_sessions are open (blocking; for threads)."""
+        self.reserve(session_id)
+        try:
+            self.engine.new_session(session_id, sampling)
+        except BaseException:
+            self.release(session_id)
+            raise
+
+    async def aopen_session(self, session_id: str, sampling: Any) -> None:
+        """`open_session` for the event loop."""
+        await self.areserve(session_id)
+        try:
+            await self.engine.acall("new_session", session_id, sampling)
+        except BaseException:
+            self.release(session_id)
+            raise
+
+    def end_session(self, session_id: str) -> None:
+        if self.release(session_id):
+            self.engine.end_session(session_id)
+
+    async def aend_session(self, session_id: str) -> None:
+        if self.release(session_id):
+            await self.engine.acall("end_session", session_id)
+
     def reserve(self, session_id: str, timeout: float | None = None) -> None:
         """Count a new session, waiting until fewer than max_sessions are open (blocking; for threads)."""
         timeout = SESSION_WAIT_S if timeout is None else timeout
         with self._slots:
-            self._check_new(session_id)
-            if not self._slots.wait_for(lambda: len(self.sessions) < self.max_sessions, timeout):
+            if not self._slots.wait_for(lambda: self._take(session_id), timeout):
                 raise self._busy(timeout)
-            self._check_new(session_id)
-            self.sessions.add(session_id)
 
     async def areserve(self, session_id: str, timeout: float | None = None) -> None:
         """`reserve` for the event loop: polls instead of parking one of the loop's worker threads per request."""
@@ -100,9 +123,7 @@ class HostedShard:
         deadline = time.monotonic() + timeout
         while True:
             with self._slots:
-                self._check_new(session_id)
-                if len(self.sessions) < self.max_sessions:
-                    self.sessions.add(session_id)
+                if self._take(session_id):
                     return
             if time.monotonic() >= deadline:
                 raise self._busy(timeout)
@@ -116,14 +137,19 @@ class HostedShard:
             self._slots.notify()
             return counted
 
-    def _check_new(self, session_id: str) -> None:
+    def _take(self, session_id: str) -> bool:
+        """With the lock held: count the session if a place is free."""
         if session_id in self.sessions:  # checked under the lock: two streams cannot both open one id
             raise SessionOpenError(f"session {session_id!r} is already open on this shard")
+        if len(self.sessions) >= self.max_sessions:
+            return False
+        self.sessions.add(session_id)
+        return True
 
     def _busy(self, timeout: float) -> ShardBusyError:
         return ShardBusyError(
-            f"busy: all {self.max_sessions} sessions of {self.model_id} layers [{self.start}, {self.end}) on this "
-            f"node stayed in use for {timeout:g} s; try again later"
+            f"{wire.BUSY}all {self.max_sessions} sessions of {self.model_id} layers [{self.start}, {self.end}) on "
+            f"this node stayed in use for {timeout:g} s; try again later"
         )
 
     @property
@@ -323,8 +349,9 @@ class ShardHost:
         except BaseException:
             engine.close()
             raise
-        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder])
-        shard.max_sessions = int(options["max_sessions"])
+        shard = HostedShard(
+            uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder], max_sessions=options["max_sessions"]
+        )
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])

@@ -107,6 +107,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+BUSY = "busy: "  # starts the details of an EXHAUSTED answer that means: every session in use, try later
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 

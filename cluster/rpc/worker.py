@@ -202,14 +202,9 @@ class WorkerService(pb_grpc.WorkerServicer):
                     sid = check_id(request.session_id, "the first message's session_id")
                     sampling = wire.sampling_from_pb(request.sampling)
                     try:
-                        await shard.areserve(sid)  # waits while every session of the shard is in use
+                        await shard.aopen_session(sid, sampling)  # waits while every session is in use
                     except SessionOpenError:
                         sid = ""  # not ours to end
-                        raise
-                    try:
-                        await shard.engine.acall("new_session", sid, sampling)
-                    except BaseException:
-                        shard.release(sid)
                         raise
                 elif request.session_id not in ("", sid):
                     raise wire.WireError(f"this stream carries session {sid!r}, not {request.session_id!r}")
@@ -219,9 +214,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         finally:
-            if shard is not None and sid and shard.release(sid):
+            if shard is not None and sid:
                 try:
-                    await shard.engine.acall("end_session", sid)
+                    await shard.aend_session(sid)
                 except (EngineError, RunnerError):
                     log.debug("ending session %s on a closed shard", sid)
 
@@ -264,8 +259,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         except UnknownShardError as e:
             await abort_with(context, e)
             raise
-        if shard.release(request.session_id):
-            await shard.engine.acall("end_session", request.session_id)
+        await shard.aend_session(request.session_id)
         return pb.EndSessionResponse()
 
     async def GetManifest(self, request: pb.ManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
