@@ -554,7 +554,8 @@ class _LocalTurns:
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Sessions each shard serves at once, each with its own KV cache; more requests wait for a turn.",
+    help="Sessions each shard serves at once, each with its own KV cache (fewer when the memory left beside the "
+    "weights holds fewer); more requests wait for a turn.",
 )
 @click.option(
     "--peer",
@@ -682,9 +683,12 @@ def nodes_cmd(node: str, token: str | None, token_file: Path | None, as_json: bo
         return
     click.echo(f"{'NAME':16s} {'ADDRESS':22s} {'DEVICE':10s} {'FREE':>10s} {'TOTAL':>10s}  SHARDS")
     for n in nodes:
-        shards = ", ".join(f"{s['model_id']} [{s['layers'][0]},{s['layers'][1]})" for s in n.shards) or "-"
+        shards = ", ".join(
+            f"{s['model_id']} [{s['layers'][0]},{s['layers'][1]}) {s['sessions']}/{s['max_sessions']} sessions"
+            for s in n.shards
+        )
         free, total = format_bytes(n.free_memory), format_bytes(n.total_memory)
-        click.echo(f"{n.name:16s} {n.address:22s} {n.device:10s} {free:>10s} {total:>10s}  {shards}")
+        click.echo(f"{n.name:16s} {n.address:22s} {n.device:10s} {free:>10s} {total:>10s}  {shards or '-'}")
 
 
 @main.command("plan")

@@ -81,7 +81,7 @@ class HostedShard:
     # when the last one lets go, or when the nodes holding it have left
     holders: list[str] = field(default_factory=list)
     sessions: set[str] = field(default_factory=set)  # open on the engine, or about to be
-    max_sessions: int = 8  # the engine's limit; more requests wait for a session to end
+    max_sessions: int = 8  # the engine's limit (lower than asked when memory holds fewer KV caches); more wait
     _slots: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
     def open_session(self, session_id: str, sampling: Any) -> None:
@@ -169,6 +169,7 @@ class HostedShard:
             weight_bytes=self.held_bytes,
             max_context=int(self.info["max_context"]),
             sessions=len(self.sessions),
+            max_sessions=self.max_sessions,
             holders=len(self.holders),
         )
 
@@ -349,9 +350,9 @@ class ShardHost:
         except BaseException:
             engine.close()
             raise
-        shard = HostedShard(
-            uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder], max_sessions=options["max_sessions"]
-        )
+        # the engine lowers max_sessions to the KV caches its memory budget holds
+        sessions = int(info["max_sessions"])
+        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder], max_sessions=sessions)
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])

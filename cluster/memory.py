@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -45,6 +45,9 @@ _warned: set[str] = set()
 class DeviceMemory:
     total: int  # bytes
     free: int  # bytes
+    # False when system RAM stands in for a device with no counters we can read (an OpenCL card, an NVIDIA one
+    # without NVML): good enough to plan with, not to refuse a load or limit sessions by
+    of_device: bool = True
 
 
 def device_kind(device: str) -> str:
@@ -87,7 +90,8 @@ def device_memory(device: str, *, override: int | None = None, used: int = 0) ->
         if mem is not None:
             return mem
         _warn_once(device, "no amdgpu VRAM counters found for %s; reporting system memory instead")
-    return system_memory()
+    ram = system_memory()
+    return ram if kind == "cpu" else replace(ram, of_device=False)
 
 
 def system_memory() -> DeviceMemory:

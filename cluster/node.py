@@ -25,7 +25,7 @@ from cluster import __version__, auth
 from cluster.coordinator import Coordinator
 from cluster.discovery import PROTOCOL_VERSION, Discovery, Peer
 from cluster.host import ShardHost, default_models_dir
-from cluster.memory import device_kind, device_memory
+from cluster.memory import DeviceMemory, device_kind, device_memory
 from cluster.partition import Plan, format_plan
 from cluster.rpc import wire
 from cluster.rpc.cluster_service import ClusterService
@@ -105,14 +105,19 @@ class Node:
         self.api: Any = None  # the uvicorn server
 
     # ------------------------------------------------------------------------------------ facts
-    def _memory(self) -> tuple[int, int]:
+    def _device_memory(self) -> DeviceMemory:
         override = int(self.settings.memory_gib * GiB) if self.settings.memory_gib is not None else None
-        mem = device_memory(self.device, override=override, used=self.host.held_bytes())
+        return device_memory(self.device, override=override, used=self.host.held_bytes())
+
+    def _memory(self) -> tuple[int, int]:
+        mem = self._device_memory()
         return mem.total, mem.free
 
     def _budget(self) -> int | None:
-        # with --memory, a shard may use what the user granted; without it the engine checks the device itself
-        return self._memory()[1] if self.settings.memory_gib is not None else None
+        """What a new shard may use: what the user granted with --memory, else what the device reports free.
+        The engine refuses a shard that does not fit and serves no more sessions than their KV caches fit."""
+        mem = self._device_memory()
+        return mem.free if mem.of_device else None
 
     @property
     def address(self) -> str:

@@ -130,36 +130,65 @@ def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(m
         NUM_CPU_THREADS.value = before
 
 
+def _three_at_once(node, model: str) -> tuple[list[int], list[list[int]], list[int]]:
+    """The tokens of one request alone, then of three sent at once, and the open-session counts the node
+    reported for its shard while the three ran."""
+    import threading
+
+    with node.client() as c:
+        *_, alone = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
+    results: list[list[int]] = []
+    seen: list[int] = []
+
+    def run() -> None:
+        with node.client() as c:
+            *_, last = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
+            results.append(last.tokens)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with node.client() as c:
+        while any(t.is_alive() for t in threads):
+            seen += [s["sessions"] for n in c.nodes() for s in n.shards]
+    for t in threads:
+        t.join(timeout=120)
+    return alone.tokens, results, seen
+
+
 def test_join_max_sessions_makes_requests_take_turns(tmp_path):
     """`join --max-sessions 1`: three requests at once all finish with the tokens of one alone, and the node
     never reports more than one open session on its shard while they run."""
-    import threading
-
     from cluster_nodes import NodeProcess
 
     node = NodeProcess("solo", tmp_path, mdns=False, extra_args=["--max-sessions", "1"])
     try:
         node.wait_ready()
-        model = str(FIXTURES / "llama32")
-        with node.client() as c:
-            *_, alone = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
-        results: list = []
-        seen: list[int] = []
-
-        def run() -> None:
-            with node.client() as c:
-                *_, last = c.generate(model, "Once upon", raw=True, max_tokens=16, temperature=0)
-                results.append(last.tokens)
-
-        threads = [threading.Thread(target=run) for _ in range(3)]
-        for t in threads:
-            t.start()
-        with node.client() as c:
-            while any(t.is_alive() for t in threads):
-                seen += [s["sessions"] for n in c.nodes() for s in n.shards]
-        for t in threads:
-            t.join(timeout=120)
-        assert results == [alone.tokens] * 3
+        alone, results, seen = _three_at_once(node, str(FIXTURES / "llama32"))
+        assert results == [alone] * 3
         assert seen and max(seen) == 1
+    finally:
+        node.stop()
+
+
+def test_join_memory_limits_sessions_to_kv_caches_that_fit(tmp_path):
+    """`join --memory` with room for the weights and two and a half KV caches (and `--max-sessions` left at 8):
+    the shard serves two sessions at once, three requests at once take turns and all give the tokens of one
+    alone (the reference), and `nodes` shows the limit."""
+    from cluster_nodes import NodeProcess
+
+    from cluster.engine.shard import ShardEngine
+
+    model = str(FIXTURES / "llama32")
+    sizes = ShardEngine(model, max_context=256)  # the node's engine: same device, dtype and buckets; not warmed
+    budget = sizes.weight_bytes + 2 * sizes.kv_bytes_per_session() + sizes.kv_bytes_per_session() // 2
+    node = NodeProcess("small", tmp_path, mdns=False, memory=budget / 2**30, extra_args=["--max-context", "256"])
+    try:
+        node.wait_ready()
+        alone, results, seen = _three_at_once(node, model)
+        assert results == [alone] * 3
+        assert seen and max(seen) == 2  # two at once, never three
+        out = clusterctl("nodes", "--node", node.address)
+        assert "0/2 sessions" in out.stdout, out.stdout + out.stderr
     finally:
         node.stop()

@@ -11,7 +11,7 @@ from tinygrad.engine.jit import GraphRunner
 from tinygrad.engine.realize import run_linear
 from tinygrad.uop.ops import Ops, UOp
 
-from cluster.engine.shard import ContextFullError, EngineError, ShardEngine, uses_graphs
+from cluster.engine.shard import ContextFullError, EngineError, ShardEngine, session_capacity, uses_graphs
 from cluster.generation import step
 from cluster.sampling import SamplingParams
 
@@ -178,6 +178,32 @@ def test_too_many_sessions(engines):
     eng.new_session("y")
     with pytest.raises(EngineError, match="too many sessions"):
         eng.new_session("z")
+
+
+def test_session_capacity_counts_kv_caches_that_fit_beside_the_weights():
+    GB = 1 << 30
+    assert session_capacity(None, 5 * GB, GB, 8) == 8  # no budget known (an accelerator without --memory)
+    assert session_capacity(100 * GB, 5 * GB, GB, 8) == 8  # plenty: the asked number
+    assert session_capacity(7 * GB + GB // 2, 5 * GB, GB, 8) == 2  # two whole caches fit
+    assert session_capacity(5 * GB + GB // 2, 5 * GB, GB, 8) == 1  # never below one: the load check covers it
+
+
+def test_memory_budget_lowers_max_sessions(engines):
+    """A budget with room for the weights and two and a half KV caches gives two sessions: the third is refused
+    by the engine (on a node it waits for a turn instead, tests/test_cli.py)."""
+    plain = engines.get("llama32")
+    assert plain.max_sessions == 8 and plain.info()["max_sessions"] == 8  # this machine's free memory holds 8
+    kv = plain.kv_bytes_per_session()
+    eng = engines.get("llama32", memory_budget=plain.weight_bytes + 2 * kv + kv // 2)
+    assert eng.max_sessions == 2 and eng.info()["max_sessions"] == 2
+    eng.new_session("x")
+    eng.new_session("y")
+    with pytest.raises(EngineError, match=r"too many sessions \(2\)"):
+        eng.new_session("z")
+    for sid in ("x", "y"):
+        eng.end_session(sid)
+    with pytest.raises(EngineError, match="need"):
+        engines.get("llama32", memory_budget=plain.weight_bytes + kv - 1)
     eng.end_session("x")
     eng.new_session("z")
     eng.end_session("y")

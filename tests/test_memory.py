@@ -64,7 +64,11 @@ def test_device_index() -> None:
 
 @pytest.mark.parametrize("device", ["CPU", "CLANG", "CL", "METAL"])
 def test_cpu_and_other_devices_report_system_memory(device: str) -> None:
-    _close_to_system(device_memory(device))
+    mem = device_memory(device)
+    _close_to_system(mem)
+    # system RAM is the CPU's own memory; for a card with no counters it only stands in (the node then gives its
+    # engines no budget to refuse a load or limit sessions by)
+    assert mem.of_device == (device in ("CPU", "CLANG"))
 
 
 def test_override_and_used() -> None:
@@ -147,6 +151,8 @@ def test_nvidia_without_nvml_or_smi_falls_back_to_system_memory(
     with caplog.at_level(logging.WARNING, logger="cluster.memory"):
         _close_to_system(device_memory("CUDA:0"))
         _close_to_system(device_memory("CUDA:0"))
+    assert not device_memory("CUDA:0").of_device
+    assert device_memory("CUDA:0", override=8 * GIB).of_device  # what the user granted stands
     assert [r.getMessage() for r in caplog.records].count(
         "no NVML or nvidia-smi answered for CUDA:0; reporting system memory instead"
     ) == 1

@@ -55,12 +55,21 @@ def test_node_info_becomes_the_node_view_the_sdk_and_dashboard_share():
     from cluster.client import NodeView
 
     shard = pb.ShardInfo(model_id="m", start=2, end=5, device="CPU", weight_bytes=10, sessions=1, memory_used=12)
+    shard.max_sessions = 3
     info = pb.NodeInfo(node_id="id", name="a", device="CPU", device_kind="cpu", host="10.0.0.1", port=50051)
     info.total_memory, info.free_memory = 8, 3
     info.shards.append(shard)
     view = wire.node_info_dict(info)
     assert view["address"] == "10.0.0.1:50051" and view["free_memory"] == 3
     assert view["shards"] == [
-        {"model_id": "m", "layers": [2, 5], "device": "CPU", "bytes": 10, "sessions": 1, "memory_used": 12}
+        {
+            "model_id": "m",
+            "layers": [2, 5],
+            "device": "CPU",
+            "bytes": 10,
+            "sessions": 1,
+            "max_sessions": 3,
+            "memory_used": 12,
+        }
     ]
     assert NodeView(**view).shards == view["shards"]

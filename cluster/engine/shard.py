@@ -84,6 +84,16 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def session_capacity(budget: int | None, weight_bytes: int, kv_bytes: int, max_sessions: int) -> int:
+    """How many sessions may be open at once: max_sessions, or fewer when only that many KV caches fit in the
+    budget beside the weights. At least one (the load check made sure one fits). Each session allocates its
+    whole cache when it opens, so without this limit concurrent requests on a node loaded near its memory
+    limit would run it out of memory; with it, they wait for a turn."""
+    if budget is None or kv_bytes <= 0:
+        return max_sessions
+    return max(1, min(max_sessions, (budget - weight_bytes) // kv_bytes))
+
+
 def copy_into(t: Tensor, arr: np.ndarray) -> None:
     """Overwrite a realized tensor's buffer with host data (microseconds, no new graph)."""
     dst = t.uop.base.buffer
@@ -118,8 +128,9 @@ class ShardEngine:
         memory_budget: int | None = None,
         progress: Progress | None = None,
     ):
-        """memory_budget: bytes this shard may use for weights plus one session's KV cache; default on CPU
-        devices: the memory the OS reports available (accelerators report no budget to tinygrad)."""
+        """memory_budget: bytes this shard may use for its weights and the KV caches of its sessions; default on
+        CPU devices: the memory the OS reports available (accelerators report no budget to tinygrad). With a
+        budget, max_sessions is lowered to the sessions whose KV caches fit beside the weights."""
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = device or default_device()
@@ -134,11 +145,22 @@ class ShardEngine:
         if not self.buckets or self.buckets[0] < 2:
             raise ValueError(f"prefill_buckets must be chunk sizes >= 2, got {prefill_buckets!r}")
         self.chunk = self.buckets[-1]
-        self.max_sessions = max_sessions
         self._progress = progress or (lambda stage, done, total: None)
         checkpoint = Checkpoint(self.model_dir)
         self.model: ShardModel = load_shard(self.cfg, checkpoint, start_layer, end, self.device, self.dtype)
-        self._check_fits(checkpoint.pending_bytes(), memory_budget)
+        budget = self._check_fits(checkpoint.pending_bytes(), memory_budget)
+        self.max_sessions = session_capacity(
+            budget, checkpoint.pending_bytes(), self.kv_bytes_per_session(), max_sessions
+        )
+        if self.max_sessions < max_sessions:
+            log.info(
+                "layers [%d, %d): memory for the KV caches of %d of %d sessions (%s each); more requests wait",
+                self.model.start,
+                self.model.end,
+                self.max_sessions,
+                max_sessions,
+                _size(self.kv_bytes_per_session()),
+            )
         checkpoint.materialize(lambda done, total: self._progress("load", done, total))
         self.start, self.end = self.model.start, self.model.end
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
@@ -180,12 +202,13 @@ class ShardEngine:
         positions = self.max_context + self.chunk
         return len(self.model.blocks) * 2 * cfg.num_kv_heads * positions * cfg.head_dim * self.dtype.itemsize
 
-    def _check_fits(self, weight_bytes: int, budget: int | None) -> None:
-        """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway."""
+    def _check_fits(self, weight_bytes: int, budget: int | None) -> int | None:
+        """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway.
+        Returns the budget it checked against (None: unknown, on an accelerator with no budget given)."""
         if budget is None and self.on_cpu:
             budget = psutil.virtual_memory().available
         if budget is None:
-            return
+            return None
         needed = weight_bytes + self.kv_bytes_per_session()
         if needed > budget:
             raise EngineError(
@@ -194,6 +217,7 @@ class ShardEngine:
                 f"one session at {self.max_context} positions), but only {_size(budget)} is available; use "
                 "fewer layers per node, a quantized model or a smaller --max-context"
             )
+        return budget
 
     @property
     def weight_bytes(self) -> int:
@@ -216,6 +240,7 @@ class ShardEngine:
             "dtype": dtype_name(self.dtype),
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_session": self.kv_bytes_per_session(),
+            "max_sessions": self.max_sessions,
             "quantized": self.cfg.quantization is not None,
             "cpu_threads": NUM_CPU_THREADS.value if self.on_cpu else None,
             "ready": self.ready,

@@ -120,6 +120,7 @@ def node_info_dict(n: pb.NodeInfo) -> dict[str, Any]:
             "device": s.device,
             "bytes": s.weight_bytes,
             "sessions": s.sessions,
+            "max_sessions": s.max_sessions,
             "memory_used": s.memory_used,
         }
         for s in n.shards
