@@ -10,6 +10,7 @@ engine draws each token's random number from the seed and the token's position).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +33,40 @@ class ShardUnavailableError(RuntimeError):
         self.node_id = node_id
 
 
+class RequestCancelled(RuntimeError):
+    """The request's client went away: nothing more runs for it."""
+
+
+class Cancellation:
+    """Set once, from any thread, when a request's client goes away. The parts of the request that block (a wait
+    for a free session, a step on another node) register a callback that makes them give up at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the request is cancelled (now, when it already is)."""
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 class Chain:
     def __init__(
         self,
@@ -39,10 +74,13 @@ class Chain:
         replace: Callable[[ShardUnavailableError], Sequence[Shard]],
         *,
         max_recoveries: int = 3,
+        cancellation: Cancellation | None = None,
     ):
         self.shards = list(shards)
         self.replace = replace
         self.max_recoveries = max_recoveries
+        self.cancellation = cancellation or Cancellation()
+        self.cancellation.on_cancel(self._cancel_shards)
         self.history: list[int] = []  # ids whose K/V the shards hold, in position order
         self.recoveries: list[float] = []  # seconds each recovery took
         self.sid = ""
@@ -52,11 +90,13 @@ class Chain:
         self.sampling = sampling or SamplingParams()
         self.sid = session_id or self.sid or uuid.uuid4().hex
         for attempt in range(self.max_recoveries + 1):
+            self._check_cancelled()
             try:
                 for shard in self.shards:
                     shard.new_session(self.sid, self.sampling)
                 return self.sid
             except ShardUnavailableError as e:  # a shard was lost (or unloaded) between requests
+                self._check_cancelled(e)
                 if attempt == self.max_recoveries:
                     raise
                 self._recover(self.sid, e)
@@ -87,15 +127,28 @@ class Chain:
         ids = [int(i) for i in np.asarray(inputs).reshape(-1)]
         params = sampling or self.sampling
         for attempt in range(self.max_recoveries + 1):
+            self._check_cancelled()
             try:
                 result = step(self.shards, session_id, ids, params, logprobs, list(token_ids or ids))
                 self.history += ids
                 return result
             except ShardUnavailableError as e:
+                self._check_cancelled(e)  # a stream cancelled because the client left is no lost node
                 if attempt == self.max_recoveries:
                     raise
                 self._recover(session_id, e)
         raise AssertionError("unreachable")
+
+    def _check_cancelled(self, cause: BaseException | None = None) -> None:
+        if self.cancellation.is_set():
+            raise RequestCancelled("the client went away") from cause
+
+    def _cancel_shards(self) -> None:
+        """Wake whatever this request waits on: a free session on a local shard, a remote shard's answer."""
+        for shard in list(self.shards):
+            cancel = getattr(shard, "cancel", None)  # in-process engines (tests, `run --local`) have nothing to wake
+            if cancel is not None:
+                cancel()
 
     def _recover(self, session_id: str, error: ShardUnavailableError) -> None:
         t0 = time.perf_counter()

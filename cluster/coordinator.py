@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from cluster import auth
-from cluster.chain import Chain, ShardUnavailableError
+from cluster.chain import Cancellation, Chain, ShardUnavailableError
 from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
@@ -174,10 +174,16 @@ class RemoteShard:
 
 
 class LocalShard:
-    """A shard of this node, called in-process (no network); its sessions are counted like remote ones."""
+    """A shard of this node, called in-process (no network); its sessions are counted like remote ones.
+
+    Like a remote shard, it takes its place among the shard's sessions at the session's first step, not when the
+    session is opened: every request then waits for places in layer order, whichever node coordinates it, so
+    two requests never wait on each other in a circle."""
 
     def __init__(self, host: ShardHost, shard_id: str, node_id: str):
         self.host, self.shard_id, self.node_id = host, shard_id, node_id
+        self._opening: tuple[str, SamplingParams | None] | None = None  # opened on the engine at the first step
+        self._cancelled = threading.Event()
 
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         try:
@@ -186,20 +192,33 @@ class LocalShard:
             raise ShardUnavailableError(str(e), self.node_id) from None
         self.engine = self.hosted.engine
         sid = session_id or uuid.uuid4().hex
-        self.hosted.open_session(sid, sampling)  # waits while every session of the shard is in use
+        self._opening = (sid, sampling)
         return sid
 
     def truncate(self, session_id: str, length: int) -> None:
-        self.engine.truncate(session_id, length)
+        if self._opening is None:  # a session not opened yet holds no positions to forget
+            self.engine.truncate(session_id, length)
 
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
         try:
+            if self._opening is not None:
+                sid, sampling = self._opening
+                self.hosted.open_session(sid, sampling, self._cancelled.is_set)  # waits while every session is in use
+                self._opening = None
             return self.engine.forward(session_id, inputs, **kwargs)
         except RunnerError as e:  # the engine process died: this node places the shard again
             raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
 
     def end_session(self, session_id: str) -> None:
+        self._opening = None
         self.hosted.end_session(session_id)
+
+    def cancel(self) -> None:
+        """The client went away: a wait for a free session here ends with RequestCancelled."""
+        self._cancelled.set()
+        hosted = getattr(self, "hosted", None)
+        if hosted is not None:
+            hosted.wake()
 
 
 def _shard_error(e: grpc.RpcError, node: str, node_id: str = "") -> Exception:
@@ -538,8 +557,10 @@ class Coordinator:
         stop: Sequence[str] = (),
         logprobs: int = 0,
         progress: Progress = lambda stage, node, done, total: None,
+        cancellation: Cancellation | None = None,
     ) -> Generator[TokenChunk | GenerationResult, None, None]:
-        """Chunks of one generation; closing the iterator ends the session on every shard."""
+        """Chunks of one generation; closing the iterator ends the session on every shard. `cancellation`, set
+        from another thread, stops a request that waits for a free session or a remote step at once."""
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
         if messages is not None:
@@ -563,7 +584,7 @@ class Coordinator:
             current[0] = placement
             return self.shards_for_session(placement)
 
-        chain = Chain(self.shards_for_session(current[0]), replace)
+        chain = Chain(self.shards_for_session(current[0]), replace, cancellation=cancellation)
         try:
             for item in generate(
                 [chain],

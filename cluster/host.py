@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from cluster import auth, transfer
+from cluster.chain import RequestCancelled
 from cluster.engine.process import EngineProcess
 from cluster.models.config import ModelConfig
 from cluster.registry import ModelNotFoundError, resolve_model
@@ -84,9 +85,10 @@ class HostedShard:
     max_sessions: int = 8  # the engine's limit (lower than asked when memory holds fewer KV caches); more wait
     _slots: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
-    def open_session(self, session_id: str, sampling: Any) -> None:
-        """Open a session on the engine once fewer than max_sessions are open (blocking; for threads)."""
-        self.reserve(session_id)
+    def open_session(self, session_id: str, sampling: Any, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Open a session on the engine once fewer than max_sessions are open (blocking; for threads).
+        `cancelled` ends the wait (with RequestCancelled) once it turns true and `wake()` is called."""
+        self.reserve(session_id, cancelled=cancelled)
         try:
             self.engine.new_session(session_id, sampling)
         except BaseException:
@@ -110,12 +112,21 @@ class HostedShard:
         if self.release(session_id):
             await self.engine.acall("end_session", session_id)
 
-    def reserve(self, session_id: str, timeout: float | None = None) -> None:
+    def reserve(
+        self, session_id: str, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False
+    ) -> None:
         """Count a new session, waiting until fewer than max_sessions are open (blocking; for threads)."""
         timeout = SESSION_WAIT_S if timeout is None else timeout
         with self._slots:
-            if not self._slots.wait_for(lambda: self._take(session_id), timeout):
+            if not self._slots.wait_for(lambda: cancelled() or self._take(session_id), timeout):
                 raise self._busy(timeout)
+            if session_id not in self.sessions:  # woken because the request was cancelled, not by a free place
+                raise RequestCancelled(f"the request for session {session_id!r} was cancelled while it waited")
+
+    def wake(self) -> None:
+        """Let waiting `reserve` calls check their `cancelled` again."""
+        with self._slots:
+            self._slots.notify_all()
 
     async def areserve(self, session_id: str, timeout: float | None = None) -> None:
         """`reserve` for the event loop: polls instead of parking one of the loop's worker threads per request."""

@@ -1,6 +1,7 @@
 """One generation as an async iterator: the coordinator blocks (engines, streams), so it runs in a thread and
 its chunks cross into the event loop through a queue. A consumer that stops iterating (a client that went away)
-stops the generation at the next token, which ends the session on every shard.
+stops the generation at the next token, which ends the session on every shard; a request still waiting for a
+free session, or for another node's step, gives up at once.
 
 Used by the gRPC Cluster service and the HTTP API alike.
 """
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.chain import Cancellation
 from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, TokenChunk
 
@@ -34,7 +36,7 @@ async def stream_generation(
     (unknown model, bad parameters, a model that does not fit) are raised here, in the event loop."""
     loop = asyncio.get_running_loop()
     out: asyncio.Queue[Any] = asyncio.Queue()
-    stop = threading.Event()
+    cancellation = Cancellation()
 
     def put(item: Any) -> None:
         loop.call_soon_threadsafe(out.put_nowait, item)
@@ -44,10 +46,10 @@ async def stream_generation(
 
     def work() -> None:
         try:
-            chunks = coordinator.generate(model, progress=progress, **request)
+            chunks = coordinator.generate(model, progress=progress, cancellation=cancellation, **request)
             try:
                 for item in chunks:
-                    if stop.is_set():
+                    if cancellation.is_set():
                         break
                     put(item)
             finally:
@@ -66,4 +68,4 @@ async def stream_generation(
                 raise item
             yield item
     finally:
-        stop.set()
+        cancellation.cancel()  # also ends a wait for a free session or for another node's step

@@ -11,7 +11,8 @@ import pytest
 from conftest import BUCKETS, FIXTURES, TEST_TOKEN
 
 from cluster import host as host_module
-from cluster.coordinator import Coordinator
+from cluster.chain import Cancellation, RequestCancelled
+from cluster.coordinator import Coordinator, LocalShard
 from cluster.discovery import Peer
 from cluster.generation import GenerationResult
 from cluster.host import ShardBusyError, ShardHost
@@ -101,3 +102,50 @@ def test_a_request_that_waits_too_long_is_refused_as_busy(
         shard.release("held-1")
         shard.release("held-2")
     assert len(tokens(coordinator, "llama32")) == 6  # served again once sessions are free
+
+
+def test_a_request_cancelled_while_it_waits_for_a_session_stops_at_once(coordinator: Coordinator) -> None:
+    """The client went away (streaming.py cancels its request): the wait for a free session ends at once instead
+    of taking the next free place and running a step for nobody."""
+    expected = tokens(coordinator, "llama32")
+    (shard,) = coordinator.host.live_shards()
+    shard.reserve("held-1")
+    shard.reserve("held-2")
+    cancellation = Cancellation()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            tokens(coordinator, "llama32", cancellation=cancellation)
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    waiter = threading.Thread(target=run)
+    try:
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive()  # waiting: both sessions are held
+        cancellation.cancel()
+        waiter.join(5.0)
+        assert not waiter.is_alive(), "the cancelled request kept waiting"
+        assert len(outcome) == 1 and isinstance(outcome[0], RequestCancelled)
+        assert shard.sessions == {"held-1", "held-2"}  # it took no place
+    finally:
+        shard.release("held-1")
+        shard.release("held-2")
+    assert tokens(coordinator, "llama32") == expected
+
+
+def test_a_local_shard_takes_its_place_at_the_first_step(coordinator: Coordinator) -> None:
+    """Places are taken in layer order as the first step reaches each shard, on this node's shards as on remote
+    ones: two requests coordinated by different nodes then never each hold a place the other waits for."""
+    tokens(coordinator, "llama32")
+    (hosted,) = coordinator.host.live_shards()
+    local = LocalShard(coordinator.host, hosted.shard_id, "self")
+    sid = local.new_session("s")
+    assert hosted.sessions == set()
+    local.truncate(sid, 0)  # nothing to forget yet
+    assert local.forward(sid, [1, 2, 3]).token is not None
+    assert hosted.sessions == {"s"}
+    local.end_session(sid)
+    assert hosted.sessions == set()

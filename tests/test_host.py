@@ -13,6 +13,7 @@ import pytest
 from cluster_nodes import wait_for
 from conftest import FIXTURES, TEST_TOKEN
 
+from cluster.chain import RequestCancelled
 from cluster.host import SessionOpenError, ShardBusyError, ShardHost, UnknownShardError
 
 
@@ -102,3 +103,27 @@ def test_a_full_shard_makes_new_sessions_wait_until_one_ends(host: ShardHost) ->
 
     asyncio.run(wait_in_loop())
     assert shard.sessions == {"c", "d"}
+
+    # a request whose client went away stops waiting as soon as it is woken, and takes no place
+    cancelled = threading.Event()
+    outcome: list[BaseException] = []
+
+    def wait_until_cancelled() -> None:
+        try:
+            shard.reserve("e", cancelled=cancelled.is_set)
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_until_cancelled)
+    waiter.start()
+    assert not wait_for_thread(waiter, 0.3)  # still waiting: both places are taken
+    cancelled.set()
+    shard.wake()
+    assert wait_for_thread(waiter, 2), "the cancelled wait went on"
+    assert len(outcome) == 1 and isinstance(outcome[0], RequestCancelled)
+    assert shard.sessions == {"c", "d"}
+
+
+def wait_for_thread(thread: threading.Thread, timeout: float) -> bool:
+    thread.join(timeout)
+    return not thread.is_alive()
