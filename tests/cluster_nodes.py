@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cluster.client import Client
 
@@ -93,3 +97,48 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def member_names(node: NodeProcess) -> set[str]:
     with node.client() as c:
         return {n.name for n in c.nodes()}
+
+
+def shards_of(nodes: Sequence[NodeProcess], model_id: str) -> list[tuple[NodeProcess, Any]]:
+    """(node, ShardInfo) of every shard of the model on these nodes, in layer order (the chain's order)."""
+    from cluster import auth
+    from cluster.rpc.pb import cluster_pb2 as pb
+    from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+
+    found = []
+    for node in nodes:
+        with auth.secure_channel(node.address, node.token or os.environ["CLUSTERCTL_TOKEN"], []) as channel:
+            info = pb_grpc.WorkerStub(channel).Info(pb.NodeInfoRequest(), timeout=5)
+        found += [(node, s) for s in info.shards if s.model_id == model_id]
+    return sorted(found, key=lambda ns: ns[1].start)
+
+
+@contextmanager
+def every_session_taken(node: NodeProcess, shard: Any) -> Iterator[None]:
+    """Take every place among the shard's sessions with Forward streams of our own, straight to its node (each
+    opens its session with a message that carries no input); they end when the block does."""
+    from cluster import auth
+    from cluster.rpc.pb import cluster_pb2 as pb
+    from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
+
+    channel = auth.secure_channel(node.address, node.token or os.environ["CLUSTERCTL_TOKEN"], [])
+    held: list[tuple[queue.SimpleQueue, Any]] = []
+    try:
+        for _ in range(shard.max_sessions):
+            requests: queue.SimpleQueue = queue.SimpleQueue()
+            responses = pb_grpc.WorkerStub(channel).Forward(iter(requests.get, None))
+            requests.put(pb.ForwardRequest(shard_id=shard.shard_id, session_id=uuid.uuid4().hex))
+            next(responses)  # answered once the session is open
+            held.append((requests, responses))
+        yield
+    finally:
+        for requests, responses in held:
+            requests.put(None)
+            responses.cancel()
+        channel.close()
+
+
+def open_sessions(node: NodeProcess) -> int:
+    """Sessions open on every shard of the cluster, as `node` sees its members."""
+    with node.client() as c:
+        return sum(s["sessions"] for n in c.nodes() for s in n.shards)

@@ -10,11 +10,12 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
 from checkpoints import deepen
-from cluster_nodes import NodeProcess, free_port, member_names, wait_for
+from cluster_nodes import NodeProcess, every_session_taken, free_port, member_names, open_sessions, shards_of, wait_for
 from conftest import FIXTURES, TEST_TOKEN
 
 MESSAGES = [{"role": "user", "content": "Tell me about the river."}]
@@ -174,3 +175,33 @@ def test_a_busy_shard_is_a_503_with_code_busy():
 
     error = api_error(ShardBusyError("busy: all 8 sessions of m layers [0, 4) on this node stayed in use for 300 s"))
     assert (error.status, error.code) == (503, "busy") and str(error).startswith("busy: ")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_while_its_request_waits_frees_the_sessions_it_opened(pair, client, model, stream):
+    """Every session of the model's last shard is taken, so a request opens sessions on the shards before it and
+    waits. The HTTP client gives up after 3 s and closes its connection: the node ends the wait and those
+    sessions at once, while the places stay taken (tests/test_cluster.py does the same through the SDK)."""
+    client.completions.create(model=model, prompt="Hello", max_tokens=1, temperature=0)  # placed
+    front = pair[0]
+    node, last = shards_of(pair, Path(model).name)[-1]
+    impatient = client.with_options(timeout=3)
+    with every_session_taken(node, last):
+        failure: list[BaseException] = []
+
+        def hang_up() -> None:
+            try:
+                response = impatient.completions.create(
+                    model=model, prompt="Hello", max_tokens=4, temperature=0, stream=stream
+                )
+                list(response) if stream else None
+            except openai.APITimeoutError as e:
+                failure.append(e)
+
+        request = threading.Thread(target=hang_up)
+        request.start()
+        wait_for(lambda: open_sessions(front) > last.max_sessions, 10, "sessions on the shards before the full one")
+        request.join(30)
+        assert failure, "the request did not time out"
+        wait_for(lambda: open_sessions(front) == last.max_sessions, 10, "the sessions of the request to end")
+    wait_for(lambda: open_sessions(front) == 0, 10, "the held sessions to end")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from checkpoints import deepen
-from cluster_nodes import ROOT, NodeProcess, member_names, wait_for
-from conftest import FIXTURES, TEST_TOKEN
+from cluster_nodes import ROOT, NodeProcess, every_session_taken, member_names, open_sessions, shards_of, wait_for
+from conftest import FIXTURES
 
 from cluster.client import DoesNotFit, InvalidRequest, ModelNotFound
 
@@ -207,59 +207,30 @@ def test_async_client_streams_the_same_tokens(trio, models, single_node):
 
 
 def test_a_client_that_goes_away_ends_its_session_on_every_node(trio, models):
-    def open_sessions() -> int:
-        with trio[0].client() as c:
-            return sum(s["sessions"] for n in c.nodes() for s in n.shards)
-
     cluster_tokens(trio[0], models["llama32"], "Hello")  # placed and warm
     baseline = device_memory(trio[0])
     with trio[0].client() as c:
         stream = c.generate(str(models["llama32"]), "Hello", raw=True, max_tokens=200, temperature=0)
         next(stream), next(stream)
-        assert open_sessions() == 3  # one KV slice per shard
+        assert open_sessions(trio[0]) == 3  # one KV slice per shard
         during = device_memory(trio[0])
         assert all(during[name] > baseline[name] for name in baseline), (baseline, during)
         stream.close()  # the client stops reading: the call is cancelled
-    wait_for(lambda: open_sessions() == 0, 10, "every shard to free the session")
+    wait_for(lambda: open_sessions(trio[0]) == 0, 10, "every shard to free the session")
     assert device_memory(trio[0]) == baseline
 
 
 def test_a_client_that_goes_away_while_its_request_waits_frees_the_sessions_it_opened(trio, models):
-    """Every session of the last remote shard is taken (streams opened here, straight to its node), so a request
-    through trio[0] opens sessions on the shards before it and waits there. Its client's deadline passes: the
-    coordinator stops the wait and ends those sessions at once, while the places stay taken, instead of holding
-    them until a place frees or 5 minutes pass."""
-    import queue
-    import uuid
-
-    from cluster import auth
+    """Every session of the model's last shard is taken (by streams opened here, straight to its node), so a
+    request through trio[0] opens sessions on the shards before it and waits there. Its client's deadline
+    passes: the coordinator stops the wait and ends those sessions at once, while the places stay taken,
+    instead of holding them until a place frees or 5 minutes pass."""
     from cluster.client import Client, ClusterError
-    from cluster.rpc.pb import cluster_pb2 as pb
-    from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 
     cluster_tokens(trio[0], models["llama32"], "Hello")  # placed and warm
-    shards = []  # (node, shard info) of the model, every node
-    for node in trio:
-        with auth.secure_channel(node.address, node.token or TEST_TOKEN, []) as channel:
-            info = pb_grpc.WorkerStub(channel).Info(pb.NodeInfoRequest(), timeout=5)
-        shards += [(node, s) for s in info.shards if s.model_id == models["llama32"].name]
-    node, held = max(((n, s) for n, s in shards if n is not trio[0]), key=lambda ns: ns[1].start)
-    assert held.start > 0 and held.max_sessions > 0  # some shard comes before it in the chain
-
-    def open_sessions() -> int:
-        with trio[0].client() as c:
-            return sum(s["sessions"] for n in c.nodes() for s in n.shards)
-
-    channel = auth.secure_channel(node.address, node.token or TEST_TOKEN, [])
-    holders = []
-    try:
-        for _ in range(held.max_sessions):
-            requests: queue.SimpleQueue = queue.SimpleQueue()
-            responses = pb_grpc.WorkerStub(channel).Forward(iter(requests.get, None))
-            requests.put(pb.ForwardRequest(shard_id=held.shard_id, session_id=uuid.uuid4().hex))
-            next(responses)  # the session is open: one empty answer to a message with no input
-            holders.append((requests, responses))
-        assert open_sessions() == held.max_sessions
+    node, last = shards_of(trio, models["llama32"].name)[-1]
+    with every_session_taken(node, last):
+        assert open_sessions(trio[0]) == last.max_sessions
         failure: list[BaseException] = []
 
         def wait_in_vain() -> None:
@@ -271,16 +242,11 @@ def test_a_client_that_goes_away_while_its_request_waits_frees_the_sessions_it_o
 
         request = threading.Thread(target=wait_in_vain)
         request.start()
-        wait_for(lambda: open_sessions() > held.max_sessions, 10, "the request to open sessions before the full shard")
+        wait_for(lambda: open_sessions(trio[0]) > last.max_sessions, 10, "sessions on the shards before the full one")
         request.join(30)
         assert failure and "Deadline Exceeded" in str(failure[0]), failure
-        wait_for(lambda: open_sessions() == held.max_sessions, 10, "the sessions of the request to end")
-    finally:
-        for requests, responses in holders:
-            requests.put(None)
-            responses.cancel()
-        channel.close()
-    wait_for(lambda: open_sessions() == 0, 10, "the held sessions to end")
+        wait_for(lambda: open_sessions(trio[0]) == last.max_sessions, 10, "the sessions of the request to end")
+    wait_for(lambda: open_sessions(trio[0]) == 0, 10, "the held sessions to end")
     assert cluster_tokens(trio[0], models["llama32"], "Hello")  # serving as before
 
 

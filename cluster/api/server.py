@@ -6,6 +6,7 @@ Requests are served by the node's coordinator exactly like `clusterctl run`; the
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -17,7 +18,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.api.schemas import ChatCompletionRequest, CompletionRequest, sampling_of
 from cluster.chain import ShardUnavailableError
@@ -31,6 +34,7 @@ from cluster.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
+_HANG_UP_POLL_S = 0.25  # how often a request that waits for its answer checks that its client is still there
 
 
 class ApiError(Exception):
@@ -61,6 +65,25 @@ def api_error(exc: BaseException) -> ApiError:
     return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
+class _Authorise:
+    """Every call but the dashboard page needs the cluster token as the API key. Plain ASGI rather than
+    `@app.middleware("http")`: that one hides from the endpoints that their client hung up."""
+
+    def __init__(self, app: ASGIApp, expected: str):
+        self.app, self.expected = app, expected.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # the page itself holds no data; everything it shows comes from calls that need the key
+        if scope["type"] == "http" and scope["path"] not in ("/", "/favicon.ico"):
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), self.expected):
+                message = "not authorised: send the cluster token as the API key (Authorization: Bearer <token>)"
+                response = ApiError(401, message, "invalid_request_error", "invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     coordinator: Coordinator,
     token: str,
@@ -68,7 +91,6 @@ def create_app(
 ) -> FastAPI:
     """status: what the dashboard shows (nodes, plans, speed), gathered by the node."""
     app = FastAPI(title="clusterctl", docs_url=None, redoc_url=None, openapi_url=None)
-    expected = f"Bearer {token}"
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -80,16 +102,7 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return ApiError(400, f"{where}: {first.get('msg', 'invalid request')}".strip(": ")).response()
 
-    @app.middleware("http")
-    async def _authorise(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        # the page itself holds no data; everything it shows comes from calls that need the key
-        if request.url.path in ("/", "/favicon.ico"):
-            return await call_next(request)
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            message = "not authorised: send the cluster token as the API key (Authorization: Bearer <token>)"
-            return ApiError(401, message, "invalid_request_error", "invalid_api_key").response()
-        return await call_next(request)
+    app.add_middleware(_Authorise, expected=f"Bearer {token}")
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard() -> str:
@@ -105,15 +118,19 @@ def create_app(
         return {"object": "list", "data": [_model(name) for name in names]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         request = _request(body, messages=messages, logprobs=body.top_logprobs or (1 if body.logprobs else 0))
-        return await _respond(body.model, body.stream, body.include_usage, "chat.completion", request)
+        return await _while_connected(
+            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request)
+        )
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, http: Request) -> Any:
         request = _request(body, prompt=body.prompt, raw=True, logprobs=body.logprobs or 0)
-        return await _respond(body.model, body.stream, body.include_usage, "text_completion", request)
+        return await _while_connected(
+            http, _respond(body.model, body.stream, body.include_usage, "text_completion", request)
+        )
 
     def _request(body: Any, **inputs: Any) -> dict[str, Any]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -136,6 +153,30 @@ def create_app(
                 yield item
 
     return app
+
+
+async def _while_connected(http: Request, work: Awaitable[Any]) -> Any:
+    """The answer of `work`, unless the client hangs up first (an OpenAI client's timeout closes its connection):
+    then `work` is cancelled, which stops its generation, also while it waits for a free session. A streamed
+    answer is covered only until its first token; from then on the streaming response stops it the same way."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hung_up(http))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its generation sees the cancellation and stops
+    if task.cancelled():
+        log.info("the client hung up before its answer was ready; its request was stopped")
+        return Response(status_code=499)  # nobody reads it
+    return task.result()
+
+
+async def _hung_up(http: Request) -> None:
+    while not await http.is_disconnected():
+        await asyncio.sleep(_HANG_UP_POLL_S)
 
 
 async def _first(chunks: AsyncIterator[TokenChunk | GenerationResult]) -> TokenChunk | GenerationResult:
