@@ -558,6 +558,16 @@ class _LocalTurns:
     "weights holds fewer); more requests wait for a turn.",
 )
 @click.option(
+    "--session-wait",
+    envvar="CLUSTERCTL_SESSION_WAIT",
+    show_envvar=True,
+    type=click.FloatRange(min=0),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a request waits for a free session on this node's shards before it is refused as busy.",
+)
+@click.option(
     "--peer",
     "peers",
     envvar="CLUSTERCTL_PEERS",
@@ -614,6 +624,7 @@ def join_cmd(
     dtype: str | None,
     memory: float | None,
     max_sessions: int,
+    session_wait: float,
     models_dir: Path | None,
     peers: tuple[str, ...],
     no_mdns: bool,
@@ -645,6 +656,7 @@ def join_cmd(
         "mdns_interfaces": mdns_interfaces or None,
         "max_context": max_context,
         "max_sessions": max_sessions,
+        "session_wait": session_wait,
         "token": _token_for_node(token, token_file),
         "api_port": None if no_api else api_port,
     }

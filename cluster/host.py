@@ -83,6 +83,7 @@ class HostedShard:
     holders: list[str] = field(default_factory=list)
     sessions: set[str] = field(default_factory=set)  # open on the engine, or about to be
     max_sessions: int = 8  # the engine's limit (lower than asked when memory holds fewer KV caches); more wait
+    session_wait: float = SESSION_WAIT_S  # seconds a request waits for a free session before it is refused
     _slots: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
     def open_session(self, session_id: str, sampling: Any, cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -116,7 +117,7 @@ class HostedShard:
         self, session_id: str, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False
     ) -> None:
         """Count a new session, waiting until fewer than max_sessions are open (blocking; for threads)."""
-        timeout = SESSION_WAIT_S if timeout is None else timeout
+        timeout = self.session_wait if timeout is None else timeout
         with self._slots:
             if not self._slots.wait_for(lambda: cancelled() or self._take(session_id), timeout):
                 raise self._busy(timeout)
@@ -130,7 +131,7 @@ class HostedShard:
 
     async def areserve(self, session_id: str, timeout: float | None = None) -> None:
         """`reserve` for the event loop: polls instead of parking one of the loop's worker threads per request."""
-        timeout = SESSION_WAIT_S if timeout is None else timeout
+        timeout = self.session_wait if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             with self._slots:
@@ -195,6 +196,7 @@ class ShardHost:
         dtype: str | None = None,
         prefill_buckets: Sequence[int] | None = None,
         max_sessions: int = 8,
+        session_wait: float = SESSION_WAIT_S,
         memory_budget: Callable[[], int | None] = lambda: None,
     ):
         self.models_dir = models_dir
@@ -209,6 +211,7 @@ class ShardHost:
         if prefill_buckets:
             self.engine_options["prefill_buckets"] = tuple(prefill_buckets)
         self.memory_budget = memory_budget
+        self.session_wait = session_wait
         self.models: dict[str, Path] = {}  # model id -> a directory holding the whole checkpoint
         self.shards: dict[str, HostedShard] = {}
         self._loading: dict[tuple[Any, ...], Future[HostedShard]] = {}  # key -> a load under way
@@ -363,7 +366,18 @@ class ShardHost:
             raise
         # the engine lowers max_sessions to the KV caches its memory budget holds
         sessions = int(info["max_sessions"])
-        shard = HostedShard(uuid.uuid4().hex, model_id, start, end, engine, info, key, [holder], max_sessions=sessions)
+        shard = HostedShard(
+            uuid.uuid4().hex,
+            model_id,
+            start,
+            end,
+            engine,
+            info,
+            key,
+            [holder],
+            max_sessions=sessions,
+            session_wait=self.session_wait,
+        )
         with self._lock:
             self.shards[shard.shard_id] = shard
         log.info("loaded %s layers [%d, %d) as shard %s", model_id, start, end, shard.shard_id[:8])

@@ -51,6 +51,7 @@ class NodeSettings:
     mdns_interfaces: tuple[str, ...] | None = None  # None: every interface of the host
     max_context: int = 4096
     max_sessions: int = 8  # per shard; more requests wait for a session to end
+    session_wait: float = 300.0  # seconds a request waits for a free session before it is refused as busy
     prefill_buckets: tuple[int, ...] | None = None
     session_timeout: float = 600.0
     health_interval: float = 1.0
@@ -90,6 +91,7 @@ class Node:
             dtype=settings.dtype,
             prefill_buckets=settings.prefill_buckets,
             max_sessions=settings.max_sessions,
+            session_wait=settings.session_wait,
             memory_budget=self._budget,
         )
         self.server: grpc.aio.Server | None = None

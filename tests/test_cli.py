@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cluster_nodes import free_port
-from conftest import FIXTURES, reference
+from conftest import FIXTURES, TEST_TOKEN, reference
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 
@@ -167,6 +167,37 @@ def test_join_max_sessions_makes_requests_take_turns(tmp_path):
         alone, results, seen = _three_at_once(node, str(FIXTURES / "llama32"))
         assert results == [alone] * 3
         assert seen and max(seen) == 1
+    finally:
+        node.stop()
+
+
+def test_join_session_wait_refuses_a_request_as_busy_through_the_sdk_and_the_api(tmp_path):
+    """`join --max-sessions 1 --session-wait 1`: with the one session of the shard taken, a request waits 1 s
+    and is refused: `NodeBusy` in the SDK, HTTP 503 with code "busy" from the API. The node serves the next
+    request once the session is free."""
+    import openai
+    from cluster_nodes import NodeProcess, every_session_taken, shards_of
+
+    from cluster.client import NodeBusy
+
+    model = str(FIXTURES / "llama32")
+    extra = ["--max-sessions", "1", "--session-wait", "1"]
+    node = NodeProcess("busy", tmp_path, mdns=False, api_port=free_port(), extra_args=extra)
+    try:
+        node.wait_ready()
+        with node.client() as c:
+            *_, alone = c.generate(model, "Once upon", raw=True, max_tokens=8, temperature=0)  # placed
+        [(_, shard)] = shards_of([node], "llama32")
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{node.api_port}/v1", api_key=TEST_TOKEN, max_retries=0)
+        with every_session_taken(node, shard):
+            with node.client() as c, pytest.raises(NodeBusy, match=r"busy: all 1 sessions .* for 1 s"):
+                list(c.generate(model, "Once upon", raw=True, max_tokens=8, temperature=0))
+            with pytest.raises(openai.APIStatusError) as refused:
+                api.completions.create(model=model, prompt="Once upon", max_tokens=8, temperature=0)
+            assert refused.value.status_code == 503 and refused.value.body["code"] == "busy"
+        with node.client() as c:
+            *_, again = c.generate(model, "Once upon", raw=True, max_tokens=8, temperature=0)
+        assert again.tokens == alone.tokens
     finally:
         node.stop()
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from conftest import BUCKETS, FIXTURES, TEST_TOKEN
 
-from cluster import host as host_module
 from cluster.chain import Cancellation, RequestCancelled
 from cluster.coordinator import Coordinator, LocalShard
 from cluster.discovery import Peer
@@ -87,12 +86,10 @@ def test_requests_beyond_the_engines_sessions_wait_their_turn(coordinator: Coord
     assert shard.sessions == set()
 
 
-def test_a_request_that_waits_too_long_is_refused_as_busy(
-    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_request_that_waits_too_long_is_refused_as_busy(coordinator: Coordinator) -> None:
     tokens(coordinator, "llama32")
     (shard,) = coordinator.host.live_shards()
-    monkeypatch.setattr(host_module, "SESSION_WAIT_S", 0.3)
+    shard.session_wait = 0.3  # `join --session-wait 0.3`
     shard.reserve("held-1")
     shard.reserve("held-2")
     try:
