@@ -1,4 +1,5 @@
-"""CPU prefill matmuls get a wider register tile (cluster/engine/cpu_matmul.py).
+"""CPU prefill matmuls get a wider register tile, and quantized matvecs 8 rows per vector
+(cluster/engine/cpu_matmul.py).
 
 Reference: numpy in float64 on the same weights (bf16 bits widened, MLX words unpacked LSB first, value =
 q * scale + bias), for the layers the decoder builds. The whole-model references (HF transformers, mlx-lm)
@@ -22,17 +23,17 @@ from tinygrad.helpers import Context
 
 from cluster.engine import cpu_matmul
 from cluster.models.config import QuantSpec
-from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear
+from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear, cpu_row_block
 
 pytestmark = pytest.mark.skipif(Device.DEFAULT != "CPU", reason="needs tinygrad's CPU device")
 
 IN, OUT, GROUP = 256, 64, 64
 
 
-def _blocked(a: np.ndarray) -> Tensor:
+def _blocked(a: np.ndarray, block: int = CPU_ROW_BLOCK) -> Tensor:
     """(out, cols) -> (out/R, cols, R), as Checkpoint.load(row_block=R) stores a CPU weight."""
     rows, cols = a.shape
-    return Tensor(np.ascontiguousarray(a.reshape(rows // CPU_ROW_BLOCK, CPU_ROW_BLOCK, cols).transpose(0, 2, 1)))
+    return Tensor(np.ascontiguousarray(a.reshape(rows // block, block, cols).transpose(0, 2, 1)))
 
 
 def _bf16_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
@@ -47,24 +48,27 @@ def _f32_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
     return Linear(_blocked(w), dtype=dtypes.float32, row_blocked=True), w
 
 
-def _quant_layer(bits: int) -> Callable[[np.random.Generator], tuple[QuantLinear, np.ndarray]]:
+def _quant_layer(
+    bits: int, out: int = OUT, inputs: int = IN
+) -> Callable[[np.random.Generator], tuple[QuantLinear, np.ndarray]]:
     def build(rng: np.random.Generator) -> tuple[QuantLinear, np.ndarray]:
         per_word = 32 // bits
-        levels = rng.integers(0, 1 << bits, size=(OUT, IN), dtype=np.uint32)
-        words = levels.reshape(OUT, IN // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
+        levels = rng.integers(0, 1 << bits, size=(out, inputs), dtype=np.uint32)
+        words = levels.reshape(out, inputs // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
         packed = np.bitwise_or.reduce(words, axis=-1)
-        scales = rng.uniform(0.01, 0.1, size=(OUT, IN // GROUP)).astype(np.float32)
-        biases = rng.uniform(-0.5, 0.5, size=(OUT, IN // GROUP)).astype(np.float32)
-        w = levels.reshape(OUT, -1, GROUP) * scales[..., None] + biases[..., None]
+        scales = rng.uniform(0.01, 0.1, size=(out, inputs // GROUP)).astype(np.float32)
+        biases = rng.uniform(-0.5, 0.5, size=(out, inputs // GROUP)).astype(np.float32)
+        w = levels.reshape(out, -1, GROUP) * scales[..., None] + biases[..., None]
+        block = cpu_row_block(out, quantized=True)
         layer = QuantLinear(
-            _blocked(packed),
-            _blocked(scales),
-            _blocked(biases),
+            _blocked(packed, block),
+            _blocked(scales, block),
+            _blocked(biases, block),
             QuantSpec(GROUP, bits),
             dtypes.float32,
             row_blocked=True,
         )
-        return layer, w.reshape(OUT, IN)
+        return layer, w.reshape(out, inputs)
 
     return build
 
@@ -97,6 +101,24 @@ def test_prefill_matmul_is_tiled_and_right_decode_is_left_alone(kind: str, monke
         assert not tiled, f"a decode kernel was tiled: {tiled}"
 
     np.testing.assert_allclose(out, prompt.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(one, step.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decode_unpacks_a_whole_block_of_8_rows_per_vector(bits: int) -> None:
+    """The matvec of a step loads 8 packed words (one per row of a block) at once, where tinygrad alone loads
+    4; its values still equal numpy's. (A layer big enough for tinygrad to compute several rows together.)"""
+    from tinygrad.codegen import to_program_cache
+
+    assert cpu_matmul.enable()
+    rng = np.random.default_rng(7)
+    layer, w = _quant_layer(bits, out=1024, inputs=512)(rng)
+    step = rng.standard_normal((1, 1, 512), dtype=np.float32)
+    before = set(to_program_cache)
+    with Context(PARALLEL=0):
+        one = layer(Tensor(step)).numpy()
+    sources = [u.src[2].arg for key, u in to_program_cache.items() if key not in before and len(u.src) > 2]
+    assert any("unsigned_int8 " in src for src in sources), "no kernel loads 8 words at once"
     np.testing.assert_allclose(one, step.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 
