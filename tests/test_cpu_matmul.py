@@ -36,11 +36,10 @@ def _blocked(a: np.ndarray, block: int = CPU_ROW_BLOCK) -> Tensor:
     return Tensor(np.ascontiguousarray(a.reshape(rows // block, block, cols).transpose(0, 2, 1)))
 
 
-def _bf16_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
-    bits = (rng.standard_normal((OUT, IN), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return Linear(_blocked(bits), dtype=dtypes.float32, row_blocked=True), (bits.astype(np.uint32) << 16).view(
-        np.float32
-    )
+def _bf16_layer(rng: np.random.Generator, out: int = OUT, inputs: int = IN) -> tuple[Linear, np.ndarray]:
+    bits = (rng.standard_normal((out, inputs), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    layer = Linear(_blocked(bits, cpu_row_block(out, narrow=True)), dtype=dtypes.float32, row_blocked=True)
+    return layer, (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _f32_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
@@ -59,7 +58,7 @@ def _quant_layer(
         scales = rng.uniform(0.01, 0.1, size=(out, inputs // GROUP)).astype(np.float32)
         biases = rng.uniform(-0.5, 0.5, size=(out, inputs // GROUP)).astype(np.float32)
         w = levels.reshape(out, -1, GROUP) * scales[..., None] + biases[..., None]
-        block = cpu_row_block(out, quantized=True)
+        block = cpu_row_block(out, narrow=True)
         layer = QuantLinear(
             _blocked(packed, block),
             _blocked(scales, block),
@@ -104,21 +103,27 @@ def test_prefill_matmul_is_tiled_and_right_decode_is_left_alone(kind: str, monke
     np.testing.assert_allclose(one, step.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_decode_unpacks_a_whole_block_of_8_rows_per_vector(bits: int) -> None:
-    """The matvec of a step loads 8 packed words (one per row of a block) at once, where tinygrad alone loads
-    4; its values still equal numpy's. (A layer big enough for tinygrad to compute several rows together.)"""
+@pytest.mark.parametrize(
+    ("kind", "vector"), [("mlx-4bit", "unsigned_int8"), ("mlx-8bit", "unsigned_int8"), ("bf16", "unsigned_short8")]
+)
+def test_narrow_decode_widens_a_whole_block_of_8_rows_per_vector(kind: str, vector: str) -> None:
+    """The matvec of a step loads the 8 rows of a block of packed words or bf16 bits at once, where tinygrad
+    alone loads 4; its values still equal numpy's. (A layer big enough for tinygrad to compute several rows
+    together.)"""
     from tinygrad.codegen import to_program_cache
 
     assert cpu_matmul.enable()
     rng = np.random.default_rng(7)
-    layer, w = _quant_layer(bits, out=1024, inputs=512)(rng)
+    if kind == "bf16":
+        layer, w = _bf16_layer(rng, out=1024, inputs=512)
+    else:
+        layer, w = _quant_layer(int(kind[4]), out=1024, inputs=512)(rng)
     step = rng.standard_normal((1, 1, 512), dtype=np.float32)
     before = set(to_program_cache)
     with Context(PARALLEL=0):
         one = layer(Tensor(step)).numpy()
     sources = [u.src[2].arg for key, u in to_program_cache.items() if key not in before and len(u.src) > 2]
-    assert any("unsigned_int8 " in src for src in sources), "no kernel loads 8 words at once"
+    assert any(f"{vector} " in src for src in sources), f"no kernel loads 8 rows at once ({vector})"
     np.testing.assert_allclose(one, step.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 

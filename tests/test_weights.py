@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from tinygrad import dtypes
 
 from cluster.models.config import ModelConfig
-from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear, load_shard
+from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, Linear, QuantLinear, load_shard
 from cluster.weights import Checkpoint, CheckpointError, read_header, row_blocked
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
@@ -445,10 +445,10 @@ def test_last_shard_tied_uses_embedding_as_lm_head():
     tensors, _ = read_raw(d / "model.safetensors")
     _, shape, raw = tensors["model.embed_tokens.weight"]
     embed = bf16_to_f32(np.frombuffer(raw, np.uint16)).reshape(shape)
-    # kept as stored (bf16 bits), rows interleaved in blocks of 4 on CPU, widened exactly in the kernels
+    # kept as stored (bf16 bits), rows interleaved in blocks of 8 on CPU, widened exactly in the kernels
     assert shard.lm_head.weight.dtype == dtypes.uint16
     assert isinstance(shard.lm_head, Linear) and shard.lm_head.row_blocked
-    assert shard.lm_head.weight.shape == (shape[0] // CPU_ROW_BLOCK, shape[1], CPU_ROW_BLOCK)
+    assert shard.lm_head.weight.shape == (shape[0] // CPU_NARROW_ROW_BLOCK, shape[1], CPU_NARROW_ROW_BLOCK)
     np.testing.assert_array_equal(shard.lm_head.widen(shard.lm_head.matrix()).numpy(), embed)
 
 

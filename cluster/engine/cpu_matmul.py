@@ -8,10 +8,11 @@ GFLOP/s on 2 cores. A tile of 8 tokens x 8 rows (two row blocks) keeps 16 indepe
 and for MLX-quantized weights the values of one packed word are unrolled whole, so each word is unpacked
 once for 8 tokens: 85-110 GFLOP/s on the same matmuls, bf16 and 4/8-bit alike (bench/RESULTS.md).
 
-Quantized decode: unpacking bounds an MLX-quantized matvec. Its weights are stored in blocks of 8 rows
-(decoder.CPU_QUANT_ROW_BLOCK), the 8 rows of a block are computed together, and tinygrad is let to load 8
-lanes at once for these kernels (its coalescer stops at 4 on CPUs), so clang unpacks 8 rows per AVX2
-instruction instead of 4: ~1.55x faster per matvec.
+Narrow weights: widening bf16 bits or unpacking MLX-quantized words bounds the kernels that read them. Such
+weights are stored in blocks of 8 rows (decoder.CPU_NARROW_ROW_BLOCK), the 8 rows of a block are computed
+together, and tinygrad is let to load 8 lanes at once in those kernels (its coalescer stops at 4 on CPUs), so
+clang widens or unpacks 8 rows per AVX2 instruction instead of 4: a 4-bit or 8-bit matvec ~1.55x faster, a
+quantized prefill matmul ~1.7x.
 
 `enable()` wraps tinygrad's `hand_coded_optimizations` and its memory coalescing. Every other kernel
 (attention included) gets tinygrad's own choices. tinygrad also lowers kernels in a pool of spawned compile
@@ -33,7 +34,7 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import worker
 from tinygrad.uop.ops import AxisType, Ops, UOp
 
-from cluster.models.decoder import CPU_QUANT_ROW_BLOCK, CPU_ROW_BLOCK
+from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
     if not reduces or prod(shape[a] for a in reduces) < MIN_REDUCE:
         return None
     free = k.upcastable_dims
-    for block in (a for a in free if shape[a] in (CPU_ROW_BLOCK, CPU_QUANT_ROW_BLOCK)):
+    for block in (a for a in free if shape[a] in (CPU_ROW_BLOCK, CPU_NARROW_ROW_BLOCK)):
         rng = k.rngs[block]
         for weight in (b for b in k.bufs if _unit_stride(b, rng)):
             for token in (a for a in free if a != block and shape[a] % TOKEN_TILE == 0):
@@ -92,22 +93,18 @@ def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
     return None
 
 
-def _words(dtype: Any) -> bool:
-    """A buffer of packed uint32 words: MLX-quantized weights."""
-    return bool(getattr(dtype, "base", dtype) == dtypes.uint32)
+def _narrow(dtype: Any) -> bool:
+    """A buffer of a weight kept narrow: bf16 bits (uint16) or MLX-quantized words (uint32)."""
+    return getattr(dtype, "base", dtype) in (dtypes.uint16, dtypes.uint32)
 
 
-def _reads_words(buf: Any) -> bool:
-    return _words(buf.src[0].dtype)
-
-
-def quant_block_axis(k: Scheduler) -> int | None:
-    """The axis of the 8 rows of a block of MLX-quantized weights, when `k` (before any options) is a CPU
-    kernel that reads them; None for every other kernel."""
+def narrow_block_axis(k: Scheduler) -> int | None:
+    """The axis of the 8 rows of a block of a narrow weight, when `k` (before any options) is a CPU kernel that
+    reduces against one; None for every other kernel."""
     if k.ren.has_local or k.reduceop is None or not all(isinstance(s, int) for s in k.full_shape):
         return None
-    for axis in (a for a in k.upcastable_dims if k.full_shape[a] == CPU_QUANT_ROW_BLOCK):
-        if any(_reads_words(b) and _unit_stride(b, k.rngs[axis]) for b in k.bufs):
+    for axis in (a for a in k.upcastable_dims if k.full_shape[a] == CPU_NARROW_ROW_BLOCK):
+        if any(_narrow(b.src[0].dtype) and _unit_stride(b, k.rngs[axis]) for b in k.bufs):
             return axis
     return None
 
@@ -145,9 +142,9 @@ def _optimize(k: Scheduler) -> Scheduler:
 
 
 def _whole_block(k: Scheduler, chosen: Scheduler) -> Scheduler:
-    """tinygrad's options `chosen` for `k`, with the 8 rows of a quantized block computed together where
+    """tinygrad's options `chosen` for `k`, with the 8 rows of a narrow weight's block computed together where
     tinygrad computes 4 of them at once (its upcasts stop at 4)."""
-    axis = quant_block_axis(k)
+    axis = narrow_block_axis(k)
     opts = list(chosen.applied_opts)
     split = Opt(OptOps.UPCAST, axis, CPU_ROW_BLOCK)
     if axis is None or split not in opts:
@@ -155,7 +152,7 @@ def _whole_block(k: Scheduler, chosen: Scheduler) -> Scheduler:
     whole = k.copy()
     try:
         for opt in opts:
-            whole.apply_opt(Opt(OptOps.UPCAST, axis, CPU_QUANT_ROW_BLOCK) if opt == split else opt)
+            whole.apply_opt(Opt(OptOps.UPCAST, axis, CPU_NARROW_ROW_BLOCK) if opt == split else opt)
     except KernelOptError as e:
         log.debug("keeping tinygrad's options for %s: %s", k.full_shape, e)
         return chosen
@@ -163,11 +160,11 @@ def _whole_block(k: Scheduler, chosen: Scheduler) -> Scheduler:
 
 
 def _coalesce(sink: UOp, ren: Any) -> UOp:
-    """tinygrad's memory coalescing, letting the kernels that read quantized words load 8 lanes at once: it
+    """tinygrad's memory coalescing, letting the kernels that read narrow weights load 8 lanes at once: it
     gives 8 lanes only to fp16 loads (ALLOW_HALF8), so for the length of the call its `getenv` says yes to
-    that and its `dtypes.half` stands for each dtype it would give 4 lanes."""
+    that and its `dtypes.half` stands for each dtype it would give 4 lanes, and for bf16 bits."""
     assert _default_coalescing is not None
-    if ren.has_local or not any(u.op is Ops.PARAM and _words(u.dtype) for u in sink.toposort()):
+    if ren.has_local or not any(u.op is Ops.PARAM and _narrow(u.dtype) for u in sink.toposort()):
         return _default_coalescing(sink, ren)
     names = _default_coalescing.__globals__
     real_dtypes, real_getenv = names["dtypes"], names["getenv"]
@@ -197,7 +194,7 @@ class _EightLanes:
 
     def __init__(self, real: Any) -> None:
         self._real = real
-        self.half = _AnyOf(real.float, real.half, real.int, real.uint)
+        self.half = _AnyOf(real.float, real.half, real.int, real.uint, real.ushort)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

@@ -44,19 +44,19 @@ def cpu_codegen(t: Tensor | str) -> bool:
     return not Device[t if isinstance(t, str) else str(t.device)].renderer.has_local
 
 
-# Rows of a CPU weight (dense or quantized) are stored interleaved in blocks of this many (Checkpoint.load's
-# row_block). tinygrad's CPU matvec computes 4 rows at once and clang vectorizes across those rows; with the
-# rows interleaved that is one contiguous load instead of 4 gathered ones: a bf16 matvec runs 2.3x faster per
-# core, fp32 1.5x, MLX 4-bit 1.4x (bench/RESULTS.md). Prefill matmuls on bf16 weights lose ~20%.
-CPU_ROW_BLOCK = 4
-# MLX-quantized weights go in blocks of 8: unpacking is what bounds their matvec, and cpu_matmul has it done on
-# 8 rows per vector instruction (AVX2) instead of 4, ~1.55x faster per matvec at 4 and 8 bits.
-CPU_QUANT_ROW_BLOCK = 8
+# Rows of a CPU weight are stored interleaved in blocks (Checkpoint.load's row_block). tinygrad's CPU matvec
+# computes the rows of a block at once and clang vectorizes across them; with the rows interleaved that is one
+# contiguous load instead of gathered ones: with blocks of 4, a bf16 matvec ran 2.3x faster per core, fp32
+# 1.5x, MLX 4-bit 1.4x (bench/RESULTS.md). Weights kept narrow (bf16 bits, MLX-quantized words) go in blocks
+# of 8: widening or unpacking is what bounds their kernels, and cpu_matmul has it done on 8 rows per AVX2
+# instruction (MLX 4/8-bit decode 1.45-1.5x faster, prefill 1.3-1.5x; bf16 decode ~1.2x).
+CPU_ROW_BLOCK = 4  # float32 weights (fp16 checkpoints widened at load)
+CPU_NARROW_ROW_BLOCK = 8  # bf16 bits and MLX-quantized words
 
 
-def cpu_row_block(out_dim: int, quantized: bool) -> int:
+def cpu_row_block(out_dim: int, narrow: bool) -> int:
     """Rows per interleaved block of a CPU weight (1: stored as it is)."""
-    for block in (CPU_QUANT_ROW_BLOCK, CPU_ROW_BLOCK) if quantized else (CPU_ROW_BLOCK,):
+    for block in (CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK) if narrow else (CPU_ROW_BLOCK,):
         if out_dim % block == 0:
             return block
     return 1
@@ -294,13 +294,13 @@ class _Loader:
 
     def linear(self, path: str, out_dim: int, in_dim: int, bias: bool = False) -> Linear | QuantLinear:
         b = self.tensor(f"{path}.bias", (out_dim,)) if bias else None
-        quantized = f"{path}.scales" in self.ckpt
-        row_block = cpu_row_block(out_dim, quantized) if cpu_codegen(self.device) else 1
-        if not quantized:
+        cpu = cpu_codegen(self.device)
+        if f"{path}.scales" not in self.ckpt:
             name = f"{path}.weight"
             # float32 compute keeps bf16 weights narrow and widens them in-kernel (two integer ops);
             # fp16 is widened once at load, since CPU backends convert it ~10x slower than bf16
             keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
+            row_block = cpu_row_block(out_dim, narrow=keep_bf16) if cpu else 1
             weight = self.tensor(name, (out_dim, in_dim), raw=keep_bf16, row_block=row_block)
             return Linear(weight, b, self.dtype, row_blocked=row_block > 1)
         q = self.cfg.quantization
@@ -312,6 +312,7 @@ class _Loader:
         if in_dim % spec.group_size:
             raise CheckpointError(f"{path}: input size {in_dim} is not a multiple of group_size {spec.group_size}")
         words, groups = in_dim * spec.bits // 32, in_dim // spec.group_size
+        row_block = cpu_row_block(out_dim, narrow=True) if cpu else 1
         return QuantLinear(
             self.tensor(f"{path}.weight", (out_dim, words), dtypes.uint32, row_block=row_block),
             self.tensor(f"{path}.scales", (out_dim, groups), row_block=row_block),
