@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.helpers import Context
 
 from cluster.engine import cpu_matmul
+from cluster.engine.shard import ShardEngine
 from cluster.models.config import QuantSpec
-from cluster.models.decoder import CPU_ROW_BLOCK, Linear, QuantLinear, cpu_row_block
+from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, Linear, QuantLinear, cpu_row_block
 
 pytestmark = pytest.mark.skipif(Device.DEFAULT != "CPU", reason="needs tinygrad's CPU device")
 
@@ -38,7 +40,7 @@ def _blocked(a: np.ndarray, block: int = CPU_ROW_BLOCK) -> Tensor:
 
 def _bf16_layer(rng: np.random.Generator, out: int = OUT, inputs: int = IN) -> tuple[Linear, np.ndarray]:
     bits = (rng.standard_normal((out, inputs), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    layer = Linear(_blocked(bits, cpu_row_block(out, narrow=True)), dtype=dtypes.float32, row_blocked=True)
+    layer = Linear(_blocked(bits, cpu_row_block(out, CPU_NARROW_ROW_BLOCK)), dtype=dtypes.float32, row_blocked=True)
     return layer, (bits.astype(np.uint32) << 16).view(np.float32)
 
 
@@ -58,7 +60,7 @@ def _quant_layer(
         scales = rng.uniform(0.01, 0.1, size=(out, inputs // GROUP)).astype(np.float32)
         biases = rng.uniform(-0.5, 0.5, size=(out, inputs // GROUP)).astype(np.float32)
         w = levels.reshape(out, -1, GROUP) * scales[..., None] + biases[..., None]
-        block = cpu_row_block(out, narrow=True)
+        block = cpu_row_block(out, CPU_NARROW_ROW_BLOCK)
         layer = QuantLinear(
             _blocked(packed, block),
             _blocked(scales, block),
@@ -166,3 +168,23 @@ def test_compile_processes_give_the_same_tile_as_this_process() -> None:
     assert len(default) == len(here) == 2
     assert default != here, "enable() changed no kernel"
     assert all(re.match(r"r_\w+", name) for name in here)
+
+
+def test_narrow_weights_go_in_blocks_of_8_only_where_cpu_matmul_is_active(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tinygrad alone computes 4 rows at once and is ~2x slower on blocks of 8 (bench/RESULTS.md): an engine on a
+    tinygrad that cpu_matmul does not recognise keeps bf16 and MLX weights in blocks of 4. Outputs are the same."""
+
+    def gate_block(engine: ShardEngine) -> int:
+        gate = engine.model.blocks[0].m["gate"]
+        weight = gate.weight if isinstance(gate, Linear) else gate.packed
+        return int(weight.shape[-1])
+
+    for name in ("llama32", "llama32-4bit"):
+        active = ShardEngine(FIXTURES / name, max_context=32, prefill_buckets=(4,))
+        with monkeypatch.context() as m:
+            m.setattr(cpu_matmul, "enable", lambda: False)
+            inactive = ShardEngine(FIXTURES / name, max_context=32, prefill_buckets=(4,))
+        assert (gate_block(active), gate_block(inactive)) == (CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK)
+        for engine in (active, inactive):
+            engine.new_session("s")
+        assert active.forward("s", [1, 2, 3]).token == inactive.forward("s", [1, 2, 3]).token

@@ -162,7 +162,8 @@ def _whole_block(k: Scheduler, chosen: Scheduler) -> Scheduler:
 def _coalesce(sink: UOp, ren: Any) -> UOp:
     """tinygrad's memory coalescing, letting the kernels that read narrow weights load 8 lanes at once: it
     gives 8 lanes only to fp16 loads (ALLOW_HALF8), so for the length of the call its `getenv` says yes to
-    that and its `dtypes.half` stands for each dtype it would give 4 lanes, and for bf16 bits."""
+    that and its `dtypes.half` stands for each dtype it would give 4 lanes, and for bf16 bits. (tinygrad lowers
+    kernels one at a time per process: on the main thread, or in its compile processes.)"""
     assert _default_coalescing is not None
     if ren.has_local or not any(u.op is Ops.PARAM and _narrow(u.dtype) for u in sink.toposort()):
         return _default_coalescing(sink, ren)
@@ -221,8 +222,9 @@ def _compile_worker_init() -> None:
 
 
 def enable() -> bool:
-    """Give CPU prefill matmuls the wider tile from now on, in this process and in the compile processes that
-    tinygrad starts (idempotent). False where this tinygrad's optimizer is not the one this was written for."""
+    """Give CPU prefill matmuls the wider tile and narrow weights' kernels 8 rows per vector from now on, in this
+    process and in the compile processes that tinygrad starts (idempotent). False where this tinygrad's
+    optimizer is not the one this was written for: then nothing changes, and weights go in blocks of 4."""
     global _default_heuristic, _default_coalescing, _default_worker_init
     if _default_heuristic is not None:
         return True

@@ -30,7 +30,7 @@ from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_matmul, cpu_threads
 from cluster.models.config import ModelConfig
-from cluster.models.decoder import ShardModel, load_shard, rope_tables
+from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, ShardModel, load_shard, rope_tables
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
 from cluster.weights import Checkpoint
 
@@ -136,9 +136,12 @@ class ShardEngine:
         self.device = device or default_device()
         self.dtype: DType = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype or default_dtype(self.device)
         self.on_cpu = self.device.split(":")[0] == "CPU"  # tinygrad's CPU device, whichever renderer
+        # blocks of 8 rows pay only with cpu_matmul's options; tinygrad alone computes 4 rows at once
+        narrow_block = CPU_ROW_BLOCK
         if self.on_cpu:
             cpu_threads.enable()
-            cpu_matmul.enable()
+            if cpu_matmul.enable():
+                narrow_block = CPU_NARROW_ROW_BLOCK
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))
@@ -147,7 +150,9 @@ class ShardEngine:
         self.chunk = self.buckets[-1]
         self._progress = progress or (lambda stage, done, total: None)
         checkpoint = Checkpoint(self.model_dir)
-        self.model: ShardModel = load_shard(self.cfg, checkpoint, start_layer, end, self.device, self.dtype)
+        self.model: ShardModel = load_shard(
+            self.cfg, checkpoint, start_layer, end, self.device, self.dtype, narrow_block
+        )
         budget = self._check_fits(checkpoint.pending_bytes(), memory_budget)
         self.max_sessions = session_capacity(
             budget, checkpoint.pending_bytes(), self.kv_bytes_per_session(), max_sessions

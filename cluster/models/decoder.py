@@ -54,9 +54,10 @@ CPU_ROW_BLOCK = 4  # float32 weights (fp16 checkpoints widened at load)
 CPU_NARROW_ROW_BLOCK = 8  # bf16 bits and MLX-quantized words
 
 
-def cpu_row_block(out_dim: int, narrow: bool) -> int:
-    """Rows per interleaved block of a CPU weight (1: stored as it is)."""
-    for block in (CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK) if narrow else (CPU_ROW_BLOCK,):
+def cpu_row_block(out_dim: int, preferred: int) -> int:
+    """Rows per interleaved block of a CPU weight: `preferred`, else CPU_ROW_BLOCK where that does not divide
+    the rows, else 1 (stored as it is)."""
+    for block in (preferred, CPU_ROW_BLOCK):
         if out_dim % block == 0:
             return block
     return 1
@@ -281,8 +282,9 @@ class ShardModel:
 
 # ---------------------------------------------------------------------------------------------- loading
 class _Loader:
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device: str, dtype: DType):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device: str, dtype: DType, narrow_block: int):
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
+        self.narrow_block = narrow_block
         self.used: list[str] = []
 
     def tensor(
@@ -300,7 +302,7 @@ class _Loader:
             # float32 compute keeps bf16 weights narrow and widens them in-kernel (two integer ops);
             # fp16 is widened once at load, since CPU backends convert it ~10x slower than bf16
             keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
-            row_block = cpu_row_block(out_dim, narrow=keep_bf16) if cpu else 1
+            row_block = cpu_row_block(out_dim, self.narrow_block if keep_bf16 else CPU_ROW_BLOCK) if cpu else 1
             weight = self.tensor(name, (out_dim, in_dim), raw=keep_bf16, row_block=row_block)
             return Linear(weight, b, self.dtype, row_blocked=row_block > 1)
         q = self.cfg.quantization
@@ -312,7 +314,7 @@ class _Loader:
         if in_dim % spec.group_size:
             raise CheckpointError(f"{path}: input size {in_dim} is not a multiple of group_size {spec.group_size}")
         words, groups = in_dim * spec.bits // 32, in_dim // spec.group_size
-        row_block = cpu_row_block(out_dim, narrow=True) if cpu else 1
+        row_block = cpu_row_block(out_dim, self.narrow_block) if cpu else 1
         return QuantLinear(
             self.tensor(f"{path}.weight", (out_dim, words), dtypes.uint32, row_block=row_block),
             self.tensor(f"{path}.scales", (out_dim, groups), row_block=row_block),
@@ -327,11 +329,22 @@ class _Loader:
         return RMSNorm(self.tensor(f"{path}.weight", (dim,)), self.cfg.rms_norm_eps)
 
 
-def load_shard(cfg: ModelConfig, ckpt: Checkpoint, start: int, end: int, device: str, dtype: DType) -> ShardModel:
-    """Build layers [start, end) reading only their tensors; nothing is realized here."""
+def load_shard(
+    cfg: ModelConfig,
+    ckpt: Checkpoint,
+    start: int,
+    end: int,
+    device: str,
+    dtype: DType,
+    narrow_block: int = CPU_NARROW_ROW_BLOCK,
+) -> ShardModel:
+    """Build layers [start, end) reading only their tensors; nothing is realized here.
+
+    narrow_block: rows per block of the CPU weights kept narrow; CPU_ROW_BLOCK where cpu_matmul is not active
+    (tinygrad alone computes 4 rows at once, and is 2x slower on blocks of 8)."""
     if not 0 <= start < end <= cfg.num_layers:
         raise ValueError(f"layer range [{start}, {end}) is outside the model's {cfg.num_layers} layers")
-    ld = _Loader(cfg, ckpt, device, dtype)
+    ld = _Loader(cfg, ckpt, device, dtype, narrow_block)
     D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
     blocks = []
