@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cluster import __version__, auth
 from cluster.coordinator import Coordinator
 from cluster.discovery import PROTOCOL_VERSION, Discovery, Peer
-from cluster.host import ShardHost, default_models_dir
+from cluster.host import SESSION_WAIT_S, ShardHost, default_models_dir
 from cluster.memory import DeviceMemory, device_kind, device_memory
 from cluster.partition import Plan, format_plan
 from cluster.rpc import wire
@@ -51,7 +51,7 @@ class NodeSettings:
     mdns_interfaces: tuple[str, ...] | None = None  # None: every interface of the host
     max_context: int = 4096
     max_sessions: int = 8  # per shard; more requests wait for a session to end
-    session_wait: float = 300.0  # seconds a request waits for a free session before it is refused as busy
+    session_wait: float = SESSION_WAIT_S  # seconds a request waits for a free session before it is refused as busy
     prefill_buckets: tuple[int, ...] | None = None
     session_timeout: float = 600.0
     health_interval: float = 1.0

@@ -119,7 +119,7 @@ def _optimize(k: Scheduler) -> Scheduler:
     assert _default_heuristic is not None
     axes = matmul_axes(k)
     if axes is None:
-        return _whole_block(k, _default_heuristic(k.copy()))
+        return _whole_block(k, _default_heuristic(k))  # tinygrad's heuristic works on a copy of k
     token, block, other = axes
     names = {a: k.rngs[a].arg for a in (token, block, other) if a is not None}
     tiled = k.copy()

@@ -153,10 +153,9 @@ class ShardEngine:
         self.model: ShardModel = load_shard(
             self.cfg, checkpoint, start_layer, end, self.device, self.dtype, narrow_block
         )
-        budget = self._check_fits(checkpoint.pending_bytes(), memory_budget)
-        self.max_sessions = session_capacity(
-            budget, checkpoint.pending_bytes(), self.kv_bytes_per_session(), max_sessions
-        )
+        weight_bytes, kv_bytes = checkpoint.pending_bytes(), self.kv_bytes_per_session()
+        budget = self._check_fits(weight_bytes, memory_budget)
+        self.max_sessions = session_capacity(budget, weight_bytes, kv_bytes, max_sessions)
         if self.max_sessions < max_sessions:
             log.info(
                 "layers [%d, %d): memory for the KV caches of %d of %d sessions (%s each); more requests wait",
@@ -164,7 +163,7 @@ class ShardEngine:
                 self.model.end,
                 self.max_sessions,
                 max_sessions,
-                _size(self.kv_bytes_per_session()),
+                _size(kv_bytes),
             )
         checkpoint.materialize(lambda done, total: self._progress("load", done, total))
         self.start, self.end = self.model.start, self.model.end
