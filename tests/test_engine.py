@@ -6,12 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import ALL_MODELS, BUCKETS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
-from tinygrad import Device
+from tinygrad import Device, Tensor, dtypes
 from tinygrad.engine.jit import GraphRunner
 from tinygrad.engine.realize import run_linear
 from tinygrad.uop.ops import Ops, UOp
 
-from cluster.engine.shard import ContextFullError, EngineError, ShardEngine, session_capacity, uses_graphs
+from cluster.engine.shard import (
+    ContextFullError,
+    EngineError,
+    ShardEngine,
+    copy_into,
+    session_capacity,
+    uses_graphs,
+)
 from cluster.generation import step
 from cluster.sampling import SamplingParams
 
@@ -239,6 +246,26 @@ def test_float16_compute_stays_close_to_the_reference(engines, name):
     errs = [np.abs(full_logprobs(r) - log_softmax(want)).max() for r, want in results]
     assert max(errs) < 0.15, f"{name}: float16 logprob error {max(errs):.3f}"
     assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
+
+
+def test_float16_shards_warm_up_and_chain_like_the_whole_model(engines):
+    """The accelerator default on CPU: shards after the first take hidden states in fp16, and their warm-up
+    copies fp16 into their input buffers as a request does (it once copied fp32, twice the buffer's bytes:
+    CUDA refused it on an H200). Reference: the whole fp16 engine's greedy tokens."""
+    prompt = reference("llama32")["prompt_ids"]
+    whole = engines.get("llama32", dtype="float16")
+    shards = [engines.get("llama32", lo, hi, dtype="float16") for lo, hi in ((0, 2), (2, 4))]
+    for shard in shards:
+        shard.warmup()
+    assert run_tokens(shards, prompt, 8) == run_tokens([whole], prompt, 8)
+
+
+def test_copying_host_data_of_the_wrong_size_into_an_engine_buffer_is_refused():
+    t = Tensor.zeros(1, 4, 8, dtype=dtypes.float16).contiguous().realize()
+    with pytest.raises(ValueError, match="copy of 128 bytes .* into a 64-byte"):
+        copy_into(t, np.zeros((1, 4, 8), np.float32))
+    copy_into(t, np.ones((1, 4, 8), np.float16))
+    assert t.numpy().sum() == 32
 
 
 def test_a_shard_that_does_not_fit_is_refused_before_loading():

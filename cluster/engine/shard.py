@@ -99,6 +99,10 @@ def copy_into(t: Tensor, arr: np.ndarray) -> None:
     dst = t.uop.base.buffer
     assert isinstance(dst, Buffer), "engine buffers live on one device"
     data = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]
+    if data.nbytes != dst.nbytes:  # a raw copy of the wrong size would overrun the buffer (or fail on CUDA)
+        raise ValueError(
+            f"copy of {data.nbytes} bytes ({arr.dtype} {arr.shape}) into a {dst.nbytes}-byte {dst.dtype} buffer"
+        )
     if hasattr(dst.allocator, "_copyin"):
         dst.allocator._copyin(dst._buf, data)
     else:
@@ -442,8 +446,8 @@ class ShardEngine:
         total, done = (len(self.buckets) + 2) * steps, 0
         t0 = time.perf_counter()
 
-        def make(n: int) -> np.ndarray:
-            return np.zeros(n, np.int32) if self.is_first else np.zeros((n, D), np.float32)
+        def make(n: int) -> np.ndarray:  # what _check_inputs gives: ids, or hidden states in the compute dtype
+            return self._check_inputs(np.zeros(n, np.int32) if self.is_first else np.zeros((n, D), np.float32))
 
         sid = self.new_session("__warmup__")
         try:
