@@ -11,6 +11,7 @@ preallocated buffers, so nothing compiles after `warmup()`.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -28,7 +29,7 @@ from tinygrad.dtype import DType
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_matmul, cpu_threads
+from cluster.engine import cpu_matmul, cpu_threads, gpu_matvec
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, ShardModel, load_shard, rope_tables
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
@@ -146,6 +147,8 @@ class ShardEngine:
             cpu_threads.enable()
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
+        elif os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison
+            gpu_matvec.enable()
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))

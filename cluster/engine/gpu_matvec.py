@@ -1,0 +1,141 @@
+"""How tinygrad's GPU code computes the decoder's matrix-vector products (decode at batch 1): one warp per
+weight row, each thread loading 16 contiguous bytes of the row per step.
+
+tinygrad 0.14's heuristic has a matvec rule (threads that share a row, reduced through shared memory), but it
+matches only a multiply of two plain loads. The decoder's products multiply in fp16 and sum in fp32 (a cast
+between the multiply and the sum), read MLX-quantized words through shifts, or take the RMSNorm fused into
+the input, so none of them matched: each thread then summed 4 whole rows alone, neighbouring threads read
+addresses a row apart, and the 1B model decoded at 75 tok/s on an H200 (185 GB/s, bench/RESULTS.md).
+
+Here a kernel that reduces a vector against a weight row by row gets: the trailing reduce axes a weight word
+holds (the values of an MLX-quantized word) unrolled whole, the weight's contiguous axis unrolled to 16 bytes
+(8 fp16 values or 4 words: one vector load), that axis split over a warp (GROUP: partial sums meet in shared
+memory), and 4 rows to a block. Every other kernel keeps tinygrad's choices, and BEAM, where it is asked
+for, searches as before. `enable()` installs it in this process and in tinygrad's compile processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from math import prod
+
+from tinygrad.codegen.opt import KernelOptError, Opt, OptOps, heuristic
+from tinygrad.codegen.opt.postrange import Scheduler
+from tinygrad.engine import worker
+from tinygrad.uop.ops import AxisType, Ops
+
+log = logging.getLogger(__name__)
+
+WARP = 32  # threads that share one row
+LOAD_BYTES = 16  # per thread and step: one 128-bit load
+ROWS_PER_BLOCK = 4
+MIN_WEIGHT = 1 << 16  # elements; smaller products are not worth a special case
+
+_default_heuristic: Callable[[Scheduler], Scheduler] | None = None
+_default_worker_init: Callable[[], None] | None = None
+
+
+def _uses(buf: object, rng: object) -> bool:
+    return rng in buf.src[1].get_idx().backward_slice  # type: ignore[attr-defined]
+
+
+def _unit_stride(buf: object, rng: object) -> bool:
+    return any(term is rng for term in buf.src[1].get_idx().split_uop(Ops.ADD))  # type: ignore[attr-defined]
+
+
+def _itemsize(buf: object) -> int:
+    dtype = buf.src[0].dtype  # type: ignore[attr-defined]
+    return int(getattr(dtype, "base", dtype).itemsize)
+
+
+def matvec_plan(k: Scheduler) -> tuple[int, int, int, list[int], int | None] | None:
+    """(contiguous weight axis, its unroll, threads per row, reduce axes to unroll whole, row axis for the
+    block or None) when `k` (before any options) is a GPU matrix-vector product; None for every other kernel."""
+    if not (k.ren.has_local and k.ren.has_shared) or k.reduceop is None or k.reduceop.arg[0] is not Ops.ADD:
+        return None
+    shape = k.full_shape
+    if not all(isinstance(s, int) for s in shape):
+        return None  # symbolic sizes: attention over the cached positions
+    reduces, rows = k.axes_of(AxisType.REDUCE), k.axes_of(AxisType.GLOBAL)
+    if not reduces or not rows:
+        return None
+    weights = [
+        b
+        for b in k.bufs
+        if all(_uses(b, k.rngs[a]) for a in rows)  # every output axis indexes the weight: no token axis
+        and any(_uses(b, k.rngs[a]) for a in reduces)
+        and _itemsize(b) in (2, 4)
+        and b.src[0].max_numel() >= MIN_WEIGHT
+    ]
+    if not weights:
+        return None
+    weight = max(weights, key=lambda b: b.src[0].max_numel())
+    word = max(a for a in reduces if _uses(weight, k.rngs[a]))  # the weight's innermost reduce axis
+    before, after = [a for a in reduces if a < word], [a for a in reduces if a > word]
+    if before or any(shape[a] > 8 for a in after):
+        return None  # only the values inside one word may follow it
+    # values of the reduction per weight element along `word`: 1 for fp16, 8 for 4-bit words read along a
+    # merged axis; axes in `after` hold a word's values apart
+    values = prod(shape[a] for a in (*rows, word)) / weight.src[0].max_numel()
+    if values < 1 or values != int(values):
+        return None
+    unroll = LOAD_BYTES // _itemsize(weight) * int(values)
+    group = next((g for g in (WARP, WARP // 2, WARP // 4) if shape[word] % (unroll * g) == 0), None)
+    if group is None:
+        return None
+    row = next((a for a in reversed(rows) if shape[a] % ROWS_PER_BLOCK == 0), None)
+    return word, unroll, group, after, row
+
+
+def _axis(k: Scheduler, arg: object) -> int:
+    """The axis of the range named `arg` (ranges are rebuilt, and axes renumbered, as options apply)."""
+    return next(i for i, r in enumerate(k.rngs) if r.arg == arg)
+
+
+def _optimize(k: Scheduler) -> Scheduler:
+    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products."""
+    assert _default_heuristic is not None
+    plan = matvec_plan(k)
+    if plan is None:
+        return _default_heuristic(k)  # tinygrad's heuristic works on a copy of k
+    word, unroll, group, whole, row = plan
+    names = {a: k.rngs[a].arg for a in (word, *whole, *([row] if row is not None else []))}
+    out = k.copy()
+    try:
+        for a in whole:
+            out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(_axis(out, names[a])), 0))
+        out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(_axis(out, names[word])), unroll))
+        out.apply_opt(Opt(OptOps.GROUP, out.axes_of(AxisType.REDUCE).index(_axis(out, names[word])), group))
+        if row is not None:
+            out.apply_opt(Opt(OptOps.LOCAL, _axis(out, names[row]), ROWS_PER_BLOCK))
+    except KernelOptError as e:
+        log.debug("tinygrad's options for %s: %s", k.full_shape, e)
+        return _default_heuristic(k)
+    return out
+
+
+def _compile_worker_init() -> None:
+    """Initializer of tinygrad's compile processes: tinygrad's own, then the same options as here."""
+    (_default_worker_init or worker._init_worker)()  # in a fresh compile process this is tinygrad's own
+    enable()
+
+
+def enable() -> bool:
+    """Give GPU matrix-vector products the warp-per-row form from now on, in this process and in the compile
+    processes that tinygrad starts (idempotent). False where this tinygrad's optimizer is not the one this was
+    written for: then nothing changes."""
+    global _default_heuristic, _default_worker_init
+    if _default_heuristic is not None:
+        return True
+    needed = ("full_shape", "rngs", "bufs", "axes_of", "unrollable_dims", "apply_opt", "copy")
+    if not all(hasattr(Scheduler, name) for name in needed) or not hasattr(worker, "_init_worker"):
+        log.warning("tinygrad's kernel optimizer changed shape: GPU matrix-vector products keep its defaults")
+        return False
+    _default_heuristic = heuristic.hand_coded_optimizations
+    heuristic.hand_coded_optimizations = _optimize  # apply_opts looks it up at every call
+    if worker._init_worker is not _compile_worker_init:
+        _default_worker_init = worker._init_worker
+        worker._init_worker = _compile_worker_init  # a pool made from now on runs it in each process
+        worker.terminate_worker_pool()  # a pool made before would lower kernels with the default options
+    return True

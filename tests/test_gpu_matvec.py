@@ -1,0 +1,116 @@
+"""gpu_matvec: the warp-per-row options for matrix-vector products on devices with local memory.
+
+No GPU here: the kernels run on tinygrad's PYTHON device, which emulates a GPU's threads, local (shared)
+memory and barriers, and lowers kernels through the same optimizer path as CUDA. Reference: numpy in float64.
+The CUDA source for the same kernels is rendered here too (no compiler needed) to check the loads are vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.codegen import do_to_program
+from tinygrad.codegen.opt import tc
+from tinygrad.codegen.opt.postrange import Scheduler
+from tinygrad.device import Compiler
+from tinygrad.helpers import Target
+from tinygrad.renderer.cstyle import CUDARenderer
+from tinygrad.uop.ops import Ops
+
+import cluster.models.decoder as decoder
+from cluster.engine import gpu_matvec
+from cluster.models.config import QuantSpec
+
+ROWS, K = 128, 512  # 65536 fp16 weights: the smallest product gpu_matvec takes on
+
+
+@pytest.fixture(autouse=True)
+def gpu_forms(monkeypatch):
+    """The decoder's GPU forms (plain x @ w.T, lazy dequantization), the options on, and a record of the plans."""
+    assert gpu_matvec.enable()
+    monkeypatch.setattr(decoder, "cpu_codegen", lambda t: False)
+    plans: list = []
+    real = gpu_matvec.matvec_plan
+
+    def record(k):
+        plans.append(plan := real(k))
+        return plan
+
+    monkeypatch.setattr(gpu_matvec, "matvec_plan", record)
+    return plans
+
+
+def _quantized(rng, rows, cols, bits):
+    levels = rng.integers(0, 1 << bits, size=(rows, cols), dtype=np.uint64)
+    per_word = 32 // bits
+    words = (levels.reshape(rows, cols // per_word, per_word) << (np.arange(per_word, dtype=np.uint64) * bits)).sum(-1)
+    scales = rng.uniform(0.01, 0.05, size=(rows, cols // 64)).astype(np.float16)
+    biases = rng.uniform(-0.2, 0.2, size=(rows, cols // 64)).astype(np.float16)
+    dense = levels * np.repeat(scales, 64, 1).astype(np.float64) + np.repeat(biases, 64, 1).astype(np.float64)
+    return words.astype(np.uint32), scales, biases, dense
+
+
+def test_an_fp16_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, K)).astype(np.float16)
+    w = (rng.standard_normal((ROWS, K)) * 0.05).astype(np.float16)
+    out = decoder.Linear(Tensor(w, device="PYTHON"), dtype=dtypes.half)(Tensor(x, device="PYTHON")).numpy()
+    np.testing.assert_allclose(out[0, 0], w.astype(np.float64) @ x[0, 0].astype(np.float64), atol=2e-3, rtol=2e-3)
+    # unroll 8 fp16 (16 bytes), 32 threads per row, 4 rows to a block
+    assert [p[1:3] for p in gpu_forms if p is not None] == [(8, 32)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monkeypatch, bits):
+    monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)  # the packed words of a test-sized weight are few
+    rng = np.random.default_rng(bits)
+    rows, cols = 64, 4096  # a row of 4096 values: 512 (4-bit) or 1024 (8-bit) words, a whole warp's worth
+    words, scales, biases, dense = _quantized(rng, rows, cols, bits)
+    x = (rng.standard_normal((1, 1, cols)) * 0.1).astype(np.float16)
+    layer = decoder.QuantLinear(
+        *(Tensor(a, device="PYTHON") for a in (words, scales, biases)), QuantSpec(bits=bits, group_size=64), dtypes.half
+    )
+    out = layer(Tensor(x, device="PYTHON")).numpy()
+    np.testing.assert_allclose(out[0, 0], dense @ x[0, 0].astype(np.float64), atol=2e-2, rtol=2e-2)
+    plans = [p for p in gpu_forms if p is not None]
+    assert len(plans) == 1 and plans[0][2] == 32, plans
+
+
+def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((ROWS, K)) * 0.05).astype(np.float16)
+    prompt = rng.standard_normal((1, 4, K)).astype(np.float16)
+    out = decoder.Linear(Tensor(w, device="PYTHON"), dtype=dtypes.half)(Tensor(prompt, device="PYTHON")).numpy()
+    np.testing.assert_allclose(out[0], prompt[0].astype(np.float64) @ w.T.astype(np.float64), atol=2e-3, rtol=2e-3)
+    assert gpu_forms and all(p is None for p in gpu_forms)  # a token axis does not index the weight
+    seen = len(gpu_forms)
+    x = Tensor(rng.standard_normal((1, 1, K)).astype(np.float32), device="CPU")
+    decoder.Linear(Tensor(w.astype(np.float32), device="CPU"))(x).realize()
+    assert len(gpu_forms) > seen and all(p is None for p in gpu_forms[seen:])  # no local memory: not a GPU kernel
+
+
+def _cuda_source(t: Tensor) -> str:
+    ren = CUDARenderer.__new__(CUDARenderer)  # rendering needs no NVRTC: no compiler is made
+    ren.target, ren.compiler, ren.tensor_cores = Target(device="CUDA", arch="sm_90"), Compiler(), tc.get_cuda("sm_90")
+    calls = [c.src[0] for c in t.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+    ast = calls[-1]
+    k = Scheduler(ast, ren)
+    assert k.ren.has_local
+    prg = do_to_program(ast.replace(arg=dataclasses.replace(ast.arg)), ren)
+    return next(u for u in prg.src if u.op is Ops.SOURCE).arg
+
+
+def test_the_cuda_kernel_of_a_1b_sized_matvec_loads_16_bytes_a_thread(gpu_forms):
+    x = Tensor.empty(1, 1, 2048, dtype=dtypes.half, device="CPU")
+    w = Tensor.empty(8192, 2048, dtype=dtypes.half, device="CPU")
+    src = _cuda_source(decoder.Linear(w, dtype=dtypes.half)(x))
+    assert "__shared__" in src and "__launch_bounds__(128)" in src  # 32 threads x 4 rows, reduced in shared memory
+    assert "half4 val" in src  # vector loads, 2 per step (tinygrad's CUDA half vectors stop at 4)
+    packed = Tensor.empty(8192, 256, dtype=dtypes.uint32, device="CPU")
+    scales = Tensor.empty(8192, 32, dtype=dtypes.half, device="CPU")
+    q4 = decoder.QuantLinear(packed, scales, scales, QuantSpec(bits=4, group_size=64), dtypes.half)
+    assert "uint4 val" in _cuda_source(q4(x))  # 4 words (32 values) in one 128-bit load
+    assert Device.DEFAULT == "CPU"  # nothing here ran on a GPU
