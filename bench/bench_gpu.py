@@ -45,12 +45,17 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("correctness", "correctness", 120, {}),
     ("fp16", "speed", 120, {"bits": 16}),
     ("q4", "speed", 120, {"bits": 4}),
+    ("kernels", "kernels", 90, {}),
+    ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
+    ("peer", "peer", 90, {}),
+    ("fp16 prompt chunks of 512", "speed", 120, {"bits": 16, "buckets": [16, 64, 512]}),
+    ("fp16 tinygrad options", "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_GPU_MATVEC": "0"}}),
+    ("q4 tinygrad options", "speed", 120, {"bits": 4, "env": {"CLUSTERCTL_GPU_MATVEC": "0"}}),
+    # BEAM last: on an H200 JITBEAM=2 had not finished the first prompt graph of the 1B model after 150 s
     ("fp16 {beam}", "speed", 150, {"bits": 16, "beam": True}),
     ("fp16 {beam}, second start", "speed", 90, {"bits": 16, "beam": True}),
-    ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
     ("q4 {beam}", "speed", 150, {"bits": 4, "beam": True}),
     ("q4 {beam}, second start", "speed", 90, {"bits": 4, "beam": True}),
-    ("peer", "peer", 90, {}),
 ]
 SECOND = ", second start"
 FULL: dict[str, Any] = {
@@ -69,6 +74,9 @@ FULL: dict[str, Any] = {
     "beam_label": "JITBEAM=2",
     "beam_env": {"JITBEAM": "2"},
     "budget": 450.0,
+    "kernel_shapes": "full",
+    "kernel_device": None,
+    "kernel_repeats": 10,
 }
 # the CPU has no GPU's speed: the same steps on the tiny preset, and a BEAM narrowed to one round of a few
 # options per kernel (a full JITBEAM=2 takes minutes on two cores)
@@ -88,6 +96,9 @@ DRY: dict[str, Any] = FULL | {
     "beam_label": "JITBEAM=1 narrowed",
     "beam_env": {"JITBEAM": "1", "BEAM_UPCAST_MAX": "1", "BEAM_LOCAL_MAX": "1", "BEAM_MIN_PROGRESS": "1e9"},
     "budget": 240.0,
+    "kernel_shapes": "dry",
+    "kernel_device": "PYTHON",  # emulates a GPU's threads and shared memory on the CPU
+    "kernel_repeats": 1,
 }
 TARGETS = {"fp16_tok_s": 600, "q4_tok_s": 800, "ttft_ms": 100, "cluster_share": 0.85}
 
@@ -301,7 +312,8 @@ def w_speed(a: dict[str, Any]) -> None:
 
     model_dir = Path(a["model_dir"])
     t0 = time.perf_counter()
-    eng = ShardEngine(model_dir, device=a["device"], progress=progress)
+    buckets = {"prefill_buckets": tuple(a["buckets"])} if a.get("buckets") else {}
+    eng = ShardEngine(model_dir, device=a["device"], progress=progress, **buckets)
     emit(load_s=time.perf_counter() - t0, dtype=dtype_name(eng.dtype), resident_bytes=resident_bytes(eng))
     t0 = time.perf_counter()
     eng.warmup()
@@ -335,6 +347,150 @@ def w_speed(a: dict[str, Any]) -> None:
     )
     kernels, launches = decode_kernels(eng, sid, token)
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
+
+
+KERNEL_SHAPES = {  # (hidden, intermediate, vocab, prompt chunks): the 1B shape; the dry run's tiny one on PYTHON
+    "full": (2048, 8192, 128256, (64, 512)),
+    "dry": (64, 128, 256, (4,)),
+}
+
+
+def _opts(opts: Any) -> str:
+    return " ".join(f"{o.op.name}({o.axis},{o.arg})" for o in opts) or "none"
+
+
+def w_kernels(a: dict[str, Any]) -> None:
+    """One decoder product at a time on the device, each with several kernel options: tinygrad's heuristic,
+    gpu_matvec's (the engine's), and alternatives, timed by tinygrad's own BEAM timer (device time, best of
+    10). Reports GB/s over the bytes the kernel's buffers hold and, for prompt chunks, TFLOP/s."""
+    import dataclasses
+
+    from tinygrad import Device, Tensor, dtypes
+    from tinygrad.codegen import to_program
+    from tinygrad.codegen.opt import Opt, OptOps, heuristic
+    from tinygrad.codegen.opt.postrange import args_from_ast
+    from tinygrad.codegen.opt.search import _time_program
+    from tinygrad.uop.ops import Ops
+
+    import cluster.models.decoder as dec
+    from cluster.engine import gpu_matvec
+    from cluster.models.config import QuantSpec
+
+    dev = a.get("kernel_device") or a["device"]
+    ren = Device[dev].renderer
+    if not ren.has_local:
+        emit(skipped=f"{dev} has no local memory: gpu_matvec does not apply")
+        return
+    gpu_matvec.enable()
+    if a["kernel_shapes"] == "dry":
+        gpu_matvec.MIN_WEIGHT = 0  # the dry run's products are far smaller than a model's
+    dec_codegen = dec.cpu_codegen
+    dec.cpu_codegen = lambda t: False  # the GPU forms, also on the dry run's PYTHON device
+    D, F, V, chunks = KERNEL_SHAPES[a["kernel_shapes"]]
+    half = dtypes.half
+
+    def quant(rows: int, cols: int, bits: int) -> Any:
+        packed = Tensor.empty(rows, cols * bits // 32, dtype=dtypes.uint32, device=dev)
+        scales = Tensor.empty(rows, cols // 64, dtype=half, device=dev)
+        return dec.QuantLinear(
+            packed,
+            scales,
+            Tensor.empty(rows, cols // 64, dtype=half, device=dev),
+            QuantSpec(bits=bits, group_size=64),
+            half,
+        )
+
+    def dense(rows: int, cols: int) -> Any:
+        return dec.Linear(Tensor.empty(rows, cols, dtype=half, device=dev), dtype=half)
+
+    def x(tokens: int, cols: int) -> Tensor:
+        return Tensor.empty(1, tokens, cols, dtype=half, device=dev)
+
+    cases: list[tuple[str, Tensor, int]] = [  # (name, output, multiply-adds)
+        (f"matvec fp16 {F}x{D} (gate/up)", dense(F, D)(x(1, D)), F * D),
+        (f"matvec fp16 {D}x{F} (down)", dense(D, F)(x(1, F)), F * D),
+        (f"matvec fp16 {V}x{D} (lm_head)", dense(V, D)(x(1, D)), V * D),
+        (f"matvec q4 {F}x{D}", quant(F, D, 4)(x(1, D)), F * D),
+        (f"matvec q4 {D}x{F}", quant(D, F, 4)(x(1, F)), F * D),
+        (f"matvec q8 {F}x{D}", quant(F, D, 8)(x(1, D)), F * D),
+    ]
+    for t in chunks:
+        cases.append((f"prompt fp16 {t}x{F}x{D}", dense(F, D)(x(t, D)), t * F * D))
+        cases.append((f"prompt q4 {t}x{F}x{D}", quant(F, D, 4)(x(t, D)), t * F * D))
+
+    seen: list[Any] = []
+    current = heuristic.hand_coded_optimizations
+
+    def spy(k: Any) -> Any:
+        seen.append(k.copy())  # the kernel as apply_opts hands it over, before any option
+        return current(k)
+
+    for name, out, macs in cases:
+        calls = [c.src[0] for c in out.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+        ast = max(calls, key=lambda s: sum(u.max_numel() for u in s.toposort() if u.op is Ops.PARAM))
+        nbytes = sum(
+            u.max_numel() * getattr(u.dtype, "base", u.dtype).itemsize
+            for u in ast.toposort()
+            if u.op is Ops.PARAM and u.arg.slot >= 0
+        )
+        seen.clear()
+        heuristic.hand_coded_optimizations = spy
+        try:
+            to_program(ast, ren)
+        finally:
+            heuristic.hand_coded_optimizations = current
+        if not seen:
+            emit(kernel=name, skipped="tinygrad chose no options for it")
+            continue
+        k = seen[0]
+        variants: dict[str, Any] = {"tinygrad": gpu_matvec.default_options(k).applied_opts}
+        ours = gpu_matvec.matvec_options(k)
+        if ours is not None:
+            variants["clusterctl"] = ours.applied_opts
+            for warp, rows, up in ((32, 2, 1), (32, 8, 1), (16, 4, 1), (32, 4, 2), (32, 1, 1)):
+                alt = gpu_matvec.matvec_options(k, warp, rows, up)
+                if alt is not None:
+                    variants[f"warp {warp}, {rows} rows/block" + (f", {up} rows/thread" if up > 1 else "")] = (
+                        alt.applied_opts
+                    )
+        tc = [o for o in variants["tinygrad"] if o.op is OptOps.TC]
+        if tc:  # prompt chunks: fewer tiles per block than tinygrad's 4x4 upcast, so more blocks
+            for name_alt, extra in (
+                ("TC, local 4", [Opt(OptOps.LOCAL, 0, 4)]),
+                ("TC, upcast 2, local 4", [Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.LOCAL, 0, 4)]),
+                (
+                    "TC, upcast 2x2, local 4",
+                    [Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.LOCAL, 0, 4)],
+                ),
+            ):
+                t = k.copy()
+                try:
+                    for o in (tc[0], *extra):
+                        t.apply_opt(o)
+                    variants[name_alt] = t.applied_opts
+                except Exception:  # noqa: BLE001 - an option that does not apply to this shape
+                    pass
+        for label, opts in variants.items():
+            try:
+                a2 = ast.replace(arg=dataclasses.replace(ast.arg, opts_to_apply=tuple(opts)))
+                prg = to_program(a2, ren)
+                bufs, var_vals = args_from_ast(a2, dev)
+                for b in bufs:
+                    b.ensure_allocated()
+                tm = min(_time_program(prg, var_vals, bufs, allow_test_size=False, cnt=a["kernel_repeats"]))
+                launch = [list(prg.arg.global_size), list(prg.arg.local_size or [])]
+                emit(
+                    kernel=name,
+                    variant=label,
+                    opts=_opts(opts),
+                    us=tm * 1e6,
+                    gb_s=nbytes / tm / 1e9,
+                    tflop_s=2 * macs / tm / 1e12,
+                    launch=launch,
+                )
+            except Exception as e:  # noqa: BLE001 - one variant that fails to build or run is reported, not fatal
+                emit(kernel=name, variant=label, opts=_opts(opts), error=f"{type(e).__name__}: {str(e)[:200]}")
+    dec.cpu_codegen = dec_codegen
 
 
 def w_cluster(a: dict[str, Any]) -> None:
@@ -393,6 +549,7 @@ WORKERS = {
     "memory": w_memory,
     "correctness": w_correctness,
     "speed": w_speed,
+    "kernels": w_kernels,
     "cluster": w_cluster,
     "peer": w_peer,
     "build": w_build,
@@ -500,7 +657,7 @@ class Driver:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=self.env(beam),
+            env=self.env(beam) | args.get("env", {}),
             cwd=ROOT,
             start_new_session=True,  # one process group: a timeout kills what the step started too
         )
@@ -719,6 +876,27 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
     return out, targets
 
 
+def kernel_section(step: StepResult | None) -> Section:
+    rows = [r for r in (step.records if step else []) if "kernel" in r and "variant" in r]
+    if not rows:
+        return [], []
+    out = [
+        "Kernels one at a time (tinygrad's BEAM timer, best of the repeats; GB/s over the bytes its buffers hold):",
+        "",
+        "| product | options | µs | GB/s | TFLOP/s | blocks, threads | opts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['kernel']} | {r['variant']} | — | — | — | — | {r['opts']}: {r['error']} |")
+            continue
+        out.append(
+            f"| {r['kernel']} | {r['variant']} | {r['us']:.1f} | {r['gb_s']:.0f} | {r['tflop_s']:.2f} "
+            f"| {r['launch'][0]}, {r['launch'][1]} | {r['opts']} |"
+        )
+    return out + [""], []
+
+
 def cluster_section(step: StepResult | None, cfg: dict[str, Any]) -> Section:
     nodes = [r for r in (step.records if step else []) if "nodes" in r]
     if not nodes or step is None:
@@ -780,6 +958,7 @@ def report(d: Driver, info: dict[str, Any]) -> tuple[str, list[tuple[str, bool |
         memory_section(mem.merged if mem else {}),
         correctness_section(d.result("correctness")),
         speed_section([r for r in d.results if r.kind == "speed"], bw, d.cfg),
+        kernel_section(d.result("kernels")),
         cluster_section(d.result("cluster"), d.cfg),
         peer_section(d.result("peer")),
     ]
@@ -809,6 +988,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", help="comma-separated step labels to run (default: all)")
     ap.add_argument("--cache-dir", default=str(BENCH_DIR / ".cache"), help="checkpoints and tinygrad's CACHEDB")
     ap.add_argument("--fresh-cache", action="store_true", help="delete the CACHEDB first: a cold first start")
+    ap.add_argument("--correctness-dtypes", help="comma-separated compute dtypes of the correctness step")
     ap.add_argument("--ref-python", help="a Python with torch + transformers (default: this one on the GPU)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -826,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cfg = DRY if args.dry_run else FULL
+    if args.correctness_dtypes:
+        cfg = cfg | {"dtypes": args.correctness_dtypes.split(",")}
     args.budget = args.budget or cfg["budget"]
     d = Driver(args, cfg)
     if args.fresh_cache:

@@ -35,8 +35,8 @@ def gpu_forms(monkeypatch):
     plans: list = []
     real = gpu_matvec.matvec_plan
 
-    def record(k):
-        plans.append(plan := real(k))
+    def record(k, *args):
+        plans.append(plan := real(k, *args))
         return plan
 
     monkeypatch.setattr(gpu_matvec, "matvec_plan", record)

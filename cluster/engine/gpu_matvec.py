@@ -49,7 +49,9 @@ def _itemsize(buf: object) -> int:
     return int(getattr(dtype, "base", dtype).itemsize)
 
 
-def matvec_plan(k: Scheduler) -> tuple[int, int, int, list[int], int | None] | None:
+def matvec_plan(
+    k: Scheduler, warp: int = WARP, rows_per_block: int = ROWS_PER_BLOCK
+) -> tuple[int, int, int, list[int], int | None] | None:
     """(contiguous weight axis, its unroll, threads per row, reduce axes to unroll whole, row axis for the
     block or None) when `k` (before any options) is a GPU matrix-vector product; None for every other kernel."""
     if not (k.ren.has_local and k.ren.has_shared) or k.reduceop is None or k.reduceop.arg[0] is not Ops.ADD:
@@ -81,10 +83,10 @@ def matvec_plan(k: Scheduler) -> tuple[int, int, int, list[int], int | None] | N
     if values < 1 or values != int(values):
         return None
     unroll = LOAD_BYTES // _itemsize(weight) * int(values)
-    group = next((g for g in (WARP, WARP // 2, WARP // 4) if shape[word] % (unroll * g) == 0), None)
+    group = next((g for g in (warp, warp // 2, warp // 4) if g and shape[word] % (unroll * g) == 0), None)
     if group is None:
         return None
-    row = next((a for a in reversed(rows) if shape[a] % ROWS_PER_BLOCK == 0), None)
+    row = next((a for a in reversed(rows) if shape[a] % rows_per_block == 0), None) if rows_per_block > 1 else None
     return word, unroll, group, after, row
 
 
@@ -93,12 +95,14 @@ def _axis(k: Scheduler, arg: object) -> int:
     return next(i for i, r in enumerate(k.rngs) if r.arg == arg)
 
 
-def _optimize(k: Scheduler) -> Scheduler:
-    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products."""
-    assert _default_heuristic is not None
-    plan = matvec_plan(k)
+def matvec_options(
+    k: Scheduler, warp: int = WARP, rows_per_block: int = ROWS_PER_BLOCK, row_upcast: int = 1
+) -> Scheduler | None:
+    """`k` with the warp-per-row options applied (on a copy), or None when `k` is no matrix-vector product or
+    they do not apply. The arguments other than `k` are for benchmarks (bench/bench_gpu.py's kernel step)."""
+    plan = matvec_plan(k, warp, rows_per_block)
     if plan is None:
-        return _default_heuristic(k)  # tinygrad's heuristic works on a copy of k
+        return None
     word, unroll, group, whole, row = plan
     names = {a: k.rngs[a].arg for a in (word, *whole, *([row] if row is not None else []))}
     out = k.copy()
@@ -108,11 +112,24 @@ def _optimize(k: Scheduler) -> Scheduler:
         out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(_axis(out, names[word])), unroll))
         out.apply_opt(Opt(OptOps.GROUP, out.axes_of(AxisType.REDUCE).index(_axis(out, names[word])), group))
         if row is not None:
-            out.apply_opt(Opt(OptOps.LOCAL, _axis(out, names[row]), ROWS_PER_BLOCK))
+            out.apply_opt(Opt(OptOps.LOCAL, _axis(out, names[row]), rows_per_block))
+            if row_upcast > 1:
+                out.apply_opt(Opt(OptOps.UPCAST, _axis(out, names[row]), row_upcast))
     except KernelOptError as e:
         log.debug("tinygrad's options for %s: %s", k.full_shape, e)
-        return _default_heuristic(k)
+        return None
     return out
+
+
+def _optimize(k: Scheduler) -> Scheduler:
+    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products."""
+    assert _default_heuristic is not None
+    return matvec_options(k) or _default_heuristic(k)  # tinygrad's heuristic works on a copy of k
+
+
+def default_options(k: Scheduler) -> Scheduler:
+    """tinygrad's own choices for `k`, whether or not enable() ran (for comparisons)."""
+    return (_default_heuristic or heuristic.hand_coded_optimizations)(k)
 
 
 def _compile_worker_init() -> None:
