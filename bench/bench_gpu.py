@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -45,6 +46,7 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("correctness", "correctness", 120, {}),
     ("fp16", "speed", 120, {"bits": 16}),
     ("q4", "speed", 120, {"bits": 4}),
+    ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
     ("kernels", "kernels", 90, {}),
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
     ("peer", "peer", 90, {}),
@@ -77,6 +79,7 @@ FULL: dict[str, Any] = {
     "kernel_shapes": "full",
     "kernel_device": None,
     "kernel_repeats": 10,
+    "profile_top": 25,
 }
 # the CPU has no GPU's speed: the same steps on the tiny preset, and a BEAM narrowed to one round of a few
 # options per kernel (a full JITBEAM=2 takes minutes on two cores)
@@ -99,6 +102,7 @@ DRY: dict[str, Any] = FULL | {
     "kernel_shapes": "dry",
     "kernel_device": "PYTHON",  # emulates a GPU's threads and shared memory on the CPU
     "kernel_repeats": 1,
+    "profile_top": 10,
 }
 TARGETS = {"fp16_tok_s": 600, "q4_tok_s": 800, "ttft_ms": 100, "cluster_share": 0.85}
 
@@ -349,6 +353,67 @@ def w_speed(a: dict[str, Any]) -> None:
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
 
 
+_KERNEL_LINE = re.compile(r"\*\*\* \S+\s+\d+ (\S+)\s.* tm\s+([\d.]+)(us|ms|s)/")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _kernel_times(text: str) -> list[tuple[str, float]]:
+    """(kernel name, device µs) from tinygrad's DEBUG=2 lines, one per kernel run."""
+    scale = {"us": 1.0, "ms": 1e3, "s": 1e6}
+    found = (_KERNEL_LINE.search(_ANSI.sub("", line)) for line in text.splitlines())
+    return [(m[1], float(m[2]) * scale[m[3]]) for m in found if m]
+
+
+def w_profile(a: dict[str, Any]) -> None:
+    """Where one decode step and one prompt go, kernel by kernel: the engine captured without device graphs
+    (JIT=2, set by the step's env) and run under DEBUG=2, which syncs after each kernel and prints its device
+    time. The wall time of that step includes a launch and a sync per kernel; the speed steps' graph replay
+    does not, so compare their ms/token with the sum of kernel times here."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from tinygrad import Context
+
+    from cluster.engine.shard import ShardEngine
+
+    eng = ShardEngine(Path(a["model_dir"]), device=a["device"])
+    eng.warmup()
+    prompt = np.random.default_rng(0).integers(0, eng.cfg.vocab_size, a["prompt_len"])
+
+    def profiled(what: str, run: Any) -> None:
+        out = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(out), Context(DEBUG=2):
+            run()
+        wall = time.perf_counter() - t0
+        times = _kernel_times(out.getvalue())
+        by_name: dict[str, list[float]] = {}
+        for name, us in times:
+            by_name.setdefault(name, []).append(us)
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: a["profile_top"]]
+        emit(
+            profile=what,
+            wall_ms=1e3 * wall,
+            kernel_ms=sum(us for _, us in times) / 1e3,
+            kernels=len(times),
+            top=[[name, round(sum(us), 1), len(us)] for name, us in top],
+        )
+
+    sid = eng.new_session()
+    token = eng.forward(sid, prompt).token
+    for _ in range(3):
+        token = eng.forward(sid, np.array([token])).token
+    step = {"token": token}
+
+    def decode() -> None:
+        step["token"] = eng.forward(sid, np.array([step["token"]])).token
+
+    profiled(f"decode step at position {a['prompt_len'] + 4}", decode)
+    sid2 = eng.new_session()
+    profiled(f"prompt of {a['prompt_len']} tokens", lambda: eng.forward(sid2, prompt))
+
+
 KERNEL_SHAPES = {  # (hidden, intermediate, vocab, prompt chunks): the 1B shape; the dry run's tiny one on PYTHON
     "full": (2048, 8192, 128256, (64, 512)),
     "dry": (64, 128, 256, (4,)),
@@ -550,6 +615,7 @@ WORKERS = {
     "correctness": w_correctness,
     "speed": w_speed,
     "kernels": w_kernels,
+    "profile": w_profile,
     "cluster": w_cluster,
     "peer": w_peer,
     "build": w_build,
@@ -876,6 +942,22 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
     return out, targets
 
 
+def profile_section(step: StepResult | None) -> Section:
+    rows = [r for r in (step.records if step else []) if "profile" in r]
+    out: list[str] = []
+    for r in rows:
+        out += [
+            f"Profile, {r['profile']} (16-bit checkpoint, JIT=2 and DEBUG=2: a sync after each kernel): {r['kernels']} kernels, "
+            f"{r['kernel_ms']:.2f} ms of device time, {r['wall_ms']:.2f} ms wall",
+            "",
+            "| kernel | µs | runs |",
+            "|---|---|---|",
+            *[f"| `{name}` | {us:.1f} | {n} |" for name, us, n in r["top"]],
+            "",
+        ]
+    return out, []
+
+
 def kernel_section(step: StepResult | None) -> Section:
     rows = [r for r in (step.records if step else []) if "kernel" in r and "variant" in r]
     if not rows:
@@ -958,6 +1040,7 @@ def report(d: Driver, info: dict[str, Any]) -> tuple[str, list[tuple[str, bool |
         memory_section(mem.merged if mem else {}),
         correctness_section(d.result("correctness")),
         speed_section([r for r in d.results if r.kind == "speed"], bw, d.cfg),
+        profile_section(d.result("profile")),
         kernel_section(d.result("kernels")),
         cluster_section(d.result("cluster"), d.cfg),
         peer_section(d.result("peer")),
