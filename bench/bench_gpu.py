@@ -479,6 +479,8 @@ def w_kernels(a: dict[str, Any]) -> None:
         (f"matvec q4 {D}x{F}", quant(D, F, 4)(x(1, F)), F * D),
         (f"matvec q8 {F}x{D}", quant(F, D, 8)(x(1, D)), F * D),
     ]
+    q4 = quant(F, D, 4)
+    cases.append((f"dequantize q4 {F}x{D} to fp16 (prompt chunks)", q4.dequantize(*q4.matrices()).contiguous(), 0))
     for t in chunks:
         cases.append((f"prompt fp16 {t}x{F}x{D}", dense(F, D)(x(t, D)), t * F * D))
         cases.append((f"prompt q4 {t}x{F}x{D}", quant(F, D, 4)(x(t, D)), t * F * D))
@@ -492,7 +494,14 @@ def w_kernels(a: dict[str, Any]) -> None:
 
     for name, out, macs in cases:
         calls = [c.src[0] for c in out.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
-        ast = max(calls, key=lambda s: sum(u.max_numel() for u in s.toposort() if u.op is Ops.PARAM))
+        # the product: the biggest kernel that reduces (a prompt's quantized weight is dequantized by another)
+        ast = max(
+            calls,
+            key=lambda s: (
+                any(u.op is Ops.REDUCE for u in s.toposort()),
+                sum(u.max_numel() for u in s.toposort() if u.op is Ops.PARAM),
+            ),
+        )
         nbytes = sum(
             u.max_numel() * getattr(u.dtype, "base", u.dtype).itemsize
             for u in ast.toposort()
@@ -505,7 +514,7 @@ def w_kernels(a: dict[str, Any]) -> None:
         finally:
             heuristic.hand_coded_optimizations = current
         if not seen:
-            emit(kernel=name, skipped="tinygrad chose no options for it")
+            emit(kernel=name, skipped="compiled already: the same kernel as an earlier product")
             continue
         k = seen[0]
         variants: dict[str, Any] = {"tinygrad": gpu_matvec.default_options(k).applied_opts}
@@ -947,8 +956,8 @@ def profile_section(step: StepResult | None) -> Section:
     out: list[str] = []
     for r in rows:
         out += [
-            f"Profile, {r['profile']} (16-bit checkpoint, JIT=2 and DEBUG=2: a sync after each kernel): {r['kernels']} kernels, "
-            f"{r['kernel_ms']:.2f} ms of device time, {r['wall_ms']:.2f} ms wall",
+            f"Profile, {r['profile']} (16-bit checkpoint, JIT=2 and DEBUG=2: a sync after each kernel): "
+            f"{r['kernels']} kernels, {r['kernel_ms']:.2f} ms of device time, {r['wall_ms']:.2f} ms wall",
             "",
             "| kernel | µs | runs |",
             "|---|---|---|",

@@ -114,3 +114,21 @@ def test_the_cuda_kernel_of_a_1b_sized_matvec_loads_16_bytes_a_thread(gpu_forms)
     q4 = decoder.QuantLinear(packed, scales, scales, QuantSpec(bits=4, group_size=64), dtypes.half)
     assert "uint4 val" in _cuda_source(q4(x))  # 4 words (32 values) in one 128-bit load
     assert Device.DEFAULT == "CPU"  # nothing here ran on a GPU
+
+
+def test_a_quantized_prompt_chunk_is_dequantized_first_and_equals_numpy(gpu_forms):
+    """On a GPU a prompt chunk multiplies a plain fp16 weight (tensor cores), dequantized by a kernel of its own."""
+    rng = np.random.default_rng(4)
+    rows, cols = 64, 256
+    words, scales, biases, dense = _quantized(rng, rows, cols, 4)
+    x = (rng.standard_normal((1, 4, cols)) * 0.1).astype(np.float16)
+    layer = decoder.QuantLinear(
+        *(Tensor(a, device="PYTHON") for a in (words, scales, biases)), QuantSpec(bits=4, group_size=64), dtypes.half
+    )
+    out = layer(Tensor(x, device="PYTHON")).numpy()
+    np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ dense.T, atol=2e-2, rtol=2e-2)
+    scheduled = layer(Tensor(x, device="PYTHON").realize())
+    kernels = [c.src[0] for c in scheduled.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+    matmul = kernels[-1]
+    reads = {getattr(u.dtype, "base", u.dtype) for u in matmul.toposort() if u.op is Ops.PARAM and u.arg.slot > 0}
+    assert len(kernels) == 2 and dtypes.uint32 not in reads and dtypes.half in reads  # the matmul reads no words

@@ -145,7 +145,13 @@ class QuantLinear:
     def __call__(self, x: Tensor) -> Tensor:
         packed, scales, biases = self.matrices()
         if x.shape[-2] != 1 or not cpu_codegen(packed):
-            return x.linear(self.dequantize(packed, scales, biases).T, self.bias)
+            w = self.dequantize(packed, scales, biases)
+            if x.shape[-2] != 1 and not cpu_codegen(packed):
+                # GPU prompt chunk: the weight dequantized in a kernel of its own, so the matmul reads plain fp16
+                # and tinygrad gives it tensor cores (an H200: 213 us fused vs 87 us + the dequant for 64 tokens
+                # x 8192x2048, bench/RESULTS.md); decode (one row) keeps it fused, gpu_matvec's form
+                w = w.contiguous()
+            return x.linear(w.T, self.bias)
         # CPU decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of
         # three (~2x faster, bench/). Each group's sum runs as one partial sum per position in a word, then
         # a short sum: a constant shift per partial sum and independent adds (1.6x faster than one sum).
