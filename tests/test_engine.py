@@ -260,6 +260,33 @@ def test_float16_shards_warm_up_and_chain_like_the_whole_model(engines):
     assert run_tokens(shards, prompt, 8) == run_tokens([whole], prompt, 8)
 
 
+def test_a_truncated_session_goes_on_like_a_fresh_one(engines):
+    """K/V that truncate leaves past the end lie inside the last block of positions attention reads; the mask
+    must hide them. Reference: a fresh session fed the same tokens (logprobs over the whole vocabulary)."""
+    eng = engines.get("llama32")
+    prompt = reference("llama32")["prompt_ids"]
+
+    def continue_from(sid, first):
+        r, out = first, [full_logprobs(first)]
+        for _ in range(4):
+            r = eng.forward(sid, np.array([r.token]), logprobs=512)
+            out.append(full_logprobs(r))
+        return np.array(out)
+
+    fresh, used = eng.new_session(), eng.new_session()
+    try:
+        want = continue_from(fresh, eng.forward(fresh, np.array(prompt), logprobs=512))
+        r = eng.forward(used, np.array(prompt))
+        for _ in range(12):  # positions past the prompt, then forgotten
+            r = eng.forward(used, np.array([(r.token + 7) % 512]))
+        eng.truncate(used, len(prompt) - 2)
+        got = continue_from(used, eng.forward(used, np.array(prompt[-2:]), logprobs=512))
+    finally:
+        eng.end_session(fresh)
+        eng.end_session(used)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_copying_host_data_of_the_wrong_size_into_an_engine_buffer_is_refused():
     t = Tensor.zeros(1, 4, 8, dtype=dtypes.float16).contiguous().realize()
     with pytest.raises(ValueError, match="copy of 128 bytes .* into a 64-byte"):

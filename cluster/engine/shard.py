@@ -31,7 +31,16 @@ from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_matmul, cpu_threads, gpu_matvec
 from cluster.models.config import ModelConfig
-from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, ShardModel, load_shard, rope_tables
+from cluster.models.decoder import (
+    ATTN_BLOCK,
+    CPU_NARROW_ROW_BLOCK,
+    CPU_ROW_BLOCK,
+    ShardModel,
+    attention_mask,
+    attention_span,
+    load_shard,
+    rope_tables,
+)
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
 from cluster.weights import Checkpoint
 
@@ -155,6 +164,7 @@ class ShardEngine:
         if not self.buckets or self.buckets[0] < 2:
             raise ValueError(f"prefill_buckets must be chunk sizes >= 2, got {prefill_buckets!r}")
         self.chunk = self.buckets[-1]
+        self.positions = attention_span(self.max_context + self.chunk)  # KV cache length: whole blocks
         self._progress = progress or (lambda stage, done, total: None)
         checkpoint = Checkpoint(self.model_dir)
         self.model: ShardModel = load_shard(
@@ -179,6 +189,7 @@ class ShardEngine:
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope, self.max_context + self.chunk)
         self.cos = Tensor(cos, device=self.device).cast(self.dtype).contiguous().realize()
         self.sin = Tensor(sin, device=self.device).cast(self.dtype).contiguous().realize()
+        self.position_ids = Tensor(np.arange(self.positions, dtype=np.int32), device=self.device).contiguous().realize()
         D, V = self.cfg.hidden_size, self.cfg.vocab_size
         # preallocated inputs/outputs: host data is copied in and out, so every call reuses the same graphs
         # one input buffer per graph, sized to it, so a decode step copies one row, not a whole chunk
@@ -194,6 +205,7 @@ class ShardEngine:
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
         self.v_last = UOp.variable("last_row", 0, self.chunk - 1)
+        self.v_blocks = UOp.variable("attention_blocks", 1, self.positions // ATTN_BLOCK)  # span = blocks * 16
         self._prefill_jits = {b: TinyJit(self._forward) for b in self.buckets}
         self._decode_jit = TinyJit(self._forward)
         self._greedy_jit = TinyJit(greedy)
@@ -210,8 +222,7 @@ class ShardEngine:
     # ------------------------------------------------------------------------------------ loading
     def kv_bytes_per_session(self) -> int:
         cfg = self.cfg
-        positions = self.max_context + self.chunk
-        return len(self.model.blocks) * 2 * cfg.num_kv_heads * positions * cfg.head_dim * self.dtype.itemsize
+        return len(self.model.blocks) * 2 * cfg.num_kv_heads * self.positions * cfg.head_dim * self.dtype.itemsize
 
     def _check_fits(self, weight_bytes: int, budget: int | None) -> int | None:
         """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway.
@@ -258,12 +269,15 @@ class ShardEngine:
         }
 
     # ------------------------------------------------------------------------------------ graphs
-    def _forward(self, x: Tensor, cache: list[Tensor], start_pos: int | UOp, last_row: int | UOp = 0) -> Tensor:
+    def _forward(
+        self, x: Tensor, cache: list[Tensor], start_pos: int | UOp, blocks: int | UOp, last_row: int | UOp = 0
+    ) -> Tensor:
         T = x.shape[1]
         h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
+        mask = attention_mask(self.position_ids, start_pos, T, blocks * ATTN_BLOCK, self.dtype)
         for i, block in enumerate(self.model.blocks):
-            h = block(h, cache[i], start_pos, cos, sin)
+            h = block(h, cache[i], start_pos, mask, cos, sin)
         if self.is_last:
             assert self.model.norm is not None and self.model.lm_head is not None
             last = h[:, last_row : last_row + 1]  # only the last real position's logits are needed
@@ -314,10 +328,11 @@ class ShardEngine:
         buf = self.inputs[rows]
         copy_into(buf, padded[None])
         pos = self.v_pos.bind(session.length)
+        blocks = self.v_blocks.bind(attention_span(session.length + rows) // ATTN_BLOCK)
         if n == 1:
-            out = self._call_jit(self._decode_jit, buf, session.cache, pos)
+            out = self._call_jit(self._decode_jit, buf, session.cache, pos, blocks)
         else:
-            out = self._call_jit(self._prefill_jits[bucket], buf, session.cache, pos, self.v_last.bind(n - 1))
+            out = self._call_jit(self._prefill_jits[bucket], buf, session.cache, pos, blocks, self.v_last.bind(n - 1))
         session.length += n
         return out
 
@@ -329,7 +344,7 @@ class ShardEngine:
         if len(self.sessions) >= self.max_sessions:
             raise EngineError(f"too many sessions ({self.max_sessions}); end one first")
         cfg = self.cfg
-        shape = (2, 1, cfg.num_kv_heads, self.max_context + self.chunk, cfg.head_dim)
+        shape = (2, 1, cfg.num_kv_heads, self.positions, cfg.head_dim)
         cache = [
             Tensor.zeros(*shape, dtype=self.dtype, device=self.device).contiguous().realize() for _ in self.model.blocks
         ]
@@ -347,7 +362,7 @@ class ShardEngine:
             s.seen = Tensor(s.seen_host, device=self.device).contiguous().realize()
 
     def truncate(self, session_id: str, length: int) -> None:
-        """Forget positions >= length (cached K/V past the end are overwritten before anything reads them).
+        """Forget positions >= length (cached K/V past the end stay until overwritten; attention masks them).
         The repetition-penalty marks are cleared: the next forward passes every id it should cover."""
         s = self._session(session_id)
         if not 0 <= length <= s.length:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
-from tinygrad.uop.ops import resolve
 
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
 from cluster.weights import Checkpoint, CheckpointError, row_blocked, widen_bf16
@@ -42,6 +41,27 @@ def cpu_codegen(t: Tensor | str) -> bool:
     """True on backends without local memory (tinygrad's CPU): there the matvec forms below beat the plain
     one; GPU backends keep the plain form their matvec heuristics are written for."""
     return not Device[t if isinstance(t, str) else str(t.device)].renderer.has_local
+
+
+# Attention reads the KV cache in whole blocks of positions, the unused end of the last one masked: over a length
+# that 16 divides, tinygrad can split the softmax's and the weighted sum's reductions over positions across a
+# GPU's threads. Over start_pos + T it could not (a symbolic length it cannot divide), and one block of 8
+# threads walked every cached position in turn (the CUDA source, bench/RESULTS.md).
+ATTN_BLOCK = 16
+
+
+def attention_span(positions: int) -> int:
+    """Positions attention reads for `positions` filled ones: rounded up to whole blocks."""
+    return -(-positions // ATTN_BLOCK) * ATTN_BLOCK
+
+
+def attention_mask(position_ids: Tensor, start_pos: int | UOp, T: int | UOp, span: int | UOp, dtype: DType) -> Tensor:
+    """(1, 1, T, span): 0 where query i (at absolute position start_pos + i) may look, -inf elsewhere: later
+    positions, and the rest of the last block (not written yet, or left from a truncated past).
+    position_ids: a realized arange over the cache's positions; sliced, not built, so no kernel counts to span."""
+    keys = position_ids[0:span].unsqueeze(0)  # (1, span)
+    queries = position_ids[start_pos : start_pos + T].unsqueeze(1)  # (T, 1)
+    return (keys > queries).where(float("-inf"), 0.0).cast(dtype).reshape(1, 1, T, span)
 
 
 # Rows of a CPU weight are stored interleaved in blocks (Checkpoint.load's row_block). tinygrad's CPU matvec
@@ -217,8 +237,11 @@ class Block:
     def __init__(self, cfg: ModelConfig, mods: dict[str, Linear | QuantLinear | RMSNorm]):
         self.cfg, self.m = cfg, mods
 
-    def __call__(self, x: Tensor, cache: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
-        # x: (B, T, D); cache: (2, B, n_kv, max_len, head_dim) written in place at [start_pos, start_pos+T)
+    def __call__(
+        self, x: Tensor, cache: Tensor, start_pos: int | UOp, mask: Tensor, cos: Tensor, sin: Tensor
+    ) -> Tensor:
+        # x: (B, T, D); cache: (2, B, n_kv, max_len, head_dim) written in place at [start_pos, start_pos+T);
+        # mask: (1, 1, T, span), attention_mask's; attention reads the cache's positions [0, span)
         cfg, m = self.cfg, self.m
         B, T, _ = x.shape
         h = m["attn_norm"](x)
@@ -230,14 +253,9 @@ class Block:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache[:, :, :, start_pos : start_pos + T, :].assign(Tensor.stack(k, v).cast(cache.dtype))
-        keys = cache[0, :, :, 0 : start_pos + T, :]  # (B, n_kv, S, head_dim)
-        values = cache[1, :, :, 0 : start_pos + T, :]
-        # causal mask aligned to the end: query i sits at absolute position start_pos + i
-        mask = (
-            Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1)
-            if resolve(T != 1)
-            else None
-        )
+        span = mask.shape[-1]
+        keys = cache[0, :, :, 0:span, :]  # (B, n_kv, span, head_dim)
+        values = cache[1, :, :, 0:span, :]
         attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, head_dim)
         x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
         h = m["mlp_norm"](x)
