@@ -351,6 +351,30 @@ def w_speed(a: dict[str, Any]) -> None:
     )
     kernels, launches = decode_kernels(eng, sid, token)
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
+    emit(**replay_split(eng, sid))
+
+
+def replay_split(eng: Any, sid: str) -> dict[str, float]:
+    """The decode graph alone, replayed at the session's position (it rewrites the same cache slot): how long
+    the host takes to hand it over (a device graph returns before the device is done) against the whole replay.
+    Engine internals: a bench's look inside, not an API."""
+    from tinygrad import Device
+
+    from cluster.models.decoder import ATTN_BLOCK, attention_span
+
+    s = eng._session(sid)
+    pos = eng.v_pos.bind(s.length)
+    blocks = eng.v_blocks.bind(attention_span(s.length + 1) // ATTN_BLOCK)
+    host, whole = [], []
+    for _ in range(30):
+        Device[eng.device].synchronize()
+        t0 = time.perf_counter()
+        eng._call_jit(eng._decode_jit, eng.inputs[1], s.cache, pos, blocks)
+        t1 = time.perf_counter()
+        Device[eng.device].synchronize()
+        host.append(t1 - t0)
+        whole.append(time.perf_counter() - t0)
+    return {"replay_host_ms": 1e3 * statistics.median(host[5:]), "replay_ms": 1e3 * statistics.median(whole[5:])}
 
 
 _KERNEL_LINE = re.compile(r"\*\*\* \S+\s+\d+ (\S+)\s.* tm\s+([\d.]+)(us|ms|s)/")
@@ -920,6 +944,13 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
             f"| {num(tok_s and res_b and tok_s * res_b / 1e9)} | {num(floor)} "
             f"| {fmt(tok_s and floor and 100 * tok_s / floor, '.0f')}% | {s.get('compiles_after_warmup', '—')} |"
         )
+    for r in rows:
+        m = r.merged
+        if "replay_ms" in m:
+            out.append(
+                f"- {r.label}: the decode graph alone replays in {m['replay_ms']:.2f} ms, of which the host takes "
+                f"{m['replay_host_ms']:.2f} ms to hand it over (sampling and the copies of a step come on top)"
+            )
     out += [
         "",
         f"Decode: {cfg['tokens']} greedy tokens after 2 warm ones, wall clock per `forward`. TTFT: a fresh "
