@@ -5,7 +5,8 @@ tinygrad 0.14's heuristic has a matvec rule (threads that share a row, reduced t
 matches only a multiply of two plain loads. The decoder's products multiply in fp16 and sum in fp32 (a cast
 between the multiply and the sum), read MLX-quantized words through shifts, or take the RMSNorm fused into
 the input, so none of them matched: each thread then summed 4 whole rows alone, neighbouring threads read
-addresses a row apart, and the 1B model decoded at 75 tok/s on an H200 (185 GB/s, bench/RESULTS.md).
+addresses a row apart, and the 1B model decoded at 75 tok/s on an H200 (185 GB/s). With the options below it
+decoded at 155 tok/s on the same card, its products running at 2.2-4.3 TB/s (bench/RESULTS.md).
 
 Here a kernel that reduces a vector against a weight row by row gets: the trailing reduce axes a weight word
 holds (the values of an MLX-quantized word) unrolled whole, the weight's contiguous axis unrolled to 16 bytes
@@ -38,10 +39,6 @@ _default_worker_init: Callable[[], None] | None = None
 
 def _uses(buf: object, rng: object) -> bool:
     return rng in buf.src[1].get_idx().backward_slice  # type: ignore[attr-defined]
-
-
-def _unit_stride(buf: object, rng: object) -> bool:
-    return any(term is rng for term in buf.src[1].get_idx().split_uop(Ops.ADD))  # type: ignore[attr-defined]
 
 
 def _itemsize(buf: object) -> int:
