@@ -34,6 +34,7 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import worker
 from tinygrad.uop.ops import AxisType, Ops, UOp
 
+from cluster.engine.kernel_opts import axis_named, element_dtype, unit_stride, uses
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ _default_coalescing: Callable[[UOp, Any], UOp] | None = None
 _default_worker_init: Callable[[], None] | None = None
 
 
-def _uses(buf: Any, rng: Any) -> bool:
-    return rng in buf.src[1].get_idx().backward_slice
-
-
-def _unit_stride(buf: Any, rng: Any) -> bool:
-    return any(term is rng for term in buf.src[1].get_idx().split_uop(Ops.ADD))
-
-
 def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
     """(token axis, row-block axis, another weight axis or None) when the kernel `k` (before any options) is a
     CPU matmul of several prompt rows against a row-blocked weight; None for every other kernel."""
@@ -73,12 +66,12 @@ def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
     free = k.upcastable_dims
     for block in (a for a in free if shape[a] in (CPU_ROW_BLOCK, CPU_NARROW_ROW_BLOCK)):
         rng = k.rngs[block]
-        for weight in (b for b in k.bufs if _unit_stride(b, rng)):
+        for weight in (b for b in k.bufs if unit_stride(b, rng)):
             for token in (a for a in free if a != block and shape[a] % TOKEN_TILE == 0):
-                if _uses(weight, k.rngs[token]):
+                if uses(weight, k.rngs[token]):
                     continue
-                acts = [b for b in k.bufs if _uses(b, k.rngs[token]) and not _uses(b, rng)]
-                if not any(_uses(b, k.rngs[r]) for b in acts for r in reduces):
+                acts = [b for b in k.bufs if uses(b, k.rngs[token]) and not uses(b, rng)]
+                if not any(uses(b, k.rngs[r]) for b in acts for r in reduces):
                     continue  # the token axis must index an input that is reduced against the weight
                 others = [  # a second row block beside a block of 4 rows; a block of 8 fills the tile alone
                     a
@@ -86,8 +79,8 @@ def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
                     if shape[block] == CPU_ROW_BLOCK
                     and a not in (block, token)
                     and shape[a] % ROW_BLOCKS == 0
-                    and _uses(weight, k.rngs[a])
-                    and not any(_uses(b, k.rngs[a]) for b in acts)
+                    and uses(weight, k.rngs[a])
+                    and not any(uses(b, k.rngs[a]) for b in acts)
                 ]
                 return token, block, max(others, key=lambda a: shape[a]) if others else None
     return None
@@ -95,7 +88,7 @@ def matmul_axes(k: Scheduler) -> tuple[int, int, int | None] | None:
 
 def _narrow(dtype: Any) -> bool:
     """A buffer of a weight kept narrow: bf16 bits (uint16) or MLX-quantized words (uint32)."""
-    return getattr(dtype, "base", dtype) in (dtypes.uint16, dtypes.uint32)
+    return element_dtype(dtype) in (dtypes.uint16, dtypes.uint32)
 
 
 def narrow_block_axis(k: Scheduler) -> int | None:
@@ -104,14 +97,9 @@ def narrow_block_axis(k: Scheduler) -> int | None:
     if k.ren.has_local or k.reduceop is None or not all(isinstance(s, int) for s in k.full_shape):
         return None
     for axis in (a for a in k.upcastable_dims if k.full_shape[a] == CPU_NARROW_ROW_BLOCK):
-        if any(_narrow(b.src[0].dtype) and _unit_stride(b, k.rngs[axis]) for b in k.bufs):
+        if any(_narrow(b.src[0].dtype) and unit_stride(b, k.rngs[axis]) for b in k.bufs):
             return axis
     return None
-
-
-def _axis(k: Scheduler, arg: Any) -> int:
-    """The axis of the range named `arg` (ranges are rebuilt, and axes renumbered, as options apply)."""
-    return next(i for i, r in enumerate(k.rngs) if r.arg == arg)
 
 
 def _optimize(k: Scheduler) -> Scheduler:
@@ -124,10 +112,10 @@ def _optimize(k: Scheduler) -> Scheduler:
     names = {a: k.rngs[a].arg for a in (token, block, other) if a is not None}
     tiled = k.copy()
     try:
-        tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[block]), 0))
-        tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[token]), TOKEN_TILE))
+        tiled.apply_opt(Opt(OptOps.UPCAST, axis_named(tiled, names[block]), 0))
+        tiled.apply_opt(Opt(OptOps.UPCAST, axis_named(tiled, names[token]), TOKEN_TILE))
         if other is not None:
-            tiled.apply_opt(Opt(OptOps.UPCAST, _axis(tiled, names[other]), ROW_BLOCKS))
+            tiled.apply_opt(Opt(OptOps.UPCAST, axis_named(tiled, names[other]), ROW_BLOCKS))
         last = len(tiled.unrollable_dims) - 1
         size = tiled.full_shape[tiled.unrollable_dims[last]]
         if size <= WHOLE_UNROLL:

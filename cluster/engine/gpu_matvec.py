@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from math import prod
+from typing import Any
 
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps, heuristic
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import worker
 from tinygrad.uop.ops import AxisType, Ops
+
+from cluster.engine.kernel_opts import axis_named, element_dtype, uses
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,8 @@ _default_heuristic: Callable[[Scheduler], Scheduler] | None = None
 _default_worker_init: Callable[[], None] | None = None
 
 
-def _uses(buf: object, rng: object) -> bool:
-    return rng in buf.src[1].get_idx().backward_slice  # type: ignore[attr-defined]
-
-
-def _itemsize(buf: object) -> int:
-    dtype = buf.src[0].dtype  # type: ignore[attr-defined]
-    return int(getattr(dtype, "base", dtype).itemsize)
+def _itemsize(buf: Any) -> int:
+    return int(element_dtype(buf.src[0].dtype).itemsize)
 
 
 def matvec_plan(
@@ -62,15 +60,15 @@ def matvec_plan(
     weights = [
         b
         for b in k.bufs
-        if all(_uses(b, k.rngs[a]) for a in rows)  # every output axis indexes the weight: no token axis
-        and any(_uses(b, k.rngs[a]) for a in reduces)
+        if all(uses(b, k.rngs[a]) for a in rows)  # every output axis indexes the weight: no token axis
+        and any(uses(b, k.rngs[a]) for a in reduces)
         and _itemsize(b) in (2, 4)
         and b.src[0].max_numel() >= MIN_WEIGHT
     ]
     if not weights:
         return None
     weight = max(weights, key=lambda b: b.src[0].max_numel())
-    word = max(a for a in reduces if _uses(weight, k.rngs[a]))  # the weight's innermost reduce axis
+    word = max(a for a in reduces if uses(weight, k.rngs[a]))  # the weight's innermost reduce axis
     before, after = [a for a in reduces if a < word], [a for a in reduces if a > word]
     if before or any(shape[a] > 8 for a in after):
         return None  # only the values inside one word may follow it
@@ -87,11 +85,6 @@ def matvec_plan(
     return word, unroll, group, after, row
 
 
-def _axis(k: Scheduler, arg: object) -> int:
-    """The axis of the range named `arg` (ranges are rebuilt, and axes renumbered, as options apply)."""
-    return next(i for i, r in enumerate(k.rngs) if r.arg == arg)
-
-
 def matvec_options(
     k: Scheduler, warp: int = WARP, rows_per_block: int = ROWS_PER_BLOCK, row_upcast: int = 1
 ) -> Scheduler | None:
@@ -105,13 +98,13 @@ def matvec_options(
     out = k.copy()
     try:
         for a in whole:
-            out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(_axis(out, names[a])), 0))
-        out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(_axis(out, names[word])), unroll))
-        out.apply_opt(Opt(OptOps.GROUP, out.axes_of(AxisType.REDUCE).index(_axis(out, names[word])), group))
+            out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(axis_named(out, names[a])), 0))
+        out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(axis_named(out, names[word])), unroll))
+        out.apply_opt(Opt(OptOps.GROUP, out.axes_of(AxisType.REDUCE).index(axis_named(out, names[word])), group))
         if row is not None:
-            out.apply_opt(Opt(OptOps.LOCAL, _axis(out, names[row]), rows_per_block))
+            out.apply_opt(Opt(OptOps.LOCAL, axis_named(out, names[row]), rows_per_block))
             if row_upcast > 1:
-                out.apply_opt(Opt(OptOps.UPCAST, _axis(out, names[row]), row_upcast))
+                out.apply_opt(Opt(OptOps.UPCAST, axis_named(out, names[row]), row_upcast))
     except KernelOptError as e:
         log.debug("tinygrad's options for %s: %s", k.full_shape, e)
         return None
