@@ -171,7 +171,7 @@ class ShardEngine:
             self.cfg, checkpoint, start_layer, end, self.device, self.dtype, narrow_block
         )
         weight_bytes, kv_bytes = checkpoint.pending_bytes(), self.kv_bytes_per_session()
-        budget = self._check_fits(weight_bytes, memory_budget)
+        budget = self._check_fits(weight_bytes, kv_bytes, memory_budget)
         self.max_sessions = session_capacity(budget, weight_bytes, kv_bytes, max_sessions)
         if self.max_sessions < max_sessions:
             log.info(
@@ -224,14 +224,14 @@ class ShardEngine:
         cfg = self.cfg
         return len(self.model.blocks) * 2 * cfg.num_kv_heads * self.positions * cfg.head_dim * self.dtype.itemsize
 
-    def _check_fits(self, weight_bytes: int, budget: int | None) -> int | None:
+    def _check_fits(self, weight_bytes: int, kv_bytes: int, budget: int | None) -> int | None:
         """Fail before loading, with the numbers, rather than being killed by the OOM killer halfway.
         Returns the budget it checked against (None: unknown, on an accelerator with no budget given)."""
         if budget is None and self.on_cpu:
             budget = psutil.virtual_memory().available
         if budget is None:
             return None
-        needed = weight_bytes + self.kv_bytes_per_session()
+        needed = weight_bytes + kv_bytes
         if needed > budget:
             raise EngineError(
                 f"layers [{self.model.start}, {self.model.end}) of {self.model_dir.name} need {_size(needed)} "

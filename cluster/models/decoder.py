@@ -164,9 +164,10 @@ class QuantLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         packed, scales, biases = self.matrices()
-        if x.shape[-2] != 1 or not cpu_codegen(packed):
+        prompt, gpu = x.shape[-2] != 1, not cpu_codegen(packed)
+        if prompt or gpu:
             w = self.dequantize(packed, scales, biases)
-            if x.shape[-2] != 1 and not cpu_codegen(packed):
+            if prompt and gpu:
                 # GPU prompt chunk: the weight dequantized in a kernel of its own, so the matmul reads plain fp16
                 # and tinygrad gives it tensor cores (an H200: 213 us fused vs 87 us + the dequant for 64 tokens
                 # x 8192x2048, bench/RESULTS.md); decode (one row) keeps it fused, gpu_matvec's form
