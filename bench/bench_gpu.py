@@ -463,6 +463,7 @@ def w_kernels(a: dict[str, Any]) -> None:
 
     import cluster.models.decoder as dec
     from cluster.engine import gpu_matvec
+    from cluster.engine.kernel_opts import element_dtype, scheduled_kernels
     from cluster.models.config import QuantSpec
 
     dev = a.get("kernel_device") or a["device"]
@@ -517,7 +518,7 @@ def w_kernels(a: dict[str, Any]) -> None:
         return current(k)
 
     for name, out, macs in cases:
-        calls = [c.src[0] for c in out.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+        calls = scheduled_kernels(out)
         # the product: the biggest kernel that reduces (a prompt's quantized weight is dequantized by another)
         ast = max(
             calls,
@@ -527,7 +528,7 @@ def w_kernels(a: dict[str, Any]) -> None:
             ),
         )
         nbytes = sum(
-            u.max_numel() * getattr(u.dtype, "base", u.dtype).itemsize
+            u.max_numel() * element_dtype(u.dtype).itemsize
             for u in ast.toposort()
             if u.op is Ops.PARAM and u.arg.slot >= 0
         )

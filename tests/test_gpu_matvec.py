@@ -22,6 +22,7 @@ from tinygrad.uop.ops import Ops
 
 import cluster.models.decoder as decoder
 from cluster.engine import gpu_matvec
+from cluster.engine.kernel_opts import element_dtype, scheduled_kernels
 from cluster.models.config import QuantSpec
 
 ROWS, K = 128, 512  # 65536 fp16 weights: the smallest product gpu_matvec takes on
@@ -95,7 +96,7 @@ def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
 def _cuda_source(t: Tensor) -> str:
     ren = CUDARenderer.__new__(CUDARenderer)  # rendering needs no NVRTC: no compiler is made
     ren.target, ren.compiler, ren.tensor_cores = Target(device="CUDA", arch="sm_90"), Compiler(), tc.get_cuda("sm_90")
-    calls = [c.src[0] for c in t.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+    calls = scheduled_kernels(t)
     ast = calls[-1]
     k = Scheduler(ast, ren)
     assert k.ren.has_local
@@ -128,7 +129,7 @@ def test_a_quantized_prompt_chunk_is_dequantized_first_and_equals_numpy(gpu_form
     out = layer(Tensor(x, device="PYTHON")).numpy()
     np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ dense.T, atol=2e-2, rtol=2e-2)
     scheduled = layer(Tensor(x, device="PYTHON").realize())
-    kernels = [c.src[0] for c in scheduled.schedule_linear().src if c.src and c.src[0].op is Ops.SINK]
+    kernels = scheduled_kernels(scheduled)
     matmul = kernels[-1]
-    reads = {getattr(u.dtype, "base", u.dtype) for u in matmul.toposort() if u.op is Ops.PARAM and u.arg.slot > 0}
+    reads = {element_dtype(u.dtype) for u in matmul.toposort() if u.op is Ops.PARAM and u.arg.slot > 0}
     assert len(kernels) == 2 and dtypes.uint32 not in reads and dtypes.half in reads  # the matmul reads no words
