@@ -81,6 +81,21 @@ def _slice_pool() -> _SlicePool:
         return _pool
 
 
+def run_slices(prg: Any, slices: list[list[ctypes.c_uint64]]) -> None:
+    """Run a compiled CPU kernel's core slices (each a full argument list): on the calling thread until the kernel
+    proved big enough to gain from the pool, then at once on the pool. Serial without the pool."""
+    if len(slices) < 2 or _serial_call is None or not getattr(prg, "_slices_in_parallel", False):
+        st = time.perf_counter()
+        for args in slices:
+            prg.fxn(*args)
+        if len(slices) >= 2 and _serial_call is not None:
+            trials = getattr(prg, "_serial_trials", 0) + 1 if time.perf_counter() - st >= MIN_PARALLEL_S else 0
+            prg._serial_trials = trials  # consecutive slow runs; one fast run starts the count again
+            prg._slices_in_parallel = trials >= SERIAL_TRIALS
+        return
+    _slice_pool().run(prg.fxn, slices)
+
+
 def _call(
     self: Any,
     *bufs: Any,
@@ -92,22 +107,17 @@ def _call(
 ) -> float | None:
     """CPUProgram.__call__ that runs a kernel's slices at once after the kernel proved big enough to gain."""
     slot = self.runtimevars.get("core_id")
-    if slot is None or self.lvp or global_size[0] < 2 or not getattr(self, "_slices_in_parallel", False):
-        st = time.perf_counter()
-        _serial_call(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, timeout=timeout)
-        elapsed = time.perf_counter() - st
-        if slot is not None:
-            trials = getattr(self, "_serial_trials", 0) + 1 if elapsed >= MIN_PARALLEL_S else 0
-            self._serial_trials = trials  # consecutive slow runs; one fast run starts the count again
-            self._slices_in_parallel = trials >= SERIAL_TRIALS
-        return elapsed if wait else None
+    if slot is None or self.lvp or global_size[0] < 2:
+        return _serial_call(
+            self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout
+        )
     st = time.perf_counter()
     args = [*(b.va_addr for b in bufs), *vals]
     slices = []
     for tid in range(global_size[0]):
         args[slot] = tid
         slices.append([ctypes.c_uint64(x) for x in args])
-    _slice_pool().run(self.fxn, slices)
+    run_slices(self, slices)
     return time.perf_counter() - st if wait else None
 
 

@@ -29,7 +29,7 @@ from tinygrad.dtype import DType
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_matmul, cpu_threads, gpu_matvec
+from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
     ATTN_BLOCK,
@@ -154,6 +154,8 @@ class ShardEngine:
         narrow_block = CPU_ROW_BLOCK
         if self.on_cpu:
             cpu_threads.enable()
+            if os.environ.get("CLUSTERCTL_CPU_GRAPH", "1") != "0":  # 0: tinygrad's executor, for comparison
+                cpu_graph.enable()
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
         elif os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison

@@ -1,0 +1,96 @@
+"""Replay a captured CPU JIT as a loop over kernel calls prepared once, like a device graph.
+
+tinygrad 0.14 batches a JIT's kernels into device graphs on CUDA, Metal and HCQ devices, not on CPU: there a
+replay goes through the generic executor, which resolves every kernel's buffers, variables and launch size
+again, about 20 us of Python a kernel. A decode step of a small model is a hundred-odd kernels with little
+work each, so that was most of its time. This graph resolves everything at capture; a replay only patches the
+JIT's inputs (the session's KV cache, the input rows) and the bound variables (position, attention span) into
+each kernel's argument list and calls the compiled functions, their core slices through cpu_threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from typing import Any
+
+from tinygrad import Device
+from tinygrad.device import Buffer, Compiled
+from tinygrad.engine.jit import GraphRunner
+from tinygrad.uop.ops import Ops, UOp
+
+from cluster.engine.cpu_threads import run_slices
+
+log = logging.getLogger(__name__)
+
+
+class _Kernel:
+    """One kernel of the graph: its program, one argument list per core slice, and where inputs and
+    variables go in those lists."""
+
+    def __init__(self, runtime: Any, info: Any, bufs: list[Buffer], replace: list[tuple[int, int]]):
+        self.runtime = runtime
+        self.name = info.name
+        args = [b.get_buf(b.device).va_addr for b in (bufs[i] for i in info.globals)]
+        position = {call_arg: k for k, call_arg in enumerate(info.globals)}
+        self.inputs = [(position[p], slot) for p, slot in replace if p in position]  # (argument, JIT input)
+        core = runtime.runtimevars.get("core_id")
+        self.vars = []  # (argument, variable name)
+        for i, v in enumerate(info.vars):
+            args.append(0)
+            if v.expr != "core_id":
+                self.vars.append((len(info.globals) + i, v.expr))
+        slices = int(info.global_size[0]) if core is not None else 1
+        self.slices = [[ctypes.c_uint64(x) for x in args] for _ in range(slices)]
+        if core is not None:
+            for tid, slice_args in enumerate(self.slices):
+                slice_args[core].value = tid
+
+    def run(self, inputs: list[int], var_vals: dict[str, int]) -> None:
+        for arg, slot in self.inputs:
+            for slice_args in self.slices:
+                slice_args[arg].value = inputs[slot]
+        for arg, name in self.vars:
+            for slice_args in self.slices:
+                slice_args[arg].value = var_vals[name]
+        run_slices(self.runtime, self.slices)
+
+
+class CPUGraph(GraphRunner):
+    def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
+        super().__init__(linear, input_uops)
+        self.kernels = [
+            _Kernel(runtime, ast.arg, bufs, replace)
+            for (_, ast, bufs, _), runtime, replace in zip(self.calls, self.runtimes, self.uop_replace, strict=True)
+        ]
+        self.slots = sorted({slot for k in self.kernels for _, slot in k.inputs})
+
+    def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait: bool = False) -> float | None:
+        st = time.perf_counter()
+        inputs = [0] * (max(self.slots) + 1 if self.slots else 0)
+        for slot in self.slots:
+            buf = input_uops[slot].buffer
+            assert isinstance(buf, Buffer), "a CPU graph's inputs live on one device"
+            inputs[slot] = buf.ensure_allocated().get_buf(buf.device).va_addr
+        for kernel in self.kernels:
+            kernel.run(inputs, var_vals)
+        return time.perf_counter() - st if wait else None
+
+    @staticmethod
+    def supports_uop(batch_devs: list[Compiled], new_call: UOp) -> bool:
+        """Compiled kernels of one CPU device with a fixed number of core slices (what `_Kernel` prepares)."""
+        prg = new_call.src[0]
+        if not GraphRunner.supports_uop(batch_devs, new_call) or prg.op is not Ops.PROGRAM:
+            return False
+        info = prg.arg
+        return all(isinstance(d, int) for d in info.global_size) and info.target.renderer != "LVP"
+
+
+def enable() -> bool:
+    """Batch the kernels of CPU JITs into CPUGraph replays from now on, in this process (idempotent)."""
+    device = Device["CPU"]
+    if device.graph is None:
+        device.graph = CPUGraph
+        log.debug("CPU JITs replay through CPUGraph")
+    return device.graph is CPUGraph
