@@ -30,6 +30,7 @@ from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec
+from cluster.engine.jit_replay import Replayer
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
     ATTN_BLOCK,
@@ -218,6 +219,7 @@ class ShardEngine:
             jit.cnt = 1
         # False once a device graph failed: from then on every JIT is captured as plain kernel launches
         self.jit_graphs = True
+        self._replay = Replayer()
         self.sessions: dict[str, _Session] = {}
         self.ready = False
 
@@ -297,7 +299,7 @@ class ShardEngine:
         Retrying is safe: a step only rewrites the same cache slots and output buffers from the same inputs."""
         try:
             with self._no_graphs():
-                return jit(*args)
+                return self._replay(jit, *args)
         except Exception as e:
             if not uses_graphs(jit):
                 raise
@@ -306,9 +308,10 @@ class ShardEngine:
                 log.warning("device graph failed on %s (%s); running kernels without graphs", self.device, why)
                 self.jit_graphs = False
             jit.reset()
+            self._replay.forget(jit)
             jit.cnt = 1  # capture on the next call, as in __init__
             with self._no_graphs():
-                return jit(*args)
+                return self._replay(jit, *args)
 
     def _plan(self, n: int) -> list[tuple[int, int]]:
         """Cover n positions with (real rows, bucket) chunks: big buckets first, then the smallest bucket
