@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from tinygrad import Tensor
+from tinygrad.device import Buffer
 from tinygrad.engine.jit import _TinyJit as TinyJit  # the class behind the TinyJit decorator
-from tinygrad.uop.ops import Ops, UOp
+from tinygrad.uop.ops import Ops, UOp, buffers
 
 Layout = tuple[Any, ...]
 
@@ -43,7 +44,8 @@ def _inputs(args: tuple[Any, ...]) -> tuple[list[Tensor], dict[str, int], Layout
     layout: list[Any] = [tuple(shape)]
     for t in tensors:
         base = t.uop.base
-        if base.op is not Ops.BUFFER or base.realized is None:
+        buf = buffers.get(base) if base.op is Ops.BUFFER else None
+        if not isinstance(buf, Buffer) or not buf.is_allocated():
             return None  # a lazy or computed input: TinyJit realizes it, so let it
         layout.append((t.shape, t.dtype, t.device))
     if len({id(t) for t in tensors}) != len(tensors):
