@@ -16,6 +16,7 @@ from cluster.engine.shard import (
     EngineError,
     ShardEngine,
     copy_into,
+    copy_out,
     session_capacity,
     uses_graphs,
 )
@@ -293,6 +294,18 @@ def test_copying_host_data_of_the_wrong_size_into_an_engine_buffer_is_refused():
         copy_into(t, np.zeros((1, 4, 8), np.float32))
     copy_into(t, np.ones((1, 4, 8), np.float16))
     assert t.numpy().sum() == 32
+
+
+def test_copy_out_reads_what_numpy_reads():
+    # reference: Tensor.numpy(), which copy_out replaces on the engine's per-step reads
+    data = np.arange(32, dtype=np.float16).reshape(1, 4, 8)
+    t = Tensor(data).contiguous().realize()
+    full, head = copy_out(t), copy_out(t, 8)
+    assert full.dtype == np.float16 and full.shape == (32,) and head.shape == (8,)
+    np.testing.assert_array_equal(full, t.numpy().reshape(-1))
+    np.testing.assert_array_equal(head, data.reshape(-1)[:8])
+    view = Tensor(np.arange(10, dtype=np.float32)).contiguous().realize()[2:6].contiguous().realize()
+    np.testing.assert_array_equal(copy_out(view), [2, 3, 4, 5])
 
 
 def test_a_shard_that_does_not_fit_is_refused_before_loading():
