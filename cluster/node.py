@@ -80,10 +80,9 @@ class Node:
         self.settings = settings
         self.fingerprint = auth.fingerprint(settings.token)
         self.node_id = uuid.uuid4().hex
-        self.device = settings.device or os.environ.get("DEV") or _default_device()
+        self.device = settings.device or _default_device()  # --device, else $DEV, else tinygrad's pick
         self.kind = device_kind(self.device)
-        if settings.device:
-            os.environ["DEV"] = settings.device  # engine processes inherit it
+        os.environ["DEV"] = self.device  # engine processes inherit it, so they compute where the node says
         self.host = ShardHost(
             settings.models_dir,
             token=settings.token,

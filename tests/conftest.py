@@ -6,12 +6,17 @@ tinygrad compiles kernels on first use (seconds on this CPU), so engines are bui
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+# The suite runs on tinygrad's CPU backend (the OpenCL tests name their device): with an OpenCL platform
+# installed (pocl, for tests/test_opencl.py), tinygrad would otherwise default to it. Child processes inherit this.
+os.environ.setdefault("DEV", "CPU")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FLOAT_MODELS = ["llama32", "mistral", "qwen2", "qwen3"]
@@ -35,6 +40,34 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - (np.log(np.exp(x - m).sum(-1, keepdims=True)) + m)
+
+
+def full_logprobs(result: Any) -> np.ndarray:
+    """A step's logprobs over the fixtures' 512-token vocabulary (from logprobs=512)."""
+    v = np.full(512, -np.inf)
+    for i, lp in result.top:
+        v[i] = lp
+    return v
+
+
+def check_float16_against_reference(eng: Any, name: str) -> None:
+    """A float16 engine's prompt and 5 teacher-forced steps (the reference's own tokens fed back) against the
+    fp32 reference logits, with a tolerance fitting half precision; its greedy picks must be the reference's."""
+    ref, logits = reference(name), reference_logits(name)
+    prompt = ref["prompt_ids"]
+    sid = eng.new_session()
+    try:
+        r = eng.forward(sid, np.array(prompt), logprobs=512)
+        results = [(r, logits[len(prompt) - 1])]
+        for i, token in enumerate(ref["greedy_ids"][:5]):
+            r = eng.forward(sid, np.array([token]), logprobs=512)
+            results.append((r, logits[len(prompt) + i]))
+    finally:
+        eng.end_session(sid)
+    # logits reach ~12 here, where one fp16 step is ~0.008: allow ~20 steps of drift over 4 layers
+    errs = [np.abs(full_logprobs(r) - log_softmax(want)).max() for r, want in results]
+    assert max(errs) < 0.15, f"{name}: float16 logprob error {max(errs):.3f}"
+    assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
 
 
 class EngineCache:

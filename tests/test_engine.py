@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ALL_MODELS, BUCKETS, CHUNK, FIXTURES, log_softmax, reference, reference_logits
+from conftest import (
+    ALL_MODELS,
+    BUCKETS,
+    CHUNK,
+    FIXTURES,
+    check_float16_against_reference,
+    full_logprobs,
+    log_softmax,
+    reference,
+    reference_logits,
+)
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.engine.jit import GraphRunner
 from tinygrad.engine.realize import run_linear
@@ -24,13 +34,6 @@ from cluster.generation import step
 from cluster.sampling import SamplingParams
 
 TOL = 1e-3  # max |logprob difference|; observed ~5e-5 in fp32 on CPU
-
-
-def full_logprobs(result) -> np.ndarray:
-    v = np.full(512, -np.inf)
-    for i, lp in result.top:
-        v[i] = lp
-    return v
 
 
 def run_tokens(shards, prompt, n, sampling=None):
@@ -231,22 +234,7 @@ def test_prompt_chunk_plan(engines):
 def test_float16_compute_stays_close_to_the_reference(engines, name):
     """The accelerator default (float16 compute, fp16 KV cache), exercised on CPU against the same fp32
     references with a tolerance fitting half precision."""
-    ref, logits = reference(name), reference_logits(name)
-    eng = engines.get(name, dtype="float16")
-    prompt = ref["prompt_ids"]
-    sid = eng.new_session()
-    try:
-        r = eng.forward(sid, np.array(prompt), logprobs=512)
-        results = [(r, logits[len(prompt) - 1])]
-        for i, token in enumerate(ref["greedy_ids"][:5]):  # teacher-forced: feed the reference's tokens
-            r = eng.forward(sid, np.array([token]), logprobs=512)
-            results.append((r, logits[len(prompt) + i]))
-    finally:
-        eng.end_session(sid)
-    # logits reach ~12 here, where one fp16 step is ~0.008: allow ~20 steps of drift over 4 layers
-    errs = [np.abs(full_logprobs(r) - log_softmax(want)).max() for r, want in results]
-    assert max(errs) < 0.15, f"{name}: float16 logprob error {max(errs):.3f}"
-    assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
+    check_float16_against_reference(engines.get(name, dtype="float16"), name)
 
 
 def test_float16_shards_warm_up_and_chain_like_the_whole_model(engines):

@@ -26,7 +26,7 @@ import psutil
 from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType, _to_np_dtype
-from tinygrad.helpers import NUM_CPU_THREADS
+from tinygrad.helpers import DEV, NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec
@@ -79,7 +79,28 @@ class _Session:
 
 
 def default_device() -> str:
-    return Device.DEFAULT
+    """tinygrad's default device, unless that is an OpenCL device that is the CPU itself (pocl, Intel's CPU
+    runtime): tinygrad prefers OpenCL over its own CPU backend, which runs this engine's CPU kernels much faster.
+    A device named in $DEV (as tinygrad read it at import; tinygrad writes its own pick there too, for children)
+    is taken as it is."""
+    device = Device.DEFAULT
+    if not DEV.device and device.split(":")[0] == "CL" and _opencl_device_is_cpu(device):
+        log.info("the OpenCL device is the CPU; using tinygrad's CPU backend (DEV=CL to use OpenCL anyway)")
+        return "CPU"
+    return device
+
+
+def _opencl_device_is_cpu(device: str) -> bool:
+    try:
+        import ctypes
+
+        import tinygrad.runtime.autogen.opencl as cl
+
+        kind = ctypes.c_uint64()
+        err = cl.clGetDeviceInfo(Device[device].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)  # type: ignore[attr-defined]
+        return err == 0 and bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
+    except Exception:  # noqa: BLE001 - cannot tell: keep tinygrad's choice
+        return False
 
 
 def default_dtype(device: str) -> DType:

@@ -257,7 +257,10 @@ class Block:
         span = mask.shape[-1]
         keys = cache[0, :, :, 0:span, :]  # (B, n_kv, span, head_dim)
         values = cache[1, :, :, 0:span, :]
-        attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, head_dim)
+        # scores, softmax and weighted sum in float32, as transformers does for half models (and tinygrad 0.14's
+        # OpenCL renderer cannot compile a max over half values)
+        attn = q.float().scaled_dot_product_attention(keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+        attn = attn.cast(x.dtype)  # (B, H, T, head_dim)
         x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
         h = m["mlp_norm"](x)
         # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)

@@ -1,0 +1,57 @@
+"""The engine on OpenCL, tinygrad's path to Intel iGPUs and AMD cards without ROCm, run here on pocl (an OpenCL
+implementation on the CPU; .ci/run installs it). The device has local memory and barriers like a GPU, so the
+GPU kernel options (gpu_matvec) and the float16 default apply. Reference: transformers fp32 logits and mlx-lm's
+for the MLX checkpoint, with the float16 tolerance of test_engine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import BUCKETS, FIXTURES, check_float16_against_reference
+from tinygrad import Device, dtypes
+
+from cluster.engine.shard import ShardEngine
+
+
+def _has_opencl() -> bool:
+    try:
+        Device["CL"]
+    except Exception:  # noqa: BLE001 - no ICD loader, no platform, no device: all mean "not here"
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _has_opencl(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
+
+
+@pytest.mark.parametrize("name", ["llama32", "llama32-4bit"])
+def test_engine_on_opencl_matches_the_reference(name: str) -> None:
+    eng = ShardEngine(FIXTURES / name, device="CL", prefill_buckets=BUCKETS, max_context=128)
+    assert eng.dtype == dtypes.float16  # what an accelerator computes in by default
+    eng.warmup()
+    check_float16_against_reference(eng, name)
+
+
+def _default_device(**env: str) -> str:
+    child_env = {k: v for k, v in os.environ.items() if k != "DEV"} | env
+    code = "from cluster.engine.shard import default_device; print(default_device())"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_an_opencl_device_that_is_the_cpu_is_not_the_default() -> None:
+    import ctypes
+
+    import tinygrad.runtime.autogen.opencl as cl
+
+    kind = ctypes.c_uint64()
+    cl.clGetDeviceInfo(Device["CL"].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)  # type: ignore[attr-defined]
+    if not kind.value & cl.CL_DEVICE_TYPE_CPU:
+        pytest.skip("this OpenCL device is a real GPU: tinygrad's pick stands")
+    # tinygrad picks OpenCL over its CPU backend; the engine does not when the OpenCL device is the CPU (pocl)
+    assert _default_device() == "CPU"
+    assert _default_device(DEV="CL") == "CL"  # asked for by name: taken as it is
