@@ -70,6 +70,37 @@ def check_float16_against_reference(eng: Any, name: str) -> None:
     assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
 
 
+def graph_runners(jit: Any) -> list[Any]:
+    """The graph runners a captured TinyJit replays through."""
+    from tinygrad.engine.realize import graph_cache
+
+    captured = jit.captured
+    assert captured is not None
+    return [graph_cache[c.src[0]] for c in captured.linear.src if c.src[0].arg == "graph"]
+
+
+def two_sessions(engine: Any, prompts: list[list[int]], steps: int) -> list[list[tuple[int, float]]]:
+    """Two sessions, prefilled and then decoded in turns, so each replay gets the other session's KV cache."""
+    from cluster.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=0.8, top_k=20, seed=3)
+    sids = [engine.new_session(f"s{i}", sampling) for i in range(len(prompts))]
+    out: list[list[tuple[int, float]]] = [[] for _ in prompts]
+    last = [0] * len(prompts)
+    for i, (sid, prompt) in enumerate(zip(sids, prompts, strict=True)):
+        r = engine.forward(sid, np.asarray(prompt, np.int32))
+        out[i].append((int(r.token or 0), float(r.logprob or 0.0)))
+        last[i] = int(r.token or 0)
+    for _ in range(steps):
+        for i, sid in enumerate(sids):
+            r = engine.forward(sid, np.asarray([last[i]], np.int32))
+            out[i].append((int(r.token or 0), float(r.logprob or 0.0)))
+            last[i] = int(r.token or 0)
+    for sid in sids:
+        engine.end_session(sid)
+    return out
+
+
 class EngineCache:
     def __init__(self) -> None:
         self._engines: dict[tuple, Any] = {}

@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import BUCKETS, FIXTURES, check_float16_against_reference
+from conftest import BUCKETS, FIXTURES, check_float16_against_reference, graph_runners, two_sessions
 from tinygrad import Device, dtypes
 
+from cluster.engine.launch_graph import LaunchGraph
 from cluster.engine.shard import ShardEngine
 
 
@@ -34,6 +36,23 @@ def test_engine_on_opencl_matches_the_reference(name: str) -> None:
     assert eng.dtype == dtypes.float16  # what an accelerator computes in by default
     eng.warmup()
     check_float16_against_reference(eng, name)
+
+
+def test_opencl_replays_give_the_executors_tokens() -> None:
+    # reference: the same engine capturing its JITs without graphs (tinygrad's generic executor, kernel by kernel)
+    prompts = [list(range(1, 20)), [5, 9, 2, 7, 11, 3, 8]]
+    with_graph = ShardEngine(FIXTURES / "llama32", device="CL", prefill_buckets=BUCKETS, max_context=128)
+    without = ShardEngine(FIXTURES / "llama32", device="CL", prefill_buckets=BUCKETS, max_context=128)
+    without.jit_graphs = False
+    for engine in (with_graph, without):
+        engine.warmup()
+    runners = graph_runners(with_graph._decode_jit)
+    assert runners and all(isinstance(r, LaunchGraph) for r in runners)
+    assert not graph_runners(without._decode_jit)
+    got, want = two_sessions(with_graph, prompts, 10), two_sessions(without, prompts, 10)
+    for g, w in zip(got, want, strict=True):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        np.testing.assert_allclose([lp for _, lp in g], [lp for _, lp in w], rtol=1e-4, atol=1e-4)
 
 
 def _default_device(**env: str) -> str:

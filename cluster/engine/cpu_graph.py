@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 from typing import Any
 
 from tinygrad import Device
@@ -21,6 +20,7 @@ from tinygrad.engine.jit import GraphRunner
 from tinygrad.uop.ops import Ops, UOp
 
 from cluster.engine.cpu_threads import run_slices
+from cluster.engine.launch_graph import LaunchGraph, input_arguments
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ class _Kernel:
         self.runtime = runtime
         self.name = info.name
         args = [b.get_buf(b.device).va_addr for b in (bufs[i] for i in info.globals)]
-        position = {call_arg: k for k, call_arg in enumerate(info.globals)}
-        self.inputs = [(position[p], slot) for p, slot in replace if p in position]  # (argument, JIT input)
+        self.inputs = input_arguments(info, replace)  # (argument, JIT input slot)
         core = runtime.runtimevars.get("core_id")
         self.vars = []  # (argument, variable name)
         for i, v in enumerate(info.vars):
@@ -47,7 +46,7 @@ class _Kernel:
             for tid, slice_args in enumerate(self.slices):
                 slice_args[core].value = tid
 
-    def run(self, inputs: list[int], var_vals: dict[str, int]) -> None:
+    def run(self, inputs: dict[int, int], var_vals: dict[str, int]) -> None:
         for arg, slot in self.inputs:
             for slice_args in self.slices:
                 slice_args[arg].value = inputs[slot]
@@ -57,25 +56,12 @@ class _Kernel:
         run_slices(self.runtime, self.slices)
 
 
-class CPUGraph(GraphRunner):
-    def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
-        super().__init__(linear, input_uops)
-        self.kernels = [
-            _Kernel(runtime, ast.arg, bufs, replace)
-            for (_, ast, bufs, _), runtime, replace in zip(self.calls, self.runtimes, self.uop_replace, strict=True)
-        ]
-        self.slots = sorted({slot for k in self.kernels for _, slot in k.inputs})
+class CPUGraph(LaunchGraph):
+    def prepare(self, runtime: Any, info: Any, bufs: list[Buffer], replace: list[tuple[int, int]]) -> _Kernel:
+        return _Kernel(runtime, info, bufs, replace)
 
-    def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait: bool = False) -> float | None:
-        st = time.perf_counter()
-        inputs = [0] * (max(self.slots) + 1 if self.slots else 0)
-        for slot in self.slots:
-            buf = input_uops[slot].buffer
-            assert isinstance(buf, Buffer), "a CPU graph's inputs live on one device"
-            inputs[slot] = buf.ensure_allocated().get_buf(buf.device).va_addr
-        for kernel in self.kernels:
-            kernel.run(inputs, var_vals)
-        return time.perf_counter() - st if wait else None
+    def input_handle(self, buf: Buffer) -> int:
+        return int(buf.get_buf(buf.device).va_addr)
 
     @staticmethod
     def supports_uop(batch_devs: list[Compiled], new_call: UOp) -> bool:

@@ -29,7 +29,7 @@ from tinygrad.dtype import DType, _to_np_dtype
 from tinygrad.helpers import DEV, NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec
+from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, launch_graph
 from cluster.engine.jit_replay import Replayer
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
@@ -190,12 +190,16 @@ class ShardEngine:
         narrow_block = CPU_ROW_BLOCK
         if self.on_cpu:
             cpu_threads.enable()
-            if os.environ.get("CLUSTERCTL_CPU_GRAPH", "1") != "0":  # 0: tinygrad's executor, for comparison
+            if os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0":  # 0: tinygrad's executor, for comparison
                 cpu_graph.enable()
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
-        elif os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison
-            gpu_matvec.enable()
+        else:
+            if os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison
+                gpu_matvec.enable()
+            # tinygrad has no OpenCL graph; 0: its generic executor, for comparison
+            if self.device.split(":")[0] == "CL" and os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0":
+                launch_graph.enable(self.device)
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))
