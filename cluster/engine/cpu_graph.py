@@ -11,18 +11,15 @@ each kernel's argument list and calls the compiled functions, their core slices 
 from __future__ import annotations
 
 import ctypes
-import logging
 from typing import Any
 
-from tinygrad import Device
 from tinygrad.device import Buffer, Compiled
 from tinygrad.engine.jit import GraphRunner
-from tinygrad.uop.ops import Ops, UOp
+from tinygrad.uop.ops import UOp
 
+from cluster.engine import launch_graph
 from cluster.engine.cpu_threads import run_slices
 from cluster.engine.launch_graph import LaunchGraph, input_arguments
-
-log = logging.getLogger(__name__)
 
 
 class _Kernel:
@@ -31,7 +28,6 @@ class _Kernel:
 
     def __init__(self, runtime: Any, info: Any, bufs: list[Buffer], replace: list[tuple[int, int]]):
         self.runtime = runtime
-        self.name = info.name
         args = [b.get_buf(b.device).va_addr for b in (bufs[i] for i in info.globals)]
         self.inputs = input_arguments(info, replace)  # (argument, JIT input slot)
         core = runtime.runtimevars.get("core_id")
@@ -66,17 +62,12 @@ class CPUGraph(LaunchGraph):
     @staticmethod
     def supports_uop(batch_devs: list[Compiled], new_call: UOp) -> bool:
         """Compiled kernels of one CPU device with a fixed number of core slices (what `_Kernel` prepares)."""
-        prg = new_call.src[0]
-        if not GraphRunner.supports_uop(batch_devs, new_call) or prg.op is not Ops.PROGRAM:
+        if not GraphRunner.supports_uop(batch_devs, new_call):  # a compiled kernel (PROGRAM) on one device
             return False
-        info = prg.arg
+        info = new_call.src[0].arg
         return all(isinstance(d, int) for d in info.global_size) and info.target.renderer != "LVP"
 
 
 def enable() -> bool:
     """Batch the kernels of CPU JITs into CPUGraph replays from now on, in this process (idempotent)."""
-    device = Device["CPU"]
-    if device.graph is None:
-        device.graph = CPUGraph
-        log.debug("CPU JITs replay through CPUGraph")
-    return device.graph is CPUGraph
+    return launch_graph.enable("CPU", CPUGraph)

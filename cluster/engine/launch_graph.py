@@ -80,10 +80,11 @@ class LaunchGraph(GraphRunner):
         return time.perf_counter() - st
 
 
-def enable(device: str) -> bool:
-    """Batch the kernels of JITs on `device` into LaunchGraph replays, where tinygrad has no graph for it."""
+def enable(device: str, runner: type[LaunchGraph] = LaunchGraph) -> bool:
+    """Batch the kernels of JITs on `device` into `runner` replays from now on, in this process, where tinygrad
+    has no graph for it (idempotent). False when the device already replays through another graph."""
     dev = Device[device]
     if dev.graph is None:
-        dev.graph = LaunchGraph
-        log.debug("%s JITs replay through LaunchGraph", device)
-    return dev.graph is LaunchGraph
+        dev.graph = runner
+        log.debug("%s JITs replay through %s", device, runner.__name__)
+    return dev.graph is runner

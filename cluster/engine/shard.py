@@ -188,17 +188,18 @@ class ShardEngine:
         self.on_cpu = self.device.split(":")[0] == "CPU"  # tinygrad's CPU device, whichever renderer
         # blocks of 8 rows pay only with cpu_matmul's options; tinygrad alone computes 4 rows at once
         narrow_block = CPU_ROW_BLOCK
+        # replays of a device tinygrad has no graph for (CPU, OpenCL) through ours; 0: its executor, for comparison
+        replay_graph = os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0"
         if self.on_cpu:
             cpu_threads.enable()
-            if os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0":  # 0: tinygrad's executor, for comparison
+            if replay_graph:
                 cpu_graph.enable()
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
         else:
             if os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison
                 gpu_matvec.enable()
-            # tinygrad has no OpenCL graph; 0: its generic executor, for comparison
-            if self.device.split(":")[0] == "CL" and os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0":
+            if replay_graph and self.device.split(":")[0] == "CL":
                 launch_graph.enable(self.device)
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
