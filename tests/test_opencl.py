@@ -74,3 +74,24 @@ def test_an_opencl_device_that_is_the_cpu_is_not_the_default() -> None:
     # tinygrad picks OpenCL over its CPU backend; the engine does not when the OpenCL device is the CPU (pocl)
     assert _default_device() == "CPU"
     assert _default_device(DEV="CL") == "CL"  # asked for by name: taken as it is
+
+
+def test_a_node_with_no_device_named_computes_on_the_cpu_backend(tmp_path, monkeypatch) -> None:
+    """A real `join` node with neither --device nor DEV, beside a CPU OpenCL device: its engine process computes
+    where the node says (tinygrad's CPU backend), not on the OpenCL pick tinygrad leaves in DEV."""
+    from cluster_nodes import NodeProcess
+
+    if _default_device() != "CPU":
+        pytest.skip("this OpenCL device is a real GPU: tinygrad's pick stands")
+    monkeypatch.delenv("DEV")  # the suite's pin; the node must decide for itself
+    node = NodeProcess("nodev", tmp_path, mdns=False)
+    try:
+        node.wait_ready()
+        with node.client() as client:
+            *_, done = client.generate(str(FIXTURES / "llama32"), "Once upon", raw=True, max_tokens=2, temperature=0)
+            assert done.finish_reason == "length"
+            [view] = client.nodes()
+        assert view.device == "CPU"
+        assert [s["device"] for s in view.shards] == ["CPU"]  # the engine process reports its own device
+    finally:
+        node.stop()
