@@ -352,6 +352,34 @@ def w_speed(a: dict[str, Any]) -> None:
     kernels, launches = decode_kernels(eng, sid, token)
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
     emit(**replay_split(eng, sid))
+    emit(host_profile=host_profile(eng, sid, token))
+
+
+HOST_PROFILE_STEPS = 30
+HOST_PROFILE_TOP = 12
+
+
+def host_profile(eng: Any, sid: str, token: int) -> list[list[Any]]:
+    """Where the host's time goes in whole decode steps (graph replay, sampling, copies, syncs): cProfile over
+    HOST_PROFILE_STEPS steps, the functions that took the most time themselves, as [function, µs per step, calls
+    per step]. cProfile slows Python calls, so read the shares, not the sum."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(HOST_PROFILE_STEPS):
+        token = eng.forward(sid, np.array([token])).token
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = []
+    for (path, line, name), (_, calls, own, _, _) in stats.items():
+        where = f"{Path(path).parent.name}/{Path(path).name}:{line}" if line else path
+        rows.append([f"{name} ({where})", 1e6 * own / HOST_PROFILE_STEPS, calls / HOST_PROFILE_STEPS])
+    rows.sort(key=lambda r: -r[1])
+    return [[name, round(us, 1), round(calls, 1)] for name, us, calls in rows[:HOST_PROFILE_TOP]]
 
 
 def replay_split(eng: Any, sid: str) -> dict[str, float]:
@@ -952,6 +980,17 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
                 f"- {r.label}: the decode graph alone replays in {m['replay_ms']:.2f} ms, of which the host takes "
                 f"{m['replay_host_ms']:.2f} ms to hand it over (sampling and the copies of a step come on top)"
             )
+    for r in rows:
+        if "host_profile" in r.merged:
+            out += [
+                "",
+                f"{r.label}: host time per decode step by function (cProfile over {HOST_PROFILE_STEPS} steps, time "
+                "spent in the function itself; cProfile slows Python, so read the shares):",
+                "",
+                "| function | µs per step | calls per step |",
+                "|---|---|---|",
+                *[f"| `{name}` | {us:.1f} | {calls:g} |" for name, us, calls in r.merged["host_profile"]],
+            ]
     out += [
         "",
         f"Decode: {cfg['tokens']} greedy tokens after 2 warm ones, wall clock per `forward`. TTFT: a fresh "
