@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import numpy as np
 from bench_engine import cpu_model, measure_engine, memory_gib, read_bandwidth
@@ -135,6 +136,7 @@ class Run:
     decode_tok_s: float
     tokens: int
     prompt_tokens: int
+    shards: list[dict[str, Any]]  # the coordinating node's timing of each shard: node, layers, engine_ms, step_ms
 
 
 @dataclass
@@ -156,13 +158,25 @@ class Result:
     def ttft_ms(self) -> float:
         return statistics.median(r.ttft_ms for r in self.runs)
 
+    def step_split(self) -> list[dict[str, Any]]:
+        """Per shard, medians over the runs of its engine's ms per decode step and of the coordinator's wait for it."""
+        return [
+            {
+                "shard": f"{first['node']} [{first['layers'][0]}, {first['layers'][1]})",
+                "engine_ms": statistics.median(run.shards[i]["engine_ms"] for run in self.runs),
+                "wait_ms": statistics.median(run.shards[i]["step_ms"] for run in self.runs),
+            }
+            for i, first in enumerate(self.runs[0].shards)
+        ]
+
 
 def request(address: str, model_dir: Path, prompt: str, tokens: int, timeout: float) -> Run:
     with Client(address, timeout=timeout) as c:
         chunks = list(c.generate(str(model_dir), prompt, raw=True, max_tokens=tokens, temperature=0))
     last = chunks[-1]
     assert last.timing is not None and last.usage is not None and last.tokens is not None
-    return Run(last.timing["ttft_ms"], last.timing["decode_tok_s"], len(last.tokens), last.usage["prompt_tokens"])
+    t, prompt_tokens = last.timing, last.usage["prompt_tokens"]
+    return Run(t["ttft_ms"], t["decode_tok_s"], len(last.tokens), prompt_tokens, t["shards"])
 
 
 def placement(address: str, model_id: str) -> list[str]:
@@ -236,6 +250,23 @@ def speed_table(results: list[Result], engine_tok_s: float | None, floor: float)
             f"| {r.nodes} node{'s' if r.nodes > 1 else ''} | {', '.join(r.layers)} | {r.place_s:.1f} | "
             f"{r.ttft_ms:.0f} | {r.tok_s:.2f} | {rel} | {100 * r.tok_s / floor:.0f}% |"
         )
+    return "\n".join(lines)
+
+
+def split_table(steps: list[tuple[int, float, list[dict[str, Any]]]]) -> str:
+    """Where a decode step went: (node count, ms/token, Result.step_split()) per cluster."""
+    lines = [
+        "| nodes | shard | engine ms | wait for it ms | hand-offs and network ms |",
+        "|---|---|---|---|---|",
+    ]
+    for nodes, ms_per_token, split in steps:
+        for s in split:
+            lines.append(
+                f"| {nodes} | {s['shard']} | {s['engine_ms']:.2f} | {s['wait_ms']:.2f} "
+                f"| {s['wait_ms'] - s['engine_ms']:.2f} |"
+            )
+        rest = ms_per_token - sum(s["wait_ms"] for s in split)
+        lines.append(f"| {nodes} | rest of the step (the coordinator's loop, detokenizer, stream) | | | {rest:.2f} |")
     return "\n".join(lines)
 
 
@@ -388,6 +419,12 @@ def report(
         *[f"- {n}" for n in notes],
         "",
         speed_table(results, engine_tok_s, bandwidth / resident),
+        "",
+        "Where a decode step went (the coordinating node's timing, medians of the runs): each shard's engine, and "
+        "the coordinator's wait for it, which adds the hand-off to the engine process and, for another node, "
+        "gRPC both ways",
+        "",
+        split_table([(r.nodes, r.ms_per_token, r.step_split()) for r in results]),
         "",
     ]
     base = results[0]

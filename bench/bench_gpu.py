@@ -634,7 +634,15 @@ def w_cluster(a: dict[str, Any]) -> None:
     emit(log_dir=str(log_dir), jit=a["jit"])
     results = measure_clusters([1, 2], model_dir, prompt, a["cluster_tokens"], a["cluster_runs"], 1, log_dir, note)
     for r in results:
-        emit(nodes=r.nodes, layers=r.layers, place_s=r.place_s, ttft_ms=r.ttft_ms, tok_s=r.tok_s)
+        emit(
+            nodes=r.nodes,
+            layers=r.layers,
+            place_s=r.place_s,
+            ttft_ms=r.ttft_ms,
+            tok_s=r.tok_s,
+            ms_per_token=r.ms_per_token,
+            split=r.step_split(),
+        )
 
 
 def w_peer(a: dict[str, Any]) -> None:
@@ -1077,6 +1085,11 @@ def cluster_section(step: StepResult | None, cfg: dict[str, Any]) -> Section:
         out.append(
             f"| {r['nodes']} | {layers} | {r['place_s']:.1f} | {r['ttft_ms']:.0f} | {r['tok_s']:.1f} | {share} |"
         )
+    split = [(r["nodes"], r["ms_per_token"], r["split"]) for r in nodes if "split" in r]
+    if split:
+        from bench_cluster import split_table
+
+        out += ["", "Where a decode step went (medians of the runs):", "", split_table(split)]
     two = next((r["tok_s"] for r in nodes if r["nodes"] == 2), None)
     if not (base and two):
         return out + [""], []

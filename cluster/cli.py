@@ -348,8 +348,9 @@ class _Output:
             sys.stdout.flush()
 
     def summary(
-        self, tokens: list[int], text: str, tail: str, finish: str, usage: dict[str, int], timing: dict[str, float]
+        self, tokens: list[int], text: str, tail: str, finish: str, usage: dict[str, int], timing: dict[str, Any]
     ) -> None:
+        shards = timing.get("shards", [])
         if self.as_json:
             summary = {
                 "done": True,
@@ -357,13 +358,29 @@ class _Output:
                 "text": text,
                 "finish_reason": finish,
                 "usage": usage,
-                "timing": {k: round(v, 2) for k, v in timing.items()},
+                "timing": {
+                    "ttft_ms": round(timing["ttft_ms"], 2),
+                    "decode_tok_s": round(timing["decode_tok_s"], 2),
+                    "shards": [
+                        {**t, "engine_ms": round(t["engine_ms"], 3), "step_ms": round(t["step_ms"], 3)} for t in shards
+                    ],
+                },
             }
             click.echo(json.dumps(summary, ensure_ascii=False))
             return
         click.echo(tail)
         rate = f"TTFT {timing['ttft_ms']:.0f} ms, {timing['decode_tok_s']:.1f} tok/s"
         click.echo(f"[{len(tokens)} tokens, {finish}; {rate}]", err=True)
+        if shards:
+            click.echo(f"[per token: {describe_shard_times(shards)}]", err=True)
+
+
+def describe_shard_times(shards: list[dict[str, Any]]) -> str:
+    """Where a decode step's time went, shard by shard: "n1 layers 0-8 2.9 ms (engine 2.1 ms), ..."."""
+    return ", ".join(
+        f"{t['node']} layers {t['layers'][0]}-{t['layers'][1]} {t['step_ms']:.1f} ms (engine {t['engine_ms']:.1f} ms)"
+        for t in shards
+    )
 
 
 class _ClusterTurns:
@@ -501,8 +518,7 @@ class _LocalTurns:
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)
             else:
-                timing = {"ttft_ms": item.ttft_ms, "decode_tok_s": item.decode_tok_s}
-                self.out.summary(item.tokens, item.text, item.tail, item.finish_reason, item.usage(), timing)
+                self.out.summary(item.tokens, item.text, item.tail, item.finish_reason, item.usage(), item.timing())
                 if not self.raw:
                     self.messages.append({"role": "assistant", "content": item.text})
 

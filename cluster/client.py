@@ -107,7 +107,9 @@ class Chunk:
     top: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # set on the final chunk: "stop" or "length"
     usage: dict[str, int] | None = None
-    timing: dict[str, float] | None = None
+    # ttft_ms, decode_tok_s, and shards: each shard's node, layers and mean ms of a decode step (engine, and the
+    # coordinating node's wait for it)
+    timing: dict[str, Any] | None = None
     tokens: list[int] | None = None  # every generated id, on the final chunk
 
 
@@ -190,7 +192,11 @@ class _Assembler:
             "completion_tokens": d.usage.completion_tokens,
             "total_tokens": d.usage.total_tokens,
         }
-        timing = {"ttft_ms": d.timing.ttft_ms, "decode_tok_s": d.timing.decode_tok_s}
+        shards = [
+            {"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "step_ms": t.step_ms}
+            for t in d.timing.shards
+        ]
+        timing = {"ttft_ms": d.timing.ttft_ms, "decode_tok_s": d.timing.decode_tok_s, "shards": shards}
         return Chunk(tail, finish_reason=d.finish_reason, usage=usage, timing=timing, tokens=list(d.tokens))
 
 

@@ -113,8 +113,11 @@ def model_id_for(model: str) -> str:
 class RemoteShard:
     """One session on a shard of another node: a bidirectional stream, one response per request."""
 
-    def __init__(self, stub: pb_grpc.WorkerStub, shard_id: str, node: str, node_id: str = ""):
+    def __init__(
+        self, stub: pb_grpc.WorkerStub, shard_id: str, node: str, node_id: str = "", layers: tuple[int, int] = (0, 0)
+    ):
         self.stub, self.shard_id, self.node, self.node_id = stub, shard_id, node, node_id
+        self.layers = layers  # for the timing summary
         self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
         self._responses: Any = None
         self._first: pb.ForwardRequest | None = None
@@ -159,9 +162,10 @@ class RemoteShard:
         except StopIteration:
             raise ShardUnavailableError(f"node {self.node} closed the session", self.node_id) from None
         if response.WhichOneof("output") == "hidden":
-            return StepResult(hidden=wire.from_tensor(response.hidden, wire.HIDDEN_DTYPES))
+            hidden = wire.from_tensor(response.hidden, wire.HIDDEN_DTYPES)
+            return StepResult(hidden=hidden, engine_ms=response.engine_ms)
         top = wire.top_pairs(response.top_ids, response.top_logprobs)
-        return StepResult(token=response.token, logprob=response.logprob, top=top)
+        return StepResult(token=response.token, logprob=response.logprob, top=top, engine_ms=response.engine_ms)
 
     def end_session(self, session_id: str) -> None:
         self._requests.put(None)  # closing the stream ends the session there
@@ -180,8 +184,9 @@ class LocalShard:
     session is opened: every request then waits for places in layer order, whichever node coordinates it, so
     two requests never wait on each other in a circle."""
 
-    def __init__(self, host: ShardHost, shard_id: str, node_id: str):
+    def __init__(self, host: ShardHost, shard_id: str, node_id: str, node: str = "", layers: tuple[int, int] = (0, 0)):
         self.host, self.shard_id, self.node_id = host, shard_id, node_id
+        self.node, self.layers = node, layers  # for the timing summary
         self._opening: tuple[str, SamplingParams | None] | None = None  # opened on the engine at the first step
         self._cancelled = threading.Event()
 
@@ -537,9 +542,10 @@ class Coordinator:
         shards: list[Any] = []
         for s in placement.shards:
             if s.local:
-                shards.append(LocalShard(self.host, s.shard_id, s.node_id))
+                shards.append(LocalShard(self.host, s.shard_id, s.node_id, s.name, (s.start, s.end)))
             else:
-                remote = RemoteShard(self._stub(s.address, placement.limit), s.shard_id, s.name, s.node_id)
+                stub = self._stub(s.address, placement.limit)
+                remote = RemoteShard(stub, s.shard_id, s.name, s.node_id, (s.start, s.end))
                 self._streams.setdefault(s.node_id, weakref.WeakSet()).add(remote)
                 shards.append(remote)
         return shards

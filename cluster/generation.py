@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cluster.engine.shard import StepResult
+from cluster.engine.shard import ShardTime, StepResult
 from cluster.sampling import SamplingParams
 from cluster.stop_strings import StopStringFilter
 from cluster.tokenizer import StreamingDetokenizer, Tokenizer
@@ -78,6 +78,11 @@ class GenerationResult:
     ttft_ms: float
     decode_tok_s: float
     tail: str = ""  # text released at the very end (held back until then); already part of `text`
+    shards: list[ShardTime] = field(default_factory=list)  # each shard's mean share of a decode step
+
+    def timing(self) -> dict[str, Any]:
+        """The `timing` object of `run --json`, the SDK's last chunk and the HTTP API's responses."""
+        return {"ttft_ms": self.ttft_ms, "decode_tok_s": self.decode_tok_s, "shards": shard_times_dicts(self.shards)}
 
     def usage(self) -> dict[str, int]:
         n = len(self.tokens)
@@ -117,6 +122,32 @@ def _reusable(cached: list[int], prompt: list[int]) -> int:
     return min(len(os.path.commonprefix([cached, prompt])), len(prompt) - 1)
 
 
+def shard_time(shard: Any, result: StepResult, call_ms: float) -> list[ShardTime]:
+    """What a shard's step cost, for the timing summary. A shard made of shards (a Chain) reports theirs."""
+    if result.times:
+        return result.times
+    start, end = getattr(shard, "layers", (0, 0))
+    return [ShardTime(getattr(shard, "node", "") or "local", start, end, result.engine_ms, call_ms)]
+
+
+def shard_times_dicts(times: Sequence[ShardTime]) -> list[dict[str, Any]]:
+    return [{"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "step_ms": t.call_ms} for t in times]
+
+
+def mean_shard_times(steps: Sequence[Sequence[ShardTime]]) -> list[ShardTime]:
+    """Each shard's mean share over `steps`, in layer order. A shard replaced mid-generation (a lost node) counts
+    over the steps it served."""
+    sums: dict[tuple[str, int, int], list[float]] = {}
+    for times in steps:
+        for t in times:
+            acc = sums.setdefault((t.node, t.start, t.end), [0.0, 0.0, 0])
+            acc[0] += t.engine_ms
+            acc[1] += t.call_ms
+            acc[2] += 1
+    means = [ShardTime(node, start, end, e / n, c / n) for (node, start, end), (e, c, n) in sums.items()]
+    return sorted(means, key=lambda t: t.start)
+
+
 def step(
     shards: Sequence[Shard],
     sid: str,
@@ -125,16 +156,20 @@ def step(
     logprobs: int,
     context_ids: list[int] | None = None,
 ) -> StepResult:
-    """Push token ids through every shard; the last returns the sampled token.
+    """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix)."""
     x: Any = np.asarray(ids, dtype=np.int32)
     penalised = ids if context_ids is None else context_ids
+    times: list[ShardTime] = []
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
         kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
+        t0 = time.perf_counter()
         result = shard.forward(sid, x, **kwargs)
+        times += shard_time(shard, result, 1e3 * (time.perf_counter() - t0))
         if last:
+            result.times = times
             return result
         x = result.hidden
     raise ValueError("no shards")
@@ -179,6 +214,7 @@ def generate(
     hit = False
     t0 = time.perf_counter()
     t_first = t_last = t0
+    decode_times: list[list[ShardTime]] = []  # the shards' shares of every step after the first
     ok = False
     try:
         ids = prompt[reused:]
@@ -192,6 +228,8 @@ def generate(
             t_last = time.perf_counter()
             if not tokens:
                 t_first = t_last
+            else:
+                decode_times.append(result.times)
             assert result.token is not None and result.logprob is not None
             token = result.token
             tokens.append(token)
@@ -225,4 +263,5 @@ def generate(
         ttft_ms=(t_first - t0) * 1000,
         decode_tok_s=return_rate,
         tail=tail,
+        shards=mean_shard_times(decode_times),
     )

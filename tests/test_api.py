@@ -56,6 +56,11 @@ def test_chat_streamed_equals_not_streamed_and_matches_the_sdk(client, pair, mod
     whole = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
     assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
+    # beside OpenAI's fields: speed, and each shard's share of a decode step, its layers chained over the model's 6
+    shards = whole.model_extra["timing"]["shards"]
+    assert shards[0]["layers"][0] == 0 and shards[-1]["layers"][1] == 6
+    assert all(a["layers"][1] == b["layers"][0] for a, b in zip(shards, shards[1:], strict=False))
+    assert all(0 < s["engine_ms"] < s["step_ms"] for s in shards) and {s["node"] for s in shards} <= {"front", "back"}
     pieces = []
     usage = None
     for chunk in client.chat.completions.create(

@@ -64,6 +64,9 @@ def test_run_raw_json_gives_the_reference_tokens():
         "total_tokens": len(ref["prompt_ids"]) + 6,
     }
     assert summary["timing"]["ttft_ms"] > 0 and summary["timing"]["decode_tok_s"] > 0
+    # one shard, on the node `run` started: its engine's time and the wait for it, per decode step
+    (shard,) = summary["timing"]["shards"]
+    assert shard["layers"] == [0, 4] and 0 < shard["engine_ms"] <= shard["step_ms"]
     # the node `run` started keeps its routine lines (membership, the plan) to `join`'s log level
     assert "WARNING" not in p.stderr and "plan for" not in p.stderr, p.stderr
 
@@ -97,6 +100,7 @@ def test_interactive_chat_reads_turns_until_an_empty_line():
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("tokens, length") == 2  # one summary per turn
     assert "TTFT" in p.stderr and "tok/s" in p.stderr
+    assert p.stderr.count(" layers 0-4 ") == 2 and "(engine " in p.stderr  # where each turn's decode steps went
 
 
 def test_clear_errors_without_a_traceback(tmp_path):

@@ -111,3 +111,25 @@ def test_conversation_reuses_the_cached_prefix(engines, tok, sampling):
     assert shard.ran[0] == 2
     conv.close([eng])
     assert conv.session_id not in eng.sessions
+
+
+def test_the_result_times_every_shard_of_a_split(engines, tok):
+    """Two in-process shards (the single-node engine's tokens are the reference): the result says what each shard's
+    engine took per decode step and how long the loop waited for it, which includes the engine."""
+    ref = reference("llama32")
+    shards = [engines.get("llama32", 0, 2), engines.get("llama32", 2)]
+    items = list(generate(shards, tok, ref["prompt_ids"], max_tokens=5, context_limit=128))
+    result = items[-1]
+    assert result.tokens == ref["greedy_ids"][:5]
+    assert [(t.node, t.start, t.end) for t in result.shards] == [("local", 0, 2), ("local", 2, 4)]
+    assert all(0 < t.engine_ms <= t.call_ms for t in result.shards)
+    timing = result.timing()
+    assert timing["shards"][1] == {
+        "node": "local",
+        "layers": [2, 4],
+        "engine_ms": result.shards[1].engine_ms,
+        "step_ms": result.shards[1].call_ms,
+    }
+    # the steps' own split: the last token's step carried both shares
+    steps = 1 / result.decode_tok_s * 1e3  # mean ms of a decode step
+    assert sum(t.call_ms for t in result.shards) <= steps * 1.05

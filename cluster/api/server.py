@@ -243,7 +243,7 @@ async def _whole(
         "model": model,
         "choices": [_choice(kind, result.text, result.finish_reason, logprobs, stream=False)],
         "usage": result.usage(),
-        "timing": {"ttft_ms": result.ttft_ms, "decode_tok_s": result.decode_tok_s},
+        "timing": result.timing(),
     }
 
 

@@ -66,6 +66,20 @@ class StepResult:
     token: int | None = None  # from the last shard
     logprob: float | None = None
     top: list[tuple[int, float]] = field(default_factory=list)
+    engine_ms: float = 0.0  # the engine's own time for the step (inputs in, kernels, outputs out)
+    times: list[ShardTime] = field(default_factory=list)  # set by generation.step: every shard's share
+
+
+@dataclass
+class ShardTime:
+    """One shard's share of a step as its coordinator saw it: the engine's own time, and the wait for its answer
+    (the engine plus the hand-off to its process and, for another node's shard, the network both ways)."""
+
+    node: str  # the node's name; "local" for an engine of the calling process
+    start: int
+    end: int
+    engine_ms: float
+    call_ms: float
 
 
 @dataclass
@@ -293,6 +307,11 @@ class ShardEngine:
         """Device bytes tinygrad holds in this process: weights, graphs' buffers and every session's KV cache."""
         return int(GlobalCounters.mem_used)
 
+    @property
+    def layers(self) -> tuple[int, int]:
+        """[start, end): the layers this shard holds."""
+        return self.start, self.end
+
     def info(self) -> dict[str, object]:
         """What a caller needs to drive this shard (plain values, so it crosses process boundaries)."""
         return {
@@ -442,6 +461,7 @@ class ShardEngine:
         token_ids: the ids of the positions processed, for the repetition penalty on the last shard
         (the first shard knows them already).
         """
+        t0 = time.perf_counter()
         s = self._session(session_id)
         x = self._check_inputs(inputs)
         n = x.shape[0]
@@ -458,10 +478,13 @@ class ShardEngine:
                 hidden.append(copy_out(out, rows * self.cfg.hidden_size).reshape(rows, -1))  # (rows, D)
             i += rows
         if not self.is_last:
-            return StepResult(hidden=np.concatenate(hidden))
-        assert out is not None
-        ids = list(token_ids) if token_ids is not None else (list(x) if self.is_first else [])
-        return self._sample(s, out, sampling or SamplingParams(), ids, logprobs)
+            result = StepResult(hidden=np.concatenate(hidden))
+        else:
+            assert out is not None
+            ids = list(token_ids) if token_ids is not None else (list(x) if self.is_first else [])
+            result = self._sample(s, out, sampling or SamplingParams(), ids, logprobs)
+        result.engine_ms = 1e3 * (time.perf_counter() - t0)
+        return result
 
     def _check_inputs(self, inputs: np.ndarray | Sequence[int]) -> np.ndarray:
         if self.is_first:

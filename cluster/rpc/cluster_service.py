@@ -60,7 +60,14 @@ def _chunk_to_pb(item: TokenChunk | GenerationResult) -> pb.GenerateChunk:
             text=item.text,
             finish_reason=item.finish_reason,
             usage=pb.Usage(**usage),
-            timing=pb.Timing(ttft_ms=item.ttft_ms, decode_tok_s=item.decode_tok_s),
+            timing=pb.Timing(
+                ttft_ms=item.ttft_ms,
+                decode_tok_s=item.decode_tok_s,
+                shards=[
+                    pb.ShardTiming(node=t.node, start=t.start, end=t.end, engine_ms=t.engine_ms, step_ms=t.call_ms)
+                    for t in item.shards
+                ],
+            ),
         )
     )
 

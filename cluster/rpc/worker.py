@@ -242,13 +242,14 @@ class WorkerService(pb_grpc.WorkerServicer):
                 kwargs["token_ids"] = list(request.context_ids)
         result = await shard.engine.acall("forward", sid, x, **kwargs)
         if result.hidden is not None:
-            return pb.ForwardResponse(hidden=wire.to_tensor(np.asarray(result.hidden)))
+            return pb.ForwardResponse(hidden=wire.to_tensor(np.asarray(result.hidden)), engine_ms=result.engine_ms)
         assert result.token is not None and result.logprob is not None
         return pb.ForwardResponse(
             token=result.token,
             logprob=result.logprob,
             top_ids=[i for i, _ in result.top],
             top_logprobs=[lp for _, lp in result.top],
+            engine_ms=result.engine_ms,
         )
 
     async def EndSession(
