@@ -38,6 +38,7 @@ MIN_STEP_S = 20.0  # a step given less than this is skipped rather than started
 TERM_GRACE_S = 20.0  # a timed-out step gets SIGTERM (the cluster step stops its nodes), then SIGKILL
 REF_PYTHON_CPU = "/work/refvenv/bin/python"  # torch + transformers here; on the GPU machine python3 has them
 
+CHANGED_NODES = "fp16 changed-node graphs"  # cluster/engine/cuda_graph.py
 # (label, kind, timeout s, arguments) in order of importance: the budget cuts the tail. "{beam}" stands for the
 # mode's BEAM setting; "beam": True runs the step with it.
 PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
@@ -46,9 +47,10 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("correctness", "correctness", 120, {}),
     ("fp16", "speed", 120, {"bits": 16}),
     ("q4", "speed", 120, {"bits": 4}),
+    (CHANGED_NODES, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "changed"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
-    ("kernels", "kernels", 90, {}),
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
+    ("kernels", "kernels", 90, {}),
     ("peer", "peer", 90, {}),
     ("fp16 prompt chunks of 512", "speed", 120, {"bits": 16, "buckets": [16, 64, 512]}),
     ("fp16 tinygrad options", "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_GPU_MATVEC": "0"}}),
@@ -207,9 +209,16 @@ def w_memory(a: dict[str, Any]) -> None:
 def graph_state(eng: Any) -> str:
     """How the engine's decode step runs: as a device graph, kernel by kernel (the device has no graphs, or
     JIT=2), or kernel by kernel after a graph failed."""
+    from tinygrad import Device
+
     from cluster.engine.shard import uses_graphs
 
-    return "fell back" if not eng.jit_graphs else "graph" if uses_graphs(eng._decode_jit) else "kernels"
+    if not eng.jit_graphs:
+        return "fell back"
+    if not uses_graphs(eng._decode_jit):
+        return "kernels"
+    runner = Device[eng.device].graph
+    return "graph" if getattr(runner, "__name__", "") != "ChangedNodesCUDAGraph" else "graph (changed nodes)"
 
 
 def run_tokens(shards: list[Any], prompt: list[int], n: int) -> list[int]:
@@ -338,13 +347,15 @@ def w_speed(a: dict[str, Any]) -> None:
     token = eng.forward(sid, prompt).token
     for _ in range(2):
         token = eng.forward(sid, np.array([token])).token
-    steps = []
+    steps, tokens = [], []
     for _ in range(a["tokens"]):
         t0 = time.perf_counter()
         token = eng.forward(sid, np.array([token])).token
         steps.append(time.perf_counter() - t0)
+        tokens.append(token)
     assert token is not None
     emit(
+        decode_tokens=tokens,  # greedy, from the same prompt: variants of the same kernels must agree
         decode_tok_s=len(steps) / sum(steps),
         step_ms_median=1e3 * statistics.median(steps),
         step_ms_min=1e3 * min(steps),
@@ -1021,6 +1032,10 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
         ("zero compilations after warm-up", (max(compiles) == 0) if compiles else None),
     ]
     by_label = {r.label: r.merged for r in rows}
+    changed, fp16_tokens = by_label.get(CHANGED_NODES, {}), by_label.get("fp16", {}).get("decode_tokens")
+    if "decode_tokens" in changed and fp16_tokens and changed.get("graphs") == "graph (changed nodes)":
+        same = changed["decode_tokens"] == fp16_tokens
+        targets.append((f"{CHANGED_NODES}: the greedy tokens of fp16 ({len(fp16_tokens)})", same))
     for label, second in by_label.items():
         first = by_label.get(label.removesuffix(SECOND), {})
         if label.endswith(SECOND) and "warmup_s" in first and "warmup_s" in second:

@@ -215,6 +215,10 @@ class ShardEngine:
                 gpu_matvec.enable()
             if replay_graph and self.device.split(":")[0] == "CL":
                 launch_graph.enable(self.device)
+            if self.device.split(":")[0] == "CUDA" and os.environ.get("CLUSTERCTL_CUDA_GRAPH") == "changed":
+                from cluster.engine import cuda_graph  # loads tinygrad's CUDA bindings: only on CUDA
+
+                cuda_graph.enable(self.device)
         end = self.cfg.num_layers if end_layer is None else end_layer
         self.max_context = min(max_context, self.cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(prefill_buckets)))
