@@ -26,7 +26,6 @@ from tinygrad.uop.ops import UOp, sym_infer
 log = logging.getLogger(__name__)
 
 
-
 class ChangedNodesCUDAGraph(CUDAGraph):  # type: ignore[misc]
     """tinygrad's CUDAGraph, replayed with only the changed nodes sent to the driver."""
 
