@@ -26,7 +26,7 @@ from tinygrad.uop.ops import UOp, sym_infer
 log = logging.getLogger(__name__)
 
 
-class ChangedNodesCUDAGraph(CUDAGraph):  # type: ignore[misc]
+class ChangedNodesCUDAGraph(CUDAGraph):
     """tinygrad's CUDAGraph, replayed with only the changed nodes sent to the driver."""
 
     def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
