@@ -50,6 +50,8 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     (CHANGED_NODES, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "changed"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
+    # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
+    ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),
     ("kernels", "kernels", 90, {}),
     ("peer", "peer", 90, {}),
     ("fp16 prompt chunks of 512", "speed", 120, {"bits": 16, "buckets": [16, 64, 512]}),
