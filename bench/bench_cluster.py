@@ -136,7 +136,7 @@ class Run:
     decode_tok_s: float
     tokens: int
     prompt_tokens: int
-    shards: list[dict[str, Any]]  # the coordinating node's timing of each shard: node, layers, engine_ms, step_ms
+    shards: list[dict[str, Any]]  # the coordinating node's timing of each shard: node, layers, engine_ms, wait_ms
 
 
 @dataclass
@@ -164,7 +164,7 @@ class Result:
             {
                 "shard": f"{first['node']} [{first['layers'][0]}, {first['layers'][1]})",
                 "engine_ms": statistics.median(run.shards[i]["engine_ms"] for run in self.runs),
-                "wait_ms": statistics.median(run.shards[i]["step_ms"] for run in self.runs),
+                "wait_ms": statistics.median(run.shards[i]["wait_ms"] for run in self.runs),
             }
             for i, first in enumerate(self.runs[0].shards)
         ]

@@ -362,7 +362,7 @@ class _Output:
                     "ttft_ms": round(timing["ttft_ms"], 2),
                     "decode_tok_s": round(timing["decode_tok_s"], 2),
                     "shards": [
-                        {**t, "engine_ms": round(t["engine_ms"], 3), "step_ms": round(t["step_ms"], 3)} for t in shards
+                        {**t, "engine_ms": round(t["engine_ms"], 3), "wait_ms": round(t["wait_ms"], 3)} for t in shards
                     ],
                 },
             }
@@ -378,7 +378,7 @@ class _Output:
 def describe_shard_times(shards: list[dict[str, Any]]) -> str:
     """Where a decode step's time went, shard by shard: "n1 layers 0-8 2.9 ms (engine 2.1 ms), ..."."""
     return ", ".join(
-        f"{t['node']} layers {t['layers'][0]}-{t['layers'][1]} {t['step_ms']:.1f} ms (engine {t['engine_ms']:.1f} ms)"
+        f"{t['node']} layers {t['layers'][0]}-{t['layers'][1]} {t['wait_ms']:.1f} ms (engine {t['engine_ms']:.1f} ms)"
         for t in shards
     )
 

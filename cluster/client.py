@@ -193,7 +193,7 @@ class _Assembler:
             "total_tokens": d.usage.total_tokens,
         }
         shards = [
-            {"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "step_ms": t.step_ms}
+            {"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "wait_ms": t.wait_ms}
             for t in d.timing.shards
         ]
         timing = {"ttft_ms": d.timing.ttft_ms, "decode_tok_s": d.timing.decode_tok_s, "shards": shards}

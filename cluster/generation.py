@@ -122,16 +122,16 @@ def _reusable(cached: list[int], prompt: list[int]) -> int:
     return min(len(os.path.commonprefix([cached, prompt])), len(prompt) - 1)
 
 
-def shard_time(shard: Any, result: StepResult, call_ms: float) -> list[ShardTime]:
+def shard_time(shard: Any, result: StepResult, wait_ms: float) -> list[ShardTime]:
     """What a shard's step cost, for the timing summary. A shard made of shards (a Chain) reports theirs."""
     if result.times:
         return result.times
     start, end = getattr(shard, "layers", (0, 0))
-    return [ShardTime(getattr(shard, "node", "") or "local", start, end, result.engine_ms, call_ms)]
+    return [ShardTime(getattr(shard, "node", "") or "local", start, end, result.engine_ms, wait_ms)]
 
 
 def shard_times_dicts(times: Sequence[ShardTime]) -> list[dict[str, Any]]:
-    return [{"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "step_ms": t.call_ms} for t in times]
+    return [{"node": t.node, "layers": [t.start, t.end], "engine_ms": t.engine_ms, "wait_ms": t.wait_ms} for t in times]
 
 
 def mean_shard_times(steps: Sequence[Sequence[ShardTime]]) -> list[ShardTime]:
@@ -142,7 +142,7 @@ def mean_shard_times(steps: Sequence[Sequence[ShardTime]]) -> list[ShardTime]:
         for t in times:
             acc = sums.setdefault((t.node, t.start, t.end), [0.0, 0.0, 0])
             acc[0] += t.engine_ms
-            acc[1] += t.call_ms
+            acc[1] += t.wait_ms
             acc[2] += 1
     means = [ShardTime(node, start, end, e / n, c / n) for (node, start, end), (e, c, n) in sums.items()]
     return sorted(means, key=lambda t: t.start)

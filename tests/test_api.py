@@ -60,7 +60,7 @@ def test_chat_streamed_equals_not_streamed_and_matches_the_sdk(client, pair, mod
     shards = whole.model_extra["timing"]["shards"]
     assert shards[0]["layers"][0] == 0 and shards[-1]["layers"][1] == 6
     assert all(a["layers"][1] == b["layers"][0] for a, b in zip(shards, shards[1:], strict=False))
-    assert all(0 < s["engine_ms"] < s["step_ms"] for s in shards) and {s["node"] for s in shards} <= {"front", "back"}
+    assert all(0 < s["engine_ms"] < s["wait_ms"] for s in shards) and {s["node"] for s in shards} <= {"front", "back"}
     pieces = []
     usage = None
     for chunk in client.chat.completions.create(

@@ -122,14 +122,14 @@ def test_the_result_times_every_shard_of_a_split(engines, tok):
     result = items[-1]
     assert result.tokens == ref["greedy_ids"][:5]
     assert [(t.node, t.start, t.end) for t in result.shards] == [("local", 0, 2), ("local", 2, 4)]
-    assert all(0 < t.engine_ms <= t.call_ms for t in result.shards)
+    assert all(0 < t.engine_ms <= t.wait_ms for t in result.shards)
     timing = result.timing()
     assert timing["shards"][1] == {
         "node": "local",
         "layers": [2, 4],
         "engine_ms": result.shards[1].engine_ms,
-        "step_ms": result.shards[1].call_ms,
+        "wait_ms": result.shards[1].wait_ms,
     }
     # the steps' own split: the last token's step carried both shares
     steps = 1 / result.decode_tok_s * 1e3  # mean ms of a decode step
-    assert sum(t.call_ms for t in result.shards) <= steps * 1.05
+    assert sum(t.wait_ms for t in result.shards) <= steps * 1.05

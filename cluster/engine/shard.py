@@ -79,7 +79,7 @@ class ShardTime:
     start: int
     end: int
     engine_ms: float
-    call_ms: float
+    wait_ms: float
 
 
 @dataclass

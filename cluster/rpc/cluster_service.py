@@ -64,7 +64,7 @@ def _chunk_to_pb(item: TokenChunk | GenerationResult) -> pb.GenerateChunk:
                 ttft_ms=item.ttft_ms,
                 decode_tok_s=item.decode_tok_s,
                 shards=[
-                    pb.ShardTiming(node=t.node, start=t.start, end=t.end, engine_ms=t.engine_ms, step_ms=t.call_ms)
+                    pb.ShardTiming(node=t.node, start=t.start, end=t.end, engine_ms=t.engine_ms, wait_ms=t.wait_ms)
                     for t in item.shards
                 ],
             ),
