@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from cluster.chain import Cancellation, Chain, ShardUnavailableError
 from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
-from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults
+from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults, shard_times_dicts
 from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
@@ -64,6 +64,7 @@ class ModelStats:
     tokens: int = 0
     ttft_ms: float = 0.0
     decode_tok_s: float = 0.0
+    shards: list[dict[str, Any]] = field(default_factory=list)  # the last decode's split, as in `run --json`
 
     def record(self, result: GenerationResult) -> None:
         self.requests += 1
@@ -71,6 +72,7 @@ class ModelStats:
         self.ttft_ms = result.ttft_ms
         if len(result.tokens) > 1:
             self.decode_tok_s = result.decode_tok_s
+            self.shards = shard_times_dicts(result.shards)
 
 
 @dataclass

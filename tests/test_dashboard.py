@@ -176,6 +176,14 @@ def test_nodes_layers_and_a_streamed_chat(cluster, page: Page, tmp_path):
     expect(card.locator('[data-stat="requests"]')).to_have_text(str(requests_before + 1), timeout=10_000)
     assert float(card.locator('[data-stat="decode_tok_s"]').inner_text()) > 0
     assert float(card.locator('[data-stat="ttft_ms"]').inner_text()) > 0
+    # and where its decode steps went: each node's shard, its wait and its engine time per token
+    split = card.locator(f'[data-split="{MODEL}"] [data-shard-time]')
+    expect(split).to_have_count(2)
+    layers = {n["name"]: [s["layers"] for s in n["shards"] if s["model_id"] == MODEL][0] for n in status["nodes"]}
+    for name in NAMES:
+        first, end = layers[name]
+        expect(card.locator(f'[data-shard-time="{name}"]')).to_contain_text(f"{name} [{first}, {end}) ")
+    assert all(" ms (engine " in text for text in split.all_inner_texts())
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
