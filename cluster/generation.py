@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any, Protocol
 
 import numpy as np
@@ -137,14 +138,12 @@ def shard_times_dicts(times: Sequence[ShardTime]) -> list[dict[str, Any]]:
 def mean_shard_times(steps: Sequence[Sequence[ShardTime]]) -> list[ShardTime]:
     """Each shard's mean share over `steps`, in layer order. A shard replaced mid-generation (a lost node) counts
     over the steps it served."""
-    sums: dict[tuple[str, int, int], list[float]] = {}
-    for times in steps:
-        for t in times:
-            acc = sums.setdefault((t.node, t.start, t.end), [0.0, 0.0, 0])
-            acc[0] += t.engine_ms
-            acc[1] += t.wait_ms
-            acc[2] += 1
-    means = [ShardTime(node, start, end, e / n, c / n) for (node, start, end), (e, c, n) in sums.items()]
+    served: dict[tuple[str, int, int], list[ShardTime]] = {}
+    for t in (t for times in steps for t in times):
+        served.setdefault((t.node, t.start, t.end), []).append(t)
+    means = [
+        ShardTime(*shard, fmean(t.engine_ms for t in ts), fmean(t.wait_ms for t in ts)) for shard, ts in served.items()
+    ]
     return sorted(means, key=lambda t: t.start)
 
 
