@@ -16,7 +16,7 @@ from tinygrad.codegen import do_to_program
 from tinygrad.codegen.opt import tc
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.device import Compiler
-from tinygrad.helpers import Target
+from tinygrad.helpers import Context, Target
 from tinygrad.renderer.cstyle import CUDARenderer
 from tinygrad.uop.ops import Ops
 
@@ -93,15 +93,20 @@ def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
     assert len(gpu_forms) > seen and all(p is None for p in gpu_forms[seen:])  # no local memory: not a GPU kernel
 
 
-def _cuda_source(t: Tensor) -> str:
+def _cuda_sources(t: Tensor) -> list[str]:
+    """The CUDA source of every kernel realizing `t` would run, in order."""
     ren = CUDARenderer.__new__(CUDARenderer)  # rendering needs no NVRTC: no compiler is made
     ren.target, ren.compiler, ren.tensor_cores = Target(device="CUDA", arch="sm_90"), Compiler(), tc.get_cuda("sm_90")
-    calls = scheduled_kernels(t)
-    ast = calls[-1]
-    k = Scheduler(ast, ren)
-    assert k.ren.has_local
-    prg = do_to_program(ast.replace(arg=dataclasses.replace(ast.arg)), ren)
-    return next(u for u in prg.src if u.op is Ops.SOURCE).arg
+    out = []
+    for ast in scheduled_kernels(t):
+        assert Scheduler(ast, ren).ren.has_local
+        prg = do_to_program(ast.replace(arg=dataclasses.replace(ast.arg)), ren)
+        out.append(next(u for u in prg.src if u.op is Ops.SOURCE).arg)
+    return out
+
+
+def _cuda_source(t: Tensor) -> str:
+    return _cuda_sources(t)[-1]
 
 
 def test_the_cuda_kernel_of_a_1b_sized_matvec_loads_16_bytes_a_thread(gpu_forms):
@@ -115,6 +120,25 @@ def test_the_cuda_kernel_of_a_1b_sized_matvec_loads_16_bytes_a_thread(gpu_forms)
     q4 = decoder.QuantLinear(packed, scales, scales, QuantSpec(bits=4, group_size=64), dtypes.half)
     assert "uint4 val" in _cuda_source(q4(x))  # 4 words (32 values) in one 128-bit load
     assert Device.DEFAULT == "CPU"  # nothing here ran on a GPU
+
+
+def test_a_long_reduction_to_one_value_is_spread_over_a_block_and_equals_numpy(gpu_forms, monkeypatch):
+    """RMSNorm's mean of squares over 2048 values: 32 threads of 8 values a load, not tinygrad's 16 threads that
+    each walk 128 values one at a time (latency-bound on a GPU, bench/cuda_census.py)."""
+    plans: list = []
+    real = gpu_matvec.reduction_plan
+    monkeypatch.setattr(gpu_matvec, "reduction_plan", lambda k: plans.append(p := real(k)) or p)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 1, 2048)).astype(np.float16)
+    w = rng.uniform(0.5, 1.5, 2048).astype(np.float16)
+    with Context(PARALLEL=0):  # two kernels: compiled in this process, where the plans are recorded
+        out = decoder.RMSNorm(Tensor(w, device="PYTHON"), 1e-5)(Tensor(x, device="PYTHON")).numpy()
+    xf = x[0, 0].astype(np.float64)
+    np.testing.assert_allclose(out[0, 0], xf / np.sqrt((xf**2).mean() + 1e-5) * w, atol=5e-3, rtol=5e-3)
+    assert [p[1:] for p in plans if p is not None] == [(8, 32)]  # 8 fp16 a load (16 bytes), 32 threads
+    norm = decoder.RMSNorm(Tensor.empty(2048, dtype=dtypes.half, device="CPU"), 1e-5)
+    mean = _cuda_sources(norm(Tensor.empty(1, 1, 2048, dtype=dtypes.half, device="CPU")))[0]
+    assert "__launch_bounds__(32)" in mean and "half4 val" in mean  # one block of 32 threads, vector loads
 
 
 def test_a_quantized_prompt_chunk_is_dequantized_first_and_equals_numpy(gpu_forms):

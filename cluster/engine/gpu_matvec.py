@@ -27,7 +27,7 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import worker
 from tinygrad.uop.ops import AxisType, Ops
 
-from cluster.engine.kernel_opts import axis_named, element_dtype, uses
+from cluster.engine.kernel_opts import axis_named, element_dtype, unit_stride, uses
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ WARP = 32  # threads that share one row
 LOAD_BYTES = 16  # per thread and step: one 128-bit load
 ROWS_PER_BLOCK = 4
 MIN_WEIGHT = 1 << 16  # elements; smaller products are not worth a special case
+REDUCTION_MAX_OUTPUTS = 2048  # below this tinygrad gives a reduction's outputs 16 threads each (GROUPTOP)
+REDUCTION_MIN_LENGTH = 512  # shorter ones walk at most 32 values a thread already
+REDUCTION_STEPS = 8  # loads per thread a long reduction is spread to
 
 _default_heuristic: Callable[[Scheduler], Scheduler] | None = None
 _default_worker_init: Callable[[], None] | None = None
@@ -111,10 +114,58 @@ def matvec_options(
     return out
 
 
+def reduction_plan(k: Scheduler) -> tuple[int, int, int] | None:
+    """(reduce axis, its unroll, threads per output) when `k` is a long reduction to few outputs that tinygrad
+    would give 16 threads each (RMSNorm's mean of squares, a sampler's maximum or sum over the vocabulary);
+    None for every other kernel. 16 threads walking 2048 values in turn are bound by memory latency, not
+    bandwidth: one such kernel runs per norm, 33 in the 1B model's decode step (bench/cuda_census.py)."""
+    if not (k.ren.has_local and k.ren.has_shared) or k.reduceop is None:
+        return None
+    if k.reduceop.arg[0] not in (Ops.ADD, Ops.MAX) or not all(isinstance(s, int) for s in k.full_shape):
+        return None
+    reduces, outputs = k.axes_of(AxisType.REDUCE), k.axes_of(AxisType.GLOBAL, AxisType.LOOP)
+    if len(reduces) != 1 or prod(k.full_shape[a] for a in outputs) > REDUCTION_MAX_OUTPUTS:
+        return None
+    axis, length = reduces[0], int(k.full_shape[reduces[0]])
+    if length < REDUCTION_MIN_LENGTH:
+        return None
+    reads = [b for b in k.bufs if uses(b, k.rngs[axis])]
+    # 16 bytes a load where every buffer the axis walks holds its values side by side (coalesced across threads)
+    vector = bool(reads) and all(unit_stride(b, k.rngs[axis]) for b in reads)
+    unroll = LOAD_BYTES // max(_itemsize(b) for b in reads) if vector else 1
+    if length % unroll:
+        unroll = 1
+    steps = length // unroll
+    # the fewest threads that leave each at most REDUCTION_STEPS loads: the partial sums meet in shared memory,
+    # which every thread then walks, so more threads than that cost more than they save
+    group = next((g for g in (32, 64, 128, 256) if steps % g == 0 and steps // g <= REDUCTION_STEPS), None)
+    return None if group is None else (axis, unroll, group)
+
+
+def reduction_options(k: Scheduler) -> Scheduler | None:
+    """`k` with reduction_plan's options applied (on a copy), or None where the plan does not apply."""
+    plan = reduction_plan(k)
+    if plan is None:
+        return None
+    axis, unroll, group = plan
+    name = k.rngs[axis].arg
+    out = k.copy()
+    try:
+        if unroll > 1:
+            out.apply_opt(Opt(OptOps.UNROLL, out.unrollable_dims.index(axis_named(out, name)), unroll))
+        out.apply_opt(Opt(OptOps.GROUP, out.axes_of(AxisType.REDUCE).index(axis_named(out, name)), group))
+    except KernelOptError as e:
+        log.debug("tinygrad's options for %s: %s", k.full_shape, e)
+        return None
+    return out
+
+
 def _optimize(k: Scheduler) -> Scheduler:
-    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products."""
+    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products and a block of
+    threads for each output of a long reduction."""
     assert _default_heuristic is not None
-    return matvec_options(k) or _default_heuristic(k)  # tinygrad's heuristic works on a copy of k
+    # tinygrad's heuristic works on a copy of k
+    return matvec_options(k) or reduction_options(k) or _default_heuristic(k)
 
 
 def default_options(k: Scheduler) -> Scheduler:

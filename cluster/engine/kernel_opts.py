@@ -12,8 +12,9 @@ from tinygrad.uop.ops import Ops, UOp
 
 
 def uses(buf: Any, rng: Any) -> bool:
-    """Whether the range `rng` takes part in the index of the kernel buffer `buf`."""
-    return rng in buf.src[1].get_idx().backward_slice
+    """Whether the range `rng` takes part in the index of the kernel buffer `buf` (or is that index)."""
+    idx = buf.src[1].get_idx()
+    return idx is rng or rng in idx.backward_slice
 
 
 def unit_stride(buf: Any, rng: Any) -> bool:

@@ -248,7 +248,12 @@ class Block:
         h = m["attn_norm"](x)
         q = m["q"](h).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = m["k"](h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = m["v"](h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = m["v"](h)
+        if not cpu_codegen(v):
+            # on GPUs realized on its own: left lazy, it was computed inside the cache write below, once for each of
+            # k's and v's slots, by 16 threads a row reading strided (bench/cuda_census.py); CPUs lost ~3% with it
+            v = v.contiguous()
+        v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = m["q_norm"](q), m["k_norm"](k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)

@@ -1,0 +1,202 @@
+"""The kernels a decode step would launch on an NVIDIA GPU, read on any machine without one.
+
+The engine runs on tinygrad's NULL device with the CUDA renderer (`DEV=NULL:CUDA:sm_90`): every kernel is
+scheduled, optimized (gpu_matvec included) and rendered as CUDA exactly as on a GPU, but nothing is compiled
+or run. For each kernel of the captured decode and greedy-sampler graphs this prints the launch (blocks x
+threads), the steps each thread walks in its loops, its loads per thread, and the bytes it touches, at a
+chosen position. A kernel of few threads that each walk a long loop is bound by memory latency, not
+bandwidth: on a GPU it costs tens of microseconds however few bytes it reads.
+
+    .venv/bin/python bench/cuda_census.py --preset llama-3.2-1b --position 576
+    .venv/bin/python bench/cuda_census.py --model DIR --json
+
+This is structure, not time: the GPU bench (bench_gpu.py's profile step) measures the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# before tinygrad is imported: the NULL device with the CUDA renderer, compiled in this process (below)
+os.environ.setdefault("DEV", "NULL:CUDA:sm_90")
+os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")  # the engine reads its (meaningless) outputs back
+os.environ.setdefault("PARALLEL", "0")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from tinygrad.device import Compiler  # noqa: E402
+from tinygrad.helpers import ansistrip  # noqa: E402
+from tinygrad.renderer.cstyle import CUDARenderer  # noqa: E402
+from tinygrad.uop.ops import AddrSpace, Ops, UOp, sym_infer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# many loads in turn by few threads: latency-bound on a GPU (an H200 holds ~270k resident threads)
+FEW_THREADS, LONG_LOOP = 32768, 64
+
+
+def render_only() -> None:
+    """CUDA kernels rendered without a compiler: NVRTC need not be installed, and the NULL device runs nothing."""
+    init = CUDARenderer.__init__
+    if getattr(init, "render_only", False):
+        return
+
+    def no_compiler(self: CUDARenderer, target: Any, use_nvcc: bool = False) -> None:
+        init(self, target, use_nvcc=True)  # NVCCCompiler only remembers its arguments; NVRTC would load a library
+        self.compiler = Compiler()
+
+    no_compiler.render_only = True  # type: ignore[attr-defined]
+    CUDARenderer.__init__ = no_compiler  # type: ignore[method-assign]
+
+
+@dataclass
+class Kernel:
+    graph: str  # decode or greedy
+    name: str
+    blocks: int
+    threads_per_block: int
+    loop_steps: int  # loop iterations one thread walks, nested loops multiplied out
+    loads: int  # loads from global memory one thread issues (a vector load counts once)
+    shared_loads: int  # loads from shared memory one thread issues
+    mbytes: float  # distinct bytes the kernel reads and writes (tinygrad's estimate)
+    source: str
+
+    @property
+    def threads(self) -> int:
+        return self.blocks * self.threads_per_block
+
+    @property
+    def latency_bound(self) -> bool:
+        return self.threads < FEW_THREADS and self.loads >= LONG_LOOP
+
+
+def calls(captured: Any) -> list[UOp]:
+    """The kernel calls of a captured JIT, graph batches expanded."""
+    out: list[UOp] = []
+    for call in captured.linear.src:
+        ast = call.src[0]
+        out += list(ast.src[0].src) if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call]
+    return out
+
+
+def _size(u: UOp, var_vals: dict[str, int]) -> int:
+    return int(sym_infer(u.ssimplify() if isinstance(u, UOp) else u, var_vals))
+
+
+def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
+    from tinygrad.renderer import Estimates
+
+    prg = call.src[0]
+    if prg.op is not Ops.PROGRAM:
+        return None  # a copy
+    info, linear = prg.arg, prg.src[1].src
+    global_size, local_size = info.launch_dims(var_vals)
+    steps, loads, mult = 0, Counter[AddrSpace](), [1]
+    for u in linear:
+        if u.op is Ops.RANGE:
+            mult.append(mult[-1] * _size(u.src[0], var_vals))
+            steps += mult[-1]
+        elif u.op is Ops.END:
+            mult.pop()
+        elif u.op is Ops.LOAD:
+            loads[u.src[0].addrspace] += mult[-1]
+    mem = Estimates.from_uops(linear).mem
+    source = next(u.arg for u in prg.src if u.op is Ops.SOURCE)
+    return Kernel(
+        graph,
+        ansistrip(info.name),
+        math.prod(global_size),
+        math.prod(local_size or (1,)),
+        steps,
+        loads[AddrSpace.GLOBAL],
+        loads[AddrSpace.LOCAL],
+        _size(mem, var_vals) / 1e6 if isinstance(mem, UOp) else mem / 1e6,
+        source,
+    )
+
+
+def census(model_dir: str | Path, position: int, max_context: int = 1024) -> list[Kernel]:
+    """Every kernel of one decode step (decode graph, then the greedy sampler's) at `position` filled ones."""
+    render_only()
+    from cluster.engine.shard import ShardEngine
+    from cluster.models.decoder import ATTN_BLOCK, attention_span
+
+    eng = ShardEngine(model_dir, device="NULL", max_context=max(max_context, position + 2))
+    eng.warmup()
+    var_vals = {"start_pos": position, "attention_blocks": attention_span(position + 1) // ATTN_BLOCK, "last_row": 0}
+    out = []
+    for graph, jit in (("decode", eng._decode_jit), ("greedy", eng._greedy_jit), ("sample", eng._sample_jit)):
+        if jit.captured is not None:
+            out += [k for c in calls(jit.captured) if (k := describe(graph, c, var_vals)) is not None]
+    return out
+
+
+def table(kernels: list[Kernel], model: str, position: int) -> str:
+    lines = [
+        f"### CUDA kernels of one decode step: {model}, position {position} (sm_90, rendered on the NULL device)",
+        "",
+        f"{sum(k.graph == 'decode' for k in kernels)} decode kernels + {sum(k.graph == 'greedy' for k in kernels)}"
+        f" greedy-sampler kernels; latency-bound (fewer than {FEW_THREADS} threads, {LONG_LOOP}+ global loads each):"
+        f" {sum(k.latency_bound for k in kernels)}",
+        "",
+        "| graph | kernel | count | blocks x threads | loop steps / thread | global loads / thread |"
+        " shared loads / thread | MB | latency-bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    seen: Counter[tuple[str, str, int, int, int, int, int]] = Counter()
+    first: dict[tuple[str, str, int, int, int, int, int], Kernel] = {}
+    for k in kernels:
+        key = (k.graph, k.name, k.blocks, k.threads_per_block, k.loop_steps, k.loads, k.shared_loads)
+        seen[key] += 1
+        first.setdefault(key, k)
+    for key, n in seen.items():
+        k = first[key]
+        lines.append(
+            f"| {k.graph} | `{k.name}` | {n} | {k.blocks} x {k.threads_per_block} | {k.loop_steps} | {k.loads} |"
+            f" {k.shared_loads} | {k.mbytes:.3f} | {'**yes**' if k.latency_bound else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="llama-3.2-1b", help="a bench checkpoint (built when missing)")
+    src.add_argument("--model", help="a checkpoint directory")
+    ap.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="the preset's 4/8-bit MLX form")
+    ap.add_argument("--position", type=int, default=576, help="positions already in the cache")
+    ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
+    ap.add_argument("--sources", help="write each distinct kernel's CUDA source to this directory")
+    ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
+    args = ap.parse_args(argv)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from random_checkpoint import ensure_checkpoint
+
+        model_dir, _ = ensure_checkpoint(args.preset, Path(args.cache_dir), bits=args.bits)
+    kernels = census(model_dir, args.position)
+    if args.sources:
+        out = Path(args.sources)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, k in enumerate(kernels):
+            name = "".join(c if c.isalnum() or c in "_-" else "_" for c in k.name)
+            (out / f"{i:03d}_{k.graph}_{name}.cu").write_text(k.source)
+    if args.json:
+        for k in kernels:
+            print(json.dumps({**{f: v for f, v in asdict(k).items() if f != "source"}, "threads": k.threads}))
+    else:
+        print(table(kernels, model_dir.name, args.position))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
