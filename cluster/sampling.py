@@ -14,9 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-# Bisection steps for the top-k / top-p thresholds: resolution max_prob / 2**20, far below any real gap.
-_BISECT_STEPS = 20
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -53,26 +50,85 @@ class SamplingParams:
         )
 
 
-def _pick(logits: Tensor, token: Tensor) -> Tensor:
-    """(2,) float32: the chosen id and its logprob under the raw logits."""
-    logprobs = logits.log_softmax(-1)  # (V,)
-    onehot = Tensor.arange(logits.shape[-1]).to(logits.device) == token
-    return Tensor.stack(token.float(), onehot.where(logprobs, 0.0).sum())
+# The vocabulary is laid out as rows of ROW ids, the last one padded: every pass over it is then a reduction of
+# each row (long and contiguous, so a GPU block shares one: gpu_matvec.reduction_plan) and a short one over the
+# rows. Reduced whole, a vocabulary of 128256 split into 256 parts of 501 ids, each walked by one GPU thread in
+# turn (bench/cuda_census.py).
+ROW = 1024
+ROWS_ALIGN = 32  # rows come in whole groups of this many, so the reductions over them split evenly too
+# Thresholds for top-k and top-p are searched SEARCH_WAYS ways per pass over the vocabulary, SEARCH_ROUNDS
+# passes: a resolution of max_prob / 16**5 = max_prob / 2**20, far below any real gap, in 5 passes, not 20.
+SEARCH_WAYS, SEARCH_ROUNDS = 16, 5
+
+
+def _rows(flat: Tensor, fill: float) -> Tensor:
+    """(V,) -> (R, ROW), the ids past V filled with `fill`."""
+    V = int(flat.shape[0])
+    R = -(-V // (ROW * ROWS_ALIGN)) * ROWS_ALIGN
+    return flat.pad((0, R * ROW - V), value=fill).reshape(R, ROW)
+
+
+def _ids(rows: Tensor) -> Tensor:
+    """(R, ROW) int32: each entry's id."""
+    R = int(rows.shape[0])
+    return Tensor.arange(R * ROW, dtype=dtypes.int32).to(rows.device).reshape(R, ROW)
+
+
+# Every reduction below ends its row step with .contiguous(): a kernel boundary. Without it tinygrad fuses the row
+# step into whatever reads the (R,) result and recomputes it there, by a handful of threads (the greedy argmax ran
+# as one thread walking every id 3 times).
+
+
+def _max(rows: Tensor) -> Tensor:
+    """The maximum of an (R, ROW) tensor, as a realized scalar."""
+    return rows.max(-1).contiguous().max().contiguous()
+
+
+def _total(x: Tensor) -> Tensor:
+    """The sum of an (..., R, ROW) tensor's last two axes: each row's sum, then theirs."""
+    return x.sum(-1).contiguous().sum(-1).contiguous()
+
+
+def _prefix(x: Tensor) -> Tensor:
+    """(N,) -> (N,) inclusive prefix sums, as N sums over a triangle: each a reduction a GPU block shares, where
+    tinygrad's cumsum walks up to 256 values a thread in turn."""
+    n = int(x.shape[0])
+    i = Tensor.arange(n).to(x.device)
+    return (i.unsqueeze(0) <= i.unsqueeze(1)).where(x.unsqueeze(0), 0.0).sum(-1).contiguous()
+
+
+def _first_max(rows: Tensor, top: Tensor) -> Tensor:
+    """int32: the first id whose value equals `top` (the maximum): the smallest id among the rows' hits."""
+    return (rows == top).where(_ids(rows), 2**31 - 1).min(-1).contiguous().min().contiguous()
+
+
+def _logprob(rows: Tensor, top: Tensor, token: Tensor) -> Tensor:
+    """log-softmax of the raw logits at `token`; `top` is their maximum."""
+    at = _total((_ids(rows) == token).where(rows, 0.0))
+    return at - top - _total((rows - top).exp()).log()
 
 
 def greedy(logits: Tensor) -> Tensor:
-    # logits: (1, V) float32
-    flat = logits.reshape(-1)
-    return _pick(flat, flat.argmax().cast(dtypes.int32))
+    """(2,) float32: the argmax id (the first, on ties) and its logprob. logits (1, V) float32."""
+    rows = _rows(logits.reshape(-1), float("-inf"))
+    top = _max(rows)
+    # the chosen id holds the maximum: its logprob is -log(sum(exp(logits - max))), no lookup needed
+    return Tensor.stack(_first_max(rows, top).float(), -_total((rows - top).exp()).log())
 
 
-def _threshold(probs: Tensor, enough) -> Tensor:
-    """Largest t in [0, max(probs)] with enough(probs >= t) true, by bisection (enough is monotone)."""
-    lo, hi = probs.max() * 0, probs.max()
-    for _ in range(_BISECT_STEPS):
-        mid = (lo + hi) / 2
-        ok = enough(probs >= mid)
-        lo, hi = ok.where(mid, lo), ok.where(hi, mid)
+def _threshold(probs: Tensor, measure, target: Tensor) -> Tensor:
+    """Largest t in [0, max(probs)] on a grid of max / 2**20 with measure(probs >= t) >= target (measure falls as
+    t rises): SEARCH_WAYS - 1 candidates measured per pass, the interval shrunk to the one that holds the answer."""
+    hi = _max(probs)
+    lo = hi * 0
+    steps = Tensor.arange(1, SEARCH_WAYS, dtype=dtypes.float32).to(probs.device)  # (W-1,)
+    for _ in range(SEARCH_ROUNDS):
+        width = (hi - lo) / SEARCH_WAYS
+        candidates = lo + width * steps  # (W-1,), rising
+        ok = measure(probs.unsqueeze(0) >= candidates.reshape(-1, 1, 1)) >= target  # a prefix of the candidates
+        below = ok.sum().float()  # candidates that pass: the answer lies in [lo + below*width, lo + (below+1)*width)
+        bounds = Tensor.stack(lo + below * width, lo + (below + 1) * width).contiguous()  # one kernel for both
+        lo, hi = bounds[0], bounds[1]
     return lo
 
 
@@ -82,20 +138,30 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     logits (1, V) float32; params (5,) = temperature, top_k, top_p, min_p, repetition_penalty;
     uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the penalty applies to. Returns (2,).
     """
-    flat = logits.reshape(-1)
-    V = int(flat.shape[0])
+    V = int(logits.shape[-1])
     temp, top_k, top_p, min_p, penalty = (params[i] for i in range(5))
+    rows = _rows(logits.reshape(-1), float("-inf"))  # (R, ROW)
+    seen_rows = _rows(seen, 0.0)
     # HF semantics: positive logits divided by the penalty, negative ones multiplied
-    penalised = (seen > 0).where((flat > 0).where(flat / penalty, flat * penalty), flat)
-    probs = (penalised / temp.maximum(1e-6)).softmax(-1)
-    t_k = (top_k > 0).where(_threshold(probs, lambda keep: keep.sum() >= top_k), 0.0)
-    t_p = (top_p < 1).where(_threshold(probs, lambda keep: keep.where(probs, 0.0).sum() >= top_p), 0.0)
-    t_min = min_p * probs.max()
-    kept = (probs >= t_k.maximum(t_p).maximum(t_min)).where(probs, 0.0)
-    cdf = kept.cumsum()
-    drawn = (cdf < uniform * cdf[-1]).sum().minimum(V - 1).cast(dtypes.int32)
-    token = (temp > 0).where(drawn, penalised.argmax().cast(dtypes.int32))
-    return _pick(flat, token)
+    penalised = (seen_rows > 0).where((rows > 0).where(rows / penalty, rows * penalty), rows)
+    top = _max(penalised)
+    weights = ((penalised - top) / temp.maximum(1e-6)).exp().contiguous()  # padding: exp(-inf) = 0
+    probs = (weights / _total(weights)).contiguous()
+    t_k = (top_k > 0).where(_threshold(probs, lambda keep: _total(keep.float()), top_k), 0.0)
+    t_p = (top_p < 1).where(_threshold(probs, lambda keep: _total(keep.where(probs.unsqueeze(0), 0.0)), top_p), 0.0)
+    t_min = min_p * _max(probs)
+    kept = (probs >= t_k.maximum(t_p).maximum(t_min)).where(probs, 0.0).contiguous()  # (R, ROW)
+    # inverse CDF in two steps: the rows wholly below the draw, then the ids below it inside the next row
+    row_mass = kept.sum(-1).contiguous()  # (R,)
+    row_cdf = _prefix(row_mass)
+    target = (uniform[0] * row_cdf[-1]).contiguous()
+    full = (row_cdf < target).sum().contiguous()  # rows wholly below the draw
+    row = (Tensor.arange(int(rows.shape[0])).to(rows.device).unsqueeze(1) == full).where(kept, 0.0).sum(0)  # (ROW,)
+    before = (row_cdf < target).where(row_mass, 0.0).sum().contiguous()
+    inside = (before + _prefix(row.contiguous()) < target).sum().contiguous()
+    drawn = (full * ROW + inside).minimum(V - 1).cast(dtypes.int32)
+    token = (temp > 0).where(drawn, _first_max(penalised, top))
+    return Tensor.stack(token.float(), _logprob(rows, _max(rows), token.contiguous()))
 
 
 def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -7,13 +7,16 @@ import pytest
 from conftest import log_softmax, reference
 from tinygrad import Tensor, TinyJit
 
-from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
+from cluster.sampling import ROW, SamplingParams, greedy, sample, top_logprobs
 
 V = 64
+# a vocabulary over several of the sampler's rows, the last one partly padding
+WIDE = 2 * ROW + 452
 
 
 def numpy_kept(logits: np.ndarray, p: SamplingParams, seen: np.ndarray) -> np.ndarray:
     """Probabilities after penalty, temperature, top-k, top-p and min-p (unnormalised, 0 = filtered)."""
+    V = logits.size
     x = logits.astype(np.float64)
     x = np.where(seen > 0, np.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
     probs = np.exp((x - x.max()) / p.temperature)
@@ -30,8 +33,14 @@ def numpy_kept(logits: np.ndarray, p: SamplingParams, seen: np.ndarray) -> np.nd
 
 
 @pytest.fixture(scope="module")
-def sampler():
-    return TinyJit(sample)
+def samplers():
+    """One captured sampling graph per vocabulary size."""
+    return {V: TinyJit(sample), WIDE: TinyJit(sample)}
+
+
+@pytest.fixture(scope="module")
+def sampler(samplers):
+    return samplers[V]
 
 
 CASES = [
@@ -43,11 +52,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("vocab", [V, WIDE])
 @pytest.mark.parametrize("params", CASES)
-def test_inverse_cdf_draws_match_numpy(sampler, params):
+def test_inverse_cdf_draws_match_numpy(samplers, params, vocab):
+    sampler = samplers[vocab]
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 2, V).astype(np.float32)
-    seen = (rng.random(V) < 0.3).astype(np.float32)
+    logits = rng.normal(0, 2 if vocab == V else 4, vocab).astype(np.float32)
+    seen = (rng.random(vocab) < 0.3).astype(np.float32)
     kept = numpy_kept(logits, params, seen)
     cdf = np.cumsum(kept) / kept.sum()
     lt, pt, st = Tensor(logits[None]).realize(), Tensor(params.as_array()).realize(), Tensor(seen).realize()
@@ -74,13 +85,23 @@ def test_temperature_zero_takes_the_penalised_argmax(sampler):
     assert int(token) == V - 2  # 2/10 < the runner-up's ~1.95
 
 
-def test_greedy_graph_and_top_logprobs():
-    logits = np.random.default_rng(1).normal(size=V).astype(np.float32)
+@pytest.mark.parametrize("vocab", [V, WIDE])
+def test_greedy_graph_and_top_logprobs(vocab):
+    logits = np.random.default_rng(1).normal(size=vocab).astype(np.float32)
     token, logprob = greedy(Tensor(logits[None])).tolist()
     assert int(token) == int(np.argmax(logits))
     top = top_logprobs(logits, 3)
     assert [i for i, _ in top] == list(np.argsort(-logits)[:3])
     assert top[0][1] == pytest.approx(logprob, abs=1e-5)
+    assert logprob == pytest.approx(log_softmax(logits)[int(token)], abs=1e-5)
+
+
+def test_greedy_takes_the_first_of_tied_maxima_across_rows():
+    logits = np.zeros(WIDE, np.float32)
+    logits[[ROW + 7, 5, 2 * ROW + 3]] = 3.0  # tied, in the second, first and third rows
+    assert int(greedy(Tensor(logits[None])).tolist()[0]) == 5
+    logits[5] = 0.0
+    assert int(greedy(Tensor(logits[None])).tolist()[0]) == ROW + 7
 
 
 def test_invalid_params_are_rejected():
