@@ -49,6 +49,8 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("q4", "speed", 120, {"bits": 4}),
     (CHANGED_NODES, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "changed"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
+    # q, k, v and gate, up as separate products (decoder.fused_projections): what stacking them gains
+    ("fp16 separate projections", "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_FUSED_PROJECTIONS": "0"}}),
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
     # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
     ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),
@@ -362,6 +364,17 @@ def w_speed(a: dict[str, Any]) -> None:
         step_ms_median=1e3 * statistics.median(steps),
         step_ms_min=1e3 * min(steps),
     )
+    # sampled as instruct models ship (generation_config.json): the sampler graph in place of the greedy one
+    from cluster.sampling import SamplingParams
+
+    sampled = SamplingParams(temperature=0.6, top_p=0.9, seed=0)
+    ssid = eng.new_session(sampling=sampled)
+    stoken = eng.forward(ssid, prompt, sampling=sampled).token
+    t0 = time.perf_counter()
+    for _ in range(SAMPLED_TOKENS):
+        stoken = eng.forward(ssid, np.array([stoken]), sampling=sampled).token
+    emit(sampled_tok_s=SAMPLED_TOKENS / (time.perf_counter() - t0))
+    eng.end_session(ssid)
     kernels, launches = decode_kernels(eng, sid, token)
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
     emit(**replay_split(eng, sid))
@@ -369,6 +382,7 @@ def w_speed(a: dict[str, Any]) -> None:
 
 
 HOST_PROFILE_STEPS = 30
+SAMPLED_TOKENS = 64
 HOST_PROFILE_TOP = 12
 
 
@@ -976,9 +990,9 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
     if not rows:
         return [], []
     out = [
-        "| variant | dtype | warm-up s | TTFT ms | decode tok/s | ms/token | kernels/step (launches) | graphs "
-        "| resident GB | achieved GB/s | floor tok/s | % of floor | compiles after warm-up |",
-        "|" + "---|" * 13,
+        "| variant | dtype | warm-up s | TTFT ms | decode tok/s | ms/token | sampled tok/s | kernels/step (launches) "
+        "| graphs | resident GB | achieved GB/s | floor tok/s | % of floor | compiles after warm-up |",
+        "|" + "---|" * 14,
     ]
     for r in rows:
         s = r.merged
@@ -990,7 +1004,8 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
             f"| {r.label}{'' if r.status == 'ok' else f' ({r.status})'} | {s.get('dtype', '—')} "
             f"| {fmt(s.get('warmup_s')) if 'warmup_s' in s else s.get('warmup_progress', '—')} "
             f"| {fmt(s.get('ttft_ms'))} | {fmt(tok_s)} "
-            f"| {fmt(s.get('step_ms_median'), '.2f')} | {kern} | {graphs} | {num(res_b and res_b / 1e9)} "
+            f"| {fmt(s.get('step_ms_median'), '.2f')} | {fmt(s.get('sampled_tok_s'))} | {kern} | {graphs} "
+            f"| {num(res_b and res_b / 1e9)} "
             f"| {num(tok_s and res_b and tok_s * res_b / 1e9)} | {num(floor)} "
             f"| {fmt(tok_s and floor and 100 * tok_s / floor, '.0f')}% | {s.get('compiles_after_warmup', '—')} |"
         )
@@ -1015,7 +1030,8 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
     out += [
         "",
         f"Decode: {cfg['tokens']} greedy tokens after 2 warm ones, wall clock per `forward`. TTFT: a fresh "
-        f"session's {cfg['prompt_len']}-token prompt, prefill plus the first token, median of 3. Kernels/step: the "
+        f"session's {cfg['prompt_len']}-token prompt, prefill plus the first token, median of 3. Sampled: "
+        f"{SAMPLED_TOKENS} tokens at temperature 0.6, top-p 0.9 (as instruct models ship). Kernels/step: the "
         "decode + greedy JITs' kernels (graph batches expanded); launches as GlobalCounters counted them. Compiles: "
         "kernels lowered + programs loaded after warm-up. A second start is a new process on the same CACHEDB.",
         "",

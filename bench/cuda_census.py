@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{i:03d}_{k.graph}_{name}.cu").write_text(k.source)
     if args.json:
         for k in kernels:
-            print(json.dumps({**{f: v for f, v in asdict(k).items() if f != "source"}, "threads": k.threads}))
+            fields = {f: v for f, v in asdict(k).items() if f != "source"}
+            print(json.dumps({**fields, "threads": k.threads, "latency_bound": k.latency_bound}))
     else:
         print(table(kernels, model_dir.name, args.position))
     return 0

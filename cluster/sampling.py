@@ -50,28 +50,35 @@ class SamplingParams:
         )
 
 
-# The vocabulary is laid out as rows of ROW ids, the last one padded: every pass over it is then a reduction of
-# each row (long and contiguous, so a GPU block shares one: gpu_matvec.reduction_plan) and a short one over the
-# rows. Reduced whole, a vocabulary of 128256 split into 256 parts of 501 ids, each walked by one GPU thread in
-# turn (bench/cuda_census.py).
-ROW = 1024
+# The vocabulary is laid out as rows (the last ones padded): every pass over it is then a reduction of each row
+# (long and contiguous, so a GPU block shares one: gpu_matvec.reduction_plan) and a short one over the rows.
+# Reduced whole, a vocabulary of 128256 split into 256 parts of 501 ids, each walked by one GPU thread in turn
+# (bench/cuda_census.py).
+ROW = 1024  # the longest row
 ROWS_ALIGN = 32  # rows come in whole groups of this many, so the reductions over them split evenly too
 # Thresholds for top-k and top-p are searched SEARCH_WAYS ways per pass over the vocabulary, SEARCH_ROUNDS
 # passes: a resolution of max_prob / 16**5 = max_prob / 2**20, far below any real gap, in 5 passes, not 20.
 SEARCH_WAYS, SEARCH_ROUNDS = 16, 5
 
 
+def layout(vocab: int) -> tuple[int, int]:
+    """(rows, row length) for a vocabulary: rows of up to ROW ids, a power of two, in whole groups of ROWS_ALIGN
+    rows, so at most twice the vocabulary (128256 -> 128 x 1024, 32000 -> 32 x 1024, 512 -> 32 x 16)."""
+    width = min(ROW, 1 << max(0, (-(-vocab // ROWS_ALIGN) - 1).bit_length()))
+    return -(-vocab // (width * ROWS_ALIGN)) * ROWS_ALIGN, width
+
+
 def _rows(flat: Tensor, fill: float) -> Tensor:
-    """(V,) -> (R, ROW), the ids past V filled with `fill`."""
+    """(V,) -> layout(V), the ids past V filled with `fill`."""
     V = int(flat.shape[0])
-    R = -(-V // (ROW * ROWS_ALIGN)) * ROWS_ALIGN
-    return flat.pad((0, R * ROW - V), value=fill).reshape(R, ROW)
+    R, C = layout(V)
+    return flat.pad((0, R * C - V), value=fill).reshape(R, C)
 
 
 def _ids(rows: Tensor) -> Tensor:
-    """(R, ROW) int32: each entry's id."""
-    R = int(rows.shape[0])
-    return Tensor.arange(R * ROW, dtype=dtypes.int32).to(rows.device).reshape(R, ROW)
+    """(R, C) int32: each entry's id."""
+    R, C = (int(n) for n in rows.shape)
+    return Tensor.arange(R * C, dtype=dtypes.int32).to(rows.device).reshape(R, C)
 
 
 # Every reduction below ends its row step with .contiguous(): a kernel boundary. Without it tinygrad fuses the row
@@ -80,12 +87,12 @@ def _ids(rows: Tensor) -> Tensor:
 
 
 def _max(rows: Tensor) -> Tensor:
-    """The maximum of an (R, ROW) tensor, as a realized scalar."""
+    """The maximum of an (R, C) tensor, as a realized scalar."""
     return rows.max(-1).contiguous().max().contiguous()
 
 
 def _total(x: Tensor) -> Tensor:
-    """The sum of an (..., R, ROW) tensor's last two axes: each row's sum, then theirs."""
+    """The sum of an (..., R, C) tensor's last two axes: each row's sum, then theirs."""
     return x.sum(-1).contiguous().sum(-1).contiguous()
 
 
@@ -140,7 +147,7 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     """
     V = int(logits.shape[-1])
     temp, top_k, top_p, min_p, penalty = (params[i] for i in range(5))
-    rows = _rows(logits.reshape(-1), float("-inf"))  # (R, ROW)
+    rows = _rows(logits.reshape(-1), float("-inf"))  # (R, C)
     seen_rows = _rows(seen, 0.0)
     # HF semantics: positive logits divided by the penalty, negative ones multiplied
     penalised = (seen_rows > 0).where((rows > 0).where(rows / penalty, rows * penalty), rows)
@@ -150,16 +157,16 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     t_k = (top_k > 0).where(_threshold(probs, lambda keep: _total(keep.float()), top_k), 0.0)
     t_p = (top_p < 1).where(_threshold(probs, lambda keep: _total(keep.where(probs.unsqueeze(0), 0.0)), top_p), 0.0)
     t_min = min_p * _max(probs)
-    kept = (probs >= t_k.maximum(t_p).maximum(t_min)).where(probs, 0.0).contiguous()  # (R, ROW)
+    kept = (probs >= t_k.maximum(t_p).maximum(t_min)).where(probs, 0.0).contiguous()  # (R, C)
     # inverse CDF in two steps: the rows wholly below the draw, then the ids below it inside the next row
     row_mass = kept.sum(-1).contiguous()  # (R,)
     row_cdf = _prefix(row_mass)
     target = (uniform[0] * row_cdf[-1]).contiguous()
     full = (row_cdf < target).sum().contiguous()  # rows wholly below the draw
-    row = (Tensor.arange(int(rows.shape[0])).to(rows.device).unsqueeze(1) == full).where(kept, 0.0).sum(0)  # (ROW,)
+    row = (Tensor.arange(int(rows.shape[0])).to(rows.device).unsqueeze(1) == full).where(kept, 0.0).sum(0)  # (C,)
     before = (row_cdf < target).where(row_mass, 0.0).sum().contiguous()
     inside = (before + _prefix(row.contiguous()) < target).sum().contiguous()
-    drawn = (full * ROW + inside).minimum(V - 1).cast(dtypes.int32)
+    drawn = (full * int(rows.shape[1]) + inside).minimum(V - 1).cast(dtypes.int32)
     token = (temp > 0).where(drawn, _first_max(penalised, top))
     return Tensor.stack(token.float(), _logprob(rows, _max(rows), token.contiguous()))
 

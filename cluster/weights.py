@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,8 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self.tensors.update(read_header(file))
-        self._pending: list[tuple[Tensor, TensorInfo, bool, int]] = []  # placeholder, tensor, raw, row_block
+        # placeholder, the tensors it stacks (usually one), raw, row_block
+        self._pending: list[tuple[Tensor, tuple[TensorInfo, ...], bool, int]] = []
 
     def _files(self) -> list[Path]:
         index = self.model_dir / "model.safetensors.index.json"
@@ -166,11 +167,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the config needs {list(shape)}"
             )
-        stored = getattr(dtypes, _DTYPES[info.dtype][0])
-        if raw:
-            dtype = stored
-        elif dtype is None:
-            dtype = dtypes.float32 if info.dtype == "BF16" else stored
+        dtype = _placeholder_dtype(info, dtype, raw)
         layout = info.shape
         if row_block > 1:
             if len(info.shape) != 2:
@@ -180,7 +177,26 @@ class Checkpoint:
                 raise ValueError(f"{name}: {out} rows do not split into blocks of {row_block}")
             layout = (out // row_block, cols, row_block)
         placeholder = Tensor.empty(*layout, dtype=dtype, device=device)
-        self._pending.append((placeholder, info, raw, row_block))
+        self._pending.append((placeholder, (info,), raw, row_block))
+        return placeholder
+
+    def load_rows(self, names: Sequence[str], device: str, dtype: DType | None = None, *, raw: bool = False) -> Tensor:
+        """One placeholder holding several tensors stacked along their first axis, in order (a layer's q, k and v
+        projections as one weight, say: one kernel computes them all on a GPU). They must agree in stored dtype
+        and in every other axis; `dtype` and `raw` as for `load`. Stacked on the host while materializing, so
+        the device never holds the parts and the whole at once."""
+        infos = tuple(self.info(n) for n in names)
+        first = infos[0]
+        for info in infos[1:]:
+            if info.dtype != first.dtype or info.shape[1:] != first.shape[1:]:
+                raise CheckpointError(
+                    f"{self.model_dir}: {info.name!r} ({info.dtype} {list(info.shape)}) does not stack under "
+                    f"{first.name!r} ({first.dtype} {list(first.shape)})"
+                )
+        dtype = _placeholder_dtype(first, dtype, raw)
+        rows = sum(info.shape[0] for info in infos)
+        placeholder = Tensor.empty(rows, *first.shape[1:], dtype=dtype, device=device)
+        self._pending.append((placeholder, infos, raw, 1))
         return placeholder
 
     def read(self, info: TensorInfo) -> np.ndarray:
@@ -202,8 +218,8 @@ class Checkpoint:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
         devices = {str(placeholder.device) for placeholder, *_ in pending}
-        for i, (placeholder, info, raw, row_block) in enumerate(pending):
-            self._fill(placeholder, info, raw, row_block)
+        for i, (placeholder, infos, raw, row_block) in enumerate(pending):
+            self._fill(placeholder, infos, raw, row_block)
             if progress is not None:
                 progress(i + 1, len(pending))
         for device in devices:
@@ -212,8 +228,10 @@ class Checkpoint:
             if free_cache is not None:
                 free_cache()
 
-    def _fill(self, placeholder: Tensor, info: TensorInfo, raw: bool, row_block: int) -> None:
-        t = Tensor(self.read(info), device=placeholder.device)
+    def _fill(self, placeholder: Tensor, infos: tuple[TensorInfo, ...], raw: bool, row_block: int) -> None:
+        info = infos[0]
+        host = self.read(info) if len(infos) == 1 else np.concatenate([self.read(i) for i in infos])
+        t = Tensor(host, device=placeholder.device)
         if info.dtype == "BF16" and not raw:
             t = widen_bf16(t)
         if row_block > 1:  # (out, in) -> (out/R, in, R)
@@ -223,6 +241,15 @@ class Checkpoint:
 
     def nbytes(self, names: Iterable[str]) -> int:
         return sum(self.info(n).nbytes for n in names)
+
+
+def _placeholder_dtype(info: TensorInfo, dtype: DType | None, raw: bool) -> DType:
+    """What a placeholder holds: the stored dtype when raw (bf16 as its uint16 bits), else `dtype`, by default
+    float32 for bf16 and the stored dtype otherwise."""
+    stored = getattr(dtypes, _DTYPES[info.dtype][0])
+    if raw:
+        return stored
+    return dtype or (dtypes.float32 if info.dtype == "BF16" else stored)
 
 
 def row_blocked(t: Tensor) -> Tensor:

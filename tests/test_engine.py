@@ -31,7 +31,10 @@ from cluster.engine.shard import (
     uses_graphs,
 )
 from cluster.generation import step
+from cluster.models.config import ModelConfig
+from cluster.models.decoder import _Loader
 from cluster.sampling import SamplingParams
+from cluster.weights import Checkpoint
 
 TOL = 1e-3  # max |logprob difference|; observed ~5e-5 in fp32 on CPU
 
@@ -70,6 +73,34 @@ def test_matches_reference_logits_and_greedy(engines, name):
         eng.end_session(sid)
     assert got == greedy
     assert max(errs) < TOL, f"{name}: logprob error {max(errs):.2e}"
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama32-4bit", "qwen3-4bit-mixed"])
+def test_stacked_projections_match_the_reference(monkeypatch, name):
+    """GPUs compute a layer's q, k and v in one product and gate and up in another (decoder.fused_projections).
+    Forced on here on the CPU, the stacked weights (with qwen2's biases, MLX words, scales and biases) give the
+    reference's logits (transformers / mlx-lm) and its greedy tokens."""
+    monkeypatch.setenv("CLUSTERCTL_FUSED_PROJECTIONS", "1")
+    ref, logits = reference(name), reference_logits(name)
+    eng = ShardEngine(FIXTURES / name, prefill_buckets=BUCKETS, max_context=64)
+    assert {"qkv", "gate_up"} <= set(eng.model.blocks[0].m) and "q" not in eng.model.blocks[0].m
+    prompt, greedy = ref["prompt_ids"], ref["greedy_ids"]
+    sid = eng.new_session()
+    r = eng.forward(sid, np.array(prompt), logprobs=512)
+    got, errs = [r.token], [np.abs(full_logprobs(r) - log_softmax(logits[len(prompt) - 1])).max()]
+    for i in range(len(greedy) - 1):
+        r = eng.forward(sid, np.array([got[-1]]), logprobs=512)
+        got.append(r.token)
+        errs.append(np.abs(full_logprobs(r) - log_softmax(logits[len(prompt) + i])).max())
+    assert got == greedy
+    assert max(errs) < TOL, f"{name}: logprob error {max(errs):.2e}"
+
+
+def test_products_quantized_differently_are_not_stacked():
+    cfg = ModelConfig.from_dir(FIXTURES / "qwen3-4bit-mixed")  # layer 0's down_proj: 8-bit, groups of 32
+    loader = _Loader(cfg, Checkpoint(FIXTURES / "qwen3-4bit-mixed"), "CPU", dtypes.float32, 4)
+    paths = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert loader.stacked_linear(paths, cfg.hidden_size) is None and not loader.used  # nothing loaded
 
 
 @pytest.mark.parametrize("name", ["llama32", "qwen3-4bit-mixed"])

@@ -7,11 +7,11 @@ import pytest
 from conftest import log_softmax, reference
 from tinygrad import Tensor, TinyJit
 
-from cluster.sampling import ROW, SamplingParams, greedy, sample, top_logprobs
+from cluster.sampling import ROW, ROWS_ALIGN, SamplingParams, greedy, layout, sample, top_logprobs
 
 V = 64
-# a vocabulary over several of the sampler's rows, the last one partly padding
-WIDE = 2 * ROW + 452
+# a vocabulary over many of the sampler's rows (20 of 128 ids), the last one partly padding
+WIDE = 2500
 
 
 def numpy_kept(logits: np.ndarray, p: SamplingParams, seen: np.ndarray) -> np.ndarray:
@@ -97,11 +97,20 @@ def test_greedy_graph_and_top_logprobs(vocab):
 
 
 def test_greedy_takes_the_first_of_tied_maxima_across_rows():
+    width = layout(WIDE)[1]
     logits = np.zeros(WIDE, np.float32)
-    logits[[ROW + 7, 5, 2 * ROW + 3]] = 3.0  # tied, in the second, first and third rows
+    logits[[width + 7, 5, 2 * width + 3]] = 3.0  # tied, in the second, first and third rows
     assert int(greedy(Tensor(logits[None])).tolist()[0]) == 5
     logits[5] = 0.0
-    assert int(greedy(Tensor(logits[None])).tolist()[0]) == ROW + 7
+    assert int(greedy(Tensor(logits[None])).tolist()[0]) == width + 7
+
+
+def test_the_layout_pads_a_vocabulary_at_most_twofold_into_whole_groups_of_rows():
+    for vocab in (33, 64, 512, 2500, 32000, 128256, 151936):
+        rows, width = layout(vocab)
+        assert rows % ROWS_ALIGN == 0 and width <= ROW and width & (width - 1) == 0
+        assert vocab <= rows * width < 2 * vocab, vocab
+    assert layout(128256) == (128, ROW)  # the 1B model: rows a GPU block reduces, 2% padding
 
 
 def test_invalid_params_are_rejected():

@@ -166,6 +166,22 @@ def test_bf16_fixture_matches_numpy():
     np.testing.assert_array_equal(got, want)
 
 
+def test_stacked_rows_are_the_tensors_in_order_and_mismatches_are_refused(tmp_path):
+    """load_rows (a layer's q, k and v as one weight on GPUs): the rows of each tensor, in the order named, read
+    exactly as load reads each alone; tensors of another dtype or width are refused by name."""
+    d = FIXTURES / "llama32"
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k", "v")]
+    ckpt = Checkpoint(d)
+    stacked = ckpt.load_rows(names, "CPU", dtypes.float32)
+    ckpt.materialize()
+    parts = [loaded(Checkpoint(d), n, "CPU", dtypes.float32) for n in names]
+    np.testing.assert_array_equal(stacked.numpy(), np.concatenate(parts))
+    bits = Checkpoint(d).load_rows(names[:2], "CPU", raw=True)  # bf16 kept as its bits
+    assert bits.dtype == dtypes.uint16 and bits.shape == (parts[0].shape[0] + parts[1].shape[0], parts[0].shape[1])
+    with pytest.raises(CheckpointError, match="does not stack"):
+        Checkpoint(d).load_rows([names[0], "model.layers.0.mlp.down_proj.weight"], "CPU")  # another width
+
+
 def test_float_dtypes_roundtrip(tmp_path):
     rng = np.random.default_rng(2)
     arrays = {

@@ -7,6 +7,7 @@ norm and lm_head. Weight names follow the Hugging Face layout (MLX checkpoints u
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,13 +247,18 @@ class Block:
         cfg, m = self.cfg, self.m
         B, T, _ = x.shape
         h = m["attn_norm"](x)
-        q = m["q"](h).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = m["k"](h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = m["v"](h)
-        if not cpu_codegen(v):
-            # on GPUs realized on its own: left lazy, it was computed inside the cache write below, once for each of
-            # k's and v's slots, by 16 threads a row reading strided (bench/cuda_census.py); CPUs lost ~3% with it
-            v = v.contiguous()
+        if "qkv" in m:  # one product for the three (fused_projections)
+            q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            qkv = m["qkv"](h).contiguous()  # (B, T, q_dim + 2 * kv_dim), realized once
+            q, k, v = qkv[..., :q_dim], qkv[..., q_dim : q_dim + kv_dim], qkv[..., q_dim + kv_dim :]
+        else:
+            q, k, v = m["q"](h), m["k"](h), m["v"](h)
+            if not cpu_codegen(v):
+                # on GPUs realized on its own: left lazy, it was computed inside the cache write below, once for each
+                # of k's and v's slots, by 16 threads a row reading strided (bench/cuda_census.py); CPUs lost ~3%
+                v = v.contiguous()
+        q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = m["q_norm"](q), m["k_norm"](k)
@@ -268,8 +274,13 @@ class Block:
         attn = attn.cast(x.dtype)  # (B, H, T, head_dim)
         x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
         h = m["mlp_norm"](x)
-        # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)
-        gate, up = m["gate"](h).contiguous(), m["up"](h).contiguous()
+        if "gate_up" in m:
+            gate_up = m["gate_up"](h).contiguous()  # (B, T, 2 * intermediate)
+            F = cfg.intermediate_size
+            gate, up = gate_up[..., :F], gate_up[..., F:]
+        else:
+            # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)
+            gate, up = m["gate"](h).contiguous(), m["up"](h).contiguous()
         return x + m["down"]((gate.silu() * up).contiguous())
 
 
@@ -358,8 +369,42 @@ class _Loader:
             row_blocked=row_block > 1,
         )
 
+    def rows(self, names: list[str], dtype: DType | None = None, raw: bool = False) -> Tensor:
+        self.used += names
+        return self.ckpt.load_rows(names, self.device, self.dtype if dtype is None else dtype, raw=raw)
+
+    def stacked_linear(self, paths: list[str], in_dim: int, bias: bool = False) -> Linear | QuantLinear | None:
+        """The products of `paths` (one input) as one weight, their rows stacked in order; None where they cannot
+        share one: some quantized and some not, or quantized differently."""
+        quantized = {f"{p}.scales" in self.ckpt for p in paths}
+        q = self.cfg.quantization
+        specs = {q.for_module(p) if q is not None else None for p in paths}
+        if len(quantized) != 1 or len(specs) != 1:
+            return None
+        spec = specs.pop()
+        if quantized.pop() and (spec is None or in_dim % spec.group_size):
+            return None  # linear() gives the clear error
+        b = self.rows([f"{p}.bias" for p in paths]) if bias else None
+        if spec is None or f"{paths[0]}.scales" not in self.ckpt:
+            # as linear(): bf16 kept narrow only for float32 compute
+            keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(f"{paths[0]}.weight").dtype == "BF16"
+            return Linear(self.rows([f"{p}.weight" for p in paths], raw=keep_bf16), b, self.dtype)
+        packed = self.rows([f"{p}.weight" for p in paths], dtypes.uint32)
+        scales, biases = self.rows([f"{p}.scales" for p in paths]), self.rows([f"{p}.biases" for p in paths])
+        return QuantLinear(packed, scales, biases, spec, self.dtype, b)
+
     def norm(self, path: str, dim: int) -> RMSNorm:
         return RMSNorm(self.tensor(f"{path}.weight", (dim,)), self.cfg.rms_norm_eps)
+
+
+def fused_projections(device: str) -> bool:
+    """Whether a layer's q, k and v products share one stacked weight, and gate and up another: on GPUs, where
+    each kernel of a decode step costs microseconds of launch and tail whatever its size (two fewer a layer in the
+    attention, one fewer in the MLP). CPUs keep them apart: their matvec kernels are tuned per weight
+    (cpu_matmul, row blocks). CLUSTERCTL_FUSED_PROJECTIONS=0 keeps them apart everywhere and =1 stacks them
+    everywhere, for comparisons and tests."""
+    chosen = os.environ.get("CLUSTERCTL_FUSED_PROJECTIONS", "")
+    return chosen == "1" or (chosen != "0" and not cpu_codegen(device))
 
 
 def load_shard(
@@ -378,22 +423,29 @@ def load_shard(
     if not 0 <= start < end <= cfg.num_layers:
         raise ValueError(f"layer range [{start}, {end}) is outside the model's {cfg.num_layers} layers")
     ld = _Loader(cfg, ckpt, device, dtype, narrow_block)
+    fused = fused_projections(device)
     D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
     blocks = []
     for i in range(start, end):
         p = f"model.layers.{i}."
-        mods: dict[str, Linear | QuantLinear | RMSNorm] = {
-            "attn_norm": ld.norm(p + LAYER_MODULES["attn_norm"], D),
-            "q": ld.linear(p + LAYER_MODULES["q"], q_dim, D, cfg.attention_bias),
-            "k": ld.linear(p + LAYER_MODULES["k"], kv_dim, D, cfg.attention_bias),
-            "v": ld.linear(p + LAYER_MODULES["v"], kv_dim, D, cfg.attention_bias),
-            "o": ld.linear(p + LAYER_MODULES["o"], D, q_dim),
-            "mlp_norm": ld.norm(p + LAYER_MODULES["mlp_norm"], D),
-            "gate": ld.linear(p + LAYER_MODULES["gate"], F, D),
-            "up": ld.linear(p + LAYER_MODULES["up"], F, D),
-            "down": ld.linear(p + LAYER_MODULES["down"], D, F),
-        }
+        mods: dict[str, Linear | QuantLinear | RMSNorm] = {"attn_norm": ld.norm(p + LAYER_MODULES["attn_norm"], D)}
+        qkv = [p + LAYER_MODULES[m] for m in ("q", "k", "v")]
+        gate_up = [p + LAYER_MODULES[m] for m in ("gate", "up")]
+        if fused and (stacked := ld.stacked_linear(qkv, D, cfg.attention_bias)) is not None:
+            mods["qkv"] = stacked
+        else:
+            mods["q"] = ld.linear(qkv[0], q_dim, D, cfg.attention_bias)
+            mods["k"] = ld.linear(qkv[1], kv_dim, D, cfg.attention_bias)
+            mods["v"] = ld.linear(qkv[2], kv_dim, D, cfg.attention_bias)
+        mods["o"] = ld.linear(p + LAYER_MODULES["o"], D, q_dim)
+        mods["mlp_norm"] = ld.norm(p + LAYER_MODULES["mlp_norm"], D)
+        if fused and (stacked := ld.stacked_linear(gate_up, D)) is not None:
+            mods["gate_up"] = stacked
+        else:
+            mods["gate"] = ld.linear(gate_up[0], F, D)
+            mods["up"] = ld.linear(gate_up[1], F, D)
+        mods["down"] = ld.linear(p + LAYER_MODULES["down"], D, F)
         if cfg.qk_norm:
             mods["q_norm"] = ld.norm(p + LAYER_MODULES["q_norm"], hd)
             mods["k_norm"] = ld.norm(p + LAYER_MODULES["k_norm"], hd)

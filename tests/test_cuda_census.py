@@ -1,0 +1,56 @@
+"""The CUDA kernels of a decode step, rendered without a GPU (bench/cuda_census.py on tinygrad's NULL device).
+
+Reference: the structure a GPU needs, not a time: no kernel of a decode step or of either sampler may leave a
+handful of threads to walk a long loop of loads in turn (latency-bound: tens of microseconds each on a GPU, the
+shapes the census found in RMSNorm, the V projection and both samplers). The `small` bench preset has the real
+layout (hidden 512, vocabulary 32000) at a size that builds in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from cluster_nodes import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from random_checkpoint import ensure_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def census(tmp_path_factory):
+    model, _ = ensure_checkpoint("small", tmp_path_factory.mktemp("census"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DEV", "JIT", "BEAM")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cuda_census.py"), "--model", str(model), "--position", "300", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_no_kernel_of_a_decode_step_or_a_sampler_is_latency_bound(census):
+    graphs = {k["graph"] for k in census}
+    assert graphs == {"decode", "greedy", "sample"}
+    slow = [(k["graph"], k["name"], k["threads"], k["loads"]) for k in census if k["latency_bound"]]
+    assert not slow, slow
+
+
+def test_a_layer_runs_four_products_a_warp_per_row_and_norms_on_blocks_of_32(census):
+    decode = [k for k in census if k["graph"] == "decode"]
+    layers = 4  # the small preset
+    # q, k and v stacked into one product, o, gate and up stacked into one, down (decoder.fused_projections),
+    # and the lm_head: each a warp per row, 4 rows to a block (gpu_matvec)
+    products = [k for k in decode if k["threads_per_block"] == 128 and k["name"].startswith("r_")]
+    assert len(products) == 4 * layers + 1, [k["name"] for k in decode]
+    # each RMSNorm's mean: one block of 32 threads (two norms a layer and the final one)
+    norms = [k for k in decode if k["blocks"] == 1 and k["threads_per_block"] == 32 and k["name"].startswith("r_")]
+    assert len(norms) == 2 * layers + 1, [k["name"] for k in decode]
+    # 14 kernels a layer (16 before the stacked products), then the embedding, the final norm and the lm_head
+    assert len(decode) == 14 * layers + 3, [k["name"] for k in decode]
