@@ -319,7 +319,7 @@ def w_correctness(a: dict[str, Any]) -> None:
 
 def w_speed(a: dict[str, Any]) -> None:
     import numpy as np
-    from bench_engine import compile_count, decode_kernels, resident_bytes
+    from bench_engine import compile_count, decode_kernels, resident_bytes, sampled_tok_s
 
     from cluster.engine.shard import ShardEngine, dtype_name
 
@@ -364,17 +364,7 @@ def w_speed(a: dict[str, Any]) -> None:
         step_ms_median=1e3 * statistics.median(steps),
         step_ms_min=1e3 * min(steps),
     )
-    # sampled as instruct models ship (generation_config.json): the sampler graph in place of the greedy one
-    from cluster.sampling import SamplingParams
-
-    sampled = SamplingParams(temperature=0.6, top_p=0.9, seed=0)
-    ssid = eng.new_session(sampling=sampled)
-    stoken = eng.forward(ssid, prompt, sampling=sampled).token
-    t0 = time.perf_counter()
-    for _ in range(SAMPLED_TOKENS):
-        stoken = eng.forward(ssid, np.array([stoken]), sampling=sampled).token
-    emit(sampled_tok_s=SAMPLED_TOKENS / (time.perf_counter() - t0))
-    eng.end_session(ssid)
+    emit(sampled_tok_s=sampled_tok_s(eng, prompt, SAMPLED_TOKENS))  # as instruct models ship their sampling
     kernels, launches = decode_kernels(eng, sid, token)
     emit(kernels=kernels, launches=launches, compiles_after_warmup=compile_count() - compiled, graphs=graph_state(eng))
     emit(**replay_split(eng, sid))
