@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 from bench_engine import cpu_model, measure_engine, memory_gib, read_bandwidth
 from random_checkpoint import CORPUS, PRESETS, ensure_checkpoint
-from tinygrad import Device
 from tokenizers import Tokenizer
 
 from cluster.client import Client
+from cluster.engine.shard import default_device
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_engine:
         log("in-process ShardEngine ...")
         ids = np.array(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(prompt).ids)
-        row, extra = measure_engine(model_dir, Device.DEFAULT, None, ids, args.tokens, bandwidth)
+        row, extra = measure_engine(model_dir, default_device(), None, ids, args.tokens, bandwidth)
         engine_tok_s, resident = row.decode_tok_s, row.resident_bytes
         notes.append(
             f"ShardEngine in-process: bench_engine's measure_engine in this process (no node, no runner process), "

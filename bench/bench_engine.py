@@ -36,7 +36,7 @@ from tinygrad.engine.realize import runtime_cache
 from tinygrad.helpers import GlobalCounters
 from tinygrad.uop.ops import Ops
 
-from cluster.engine.shard import ShardEngine
+from cluster.engine.shard import ShardEngine, default_device
 from cluster.sampling import SamplingParams
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -301,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--model-dir", type=Path, help="time this checkpoint instead of a preset (e.g. an MLX-quantized one)"
     )
-    ap.add_argument("--device", default=None, help="tinygrad device (default: Device.DEFAULT)")
+    ap.add_argument("--device", default=None, help="tinygrad device (default: the engine's, as a node picks it)")
     ap.add_argument("--dtype", default=None, help="engine compute dtype (default: per device)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens timed after 2 warm ones")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "(as Llama 3.2 Instruct ships them), in a session of their own; decode tok/s is greedy",
     ]
 
-    device = args.device or Device.DEFAULT
+    device = args.device or default_device()  # tinygrad's default, but a CPU behind OpenCL is the CPU backend
     engine_bw = all_cores
     if not is_host(device):
         engine_bw = device_read_bandwidth(device)

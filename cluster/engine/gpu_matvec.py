@@ -129,9 +129,10 @@ def reduction_plan(k: Scheduler) -> tuple[int, int, int] | None:
     axis, length = reduces[0], int(k.full_shape[reduces[0]])
     if length < REDUCTION_MIN_LENGTH:
         return None
-    reads = [b for b in k.bufs if uses(b, k.rngs[axis])]
+    rng = k.rngs[axis]
+    reads = [b for b in k.bufs if b.src[1].get_idx() is rng or uses(b, rng)]  # a 1-D input is indexed by rng alone
     # 16 bytes a load where every buffer the axis walks holds its values side by side (coalesced across threads)
-    vector = bool(reads) and all(unit_stride(b, k.rngs[axis]) for b in reads)
+    vector = bool(reads) and all(unit_stride(b, rng) for b in reads)
     unroll = LOAD_BYTES // max(_itemsize(b) for b in reads) if vector else 1
     if length % unroll:
         unroll = 1

@@ -12,9 +12,10 @@ from tinygrad.uop.ops import Ops, UOp
 
 
 def uses(buf: Any, rng: Any) -> bool:
-    """Whether the range `rng` takes part in the index of the kernel buffer `buf` (or is that index)."""
-    idx = buf.src[1].get_idx()
-    return idx is rng or rng in idx.backward_slice
+    """Whether the range `rng` takes part in the index of the kernel buffer `buf`. An index that is `rng` itself does
+    not count: cpu_matmul's choices were made and measured with this meaning (gpu_matvec.reduction_plan checks
+    that case on its own)."""
+    return rng in buf.src[1].get_idx().backward_slice
 
 
 def unit_stride(buf: Any, rng: Any) -> bool:
