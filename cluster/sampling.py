@@ -123,18 +123,22 @@ def greedy(logits: Tensor) -> Tensor:
     return Tensor.stack(_first_max(rows, top).float(), -_total((rows - top).exp()).log())
 
 
-def _threshold(probs: Tensor, measure, target: Tensor) -> Tensor:
-    """Largest t in [0, max(probs)] on a grid of max / 2**20 with measure(probs >= t) >= target (measure falls as
-    t rises): SEARCH_WAYS - 1 candidates measured per pass, the interval shrunk to the one that holds the answer."""
-    hi = _max(probs)
-    lo = hi * 0
+def _thresholds(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """(2,): the largest t in [0, max(probs)], on a grid of max / 2**20, with at least top_k ids at or above it, and
+    the largest with at least top_p of the mass at or above it. Both fall as t rises, so each is searched by
+    measuring SEARCH_WAYS - 1 candidates a pass and keeping the interval that holds the answer; the two searches
+    share their passes (a count is a mass with every weight 1)."""
+    top = _max(probs)
+    lo, hi = top.reshape(1).expand(2) * 0, top.reshape(1).expand(2)  # (2,)
     steps = Tensor.arange(1, SEARCH_WAYS, dtype=dtypes.float32).to(probs.device)  # (W-1,)
+    weights = Tensor.stack(probs.ones_like(), probs).unsqueeze(1)  # (2, 1, R, C): counts for top-k, mass for top-p
+    targets = Tensor.stack(top_k, top_p).reshape(2, 1)
     for _ in range(SEARCH_ROUNDS):
-        width = (hi - lo) / SEARCH_WAYS
-        candidates = lo + width * steps  # (W-1,), rising
-        ok = measure(probs.unsqueeze(0) >= candidates.reshape(-1, 1, 1)) >= target  # a prefix of the candidates
-        below = ok.sum().float()  # candidates that pass: the answer lies in [lo + below*width, lo + (below+1)*width)
-        bounds = Tensor.stack(lo + below * width, lo + (below + 1) * width).contiguous()  # one kernel for both
+        width = (hi - lo) / SEARCH_WAYS  # (2,)
+        candidates = (lo.unsqueeze(1) + width.unsqueeze(1) * steps).reshape(2, -1, 1, 1)  # (2, W-1, 1, 1), rising
+        measured = _total((probs >= candidates).where(weights, 0.0))  # (2, W-1)
+        below = (measured >= targets).sum(-1).float()  # a prefix passes: the answer is in [lo + below*width, +width)
+        bounds = Tensor.stack(lo + below * width, lo + (below + 1) * width).contiguous()  # one kernel for all four
         lo, hi = bounds[0], bounds[1]
     return lo
 
@@ -154,8 +158,8 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     top = _max(penalised)
     weights = ((penalised - top) / temp.maximum(1e-6)).exp().contiguous()  # padding: exp(-inf) = 0
     probs = (weights / _total(weights)).contiguous()
-    t_k = (top_k > 0).where(_threshold(probs, lambda keep: _total(keep.float()), top_k), 0.0)
-    t_p = (top_p < 1).where(_threshold(probs, lambda keep: _total(keep.where(probs.unsqueeze(0), 0.0)), top_p), 0.0)
+    found = _thresholds(probs, top_k, top_p)
+    t_k, t_p = (top_k > 0).where(found[0], 0.0), (top_p < 1).where(found[1], 0.0)
     t_min = min_p * _max(probs)
     kept = (probs >= t_k.maximum(t_p).maximum(t_min)).where(probs, 0.0).contiguous()  # (R, C)
     # inverse CDF in two steps: the rows wholly below the draw, then the ids below it inside the next row

@@ -35,7 +35,7 @@ WARP = 32  # threads that share one row
 LOAD_BYTES = 16  # per thread and step: one 128-bit load
 ROWS_PER_BLOCK = 4
 MIN_WEIGHT = 1 << 16  # elements; smaller products are not worth a special case
-REDUCTION_MAX_OUTPUTS = 2048  # below this tinygrad gives a reduction's outputs 16 threads each (GROUPTOP)
+REDUCTION_MAX_OUTPUTS = 4096  # a block of threads for each output: up to ~130k threads, half an H200
 REDUCTION_MIN_LENGTH = 128  # shorter ones walk at most 8 values a thread already
 REDUCTION_STEPS = 8  # loads per thread a long reduction is spread to
 
