@@ -87,7 +87,7 @@ def calls(captured: Any) -> list[UOp]:
     return out
 
 
-def _size(u: UOp, var_vals: dict[str, int]) -> int:
+def _size(u: UOp | int, var_vals: dict[str, int]) -> int:
     return int(sym_infer(u.ssimplify() if isinstance(u, UOp) else u, var_vals))
 
 
@@ -118,7 +118,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         steps,
         loads[AddrSpace.GLOBAL],
         loads[AddrSpace.LOCAL],
-        _size(mem, var_vals) / 1e6 if isinstance(mem, UOp) else mem / 1e6,
+        _size(mem, var_vals) / 1e6,
         source,
     )
 

@@ -166,9 +166,10 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     row_mass = kept.sum(-1).contiguous()  # (R,)
     row_cdf = _prefix(row_mass)
     target = (uniform[0] * row_cdf[-1]).contiguous()
-    full = (row_cdf < target).sum().contiguous()  # rows wholly below the draw
+    below = row_cdf < target  # the rows wholly below the draw
+    full = below.sum().contiguous()
     row = (Tensor.arange(int(rows.shape[0])).to(rows.device).unsqueeze(1) == full).where(kept, 0.0).sum(0)  # (C,)
-    before = (row_cdf < target).where(row_mass, 0.0).sum().contiguous()
+    before = below.where(row_mass, 0.0).sum().contiguous()
     inside = (before + _prefix(row.contiguous()) < target).sum().contiguous()
     drawn = (full * int(rows.shape[1]) + inside).minimum(V - 1).cast(dtypes.int32)
     token = (temp > 0).where(drawn, _first_max(penalised, top))

@@ -343,9 +343,7 @@ class _Loader:
         cpu = cpu_codegen(self.device)
         if f"{path}.scales" not in self.ckpt:
             name = f"{path}.weight"
-            # float32 compute keeps bf16 weights narrow and widens them in-kernel (two integer ops);
-            # fp16 is widened once at load, since CPU backends convert it ~10x slower than bf16
-            keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
+            keep_bf16 = self.keeps_bf16(name)
             row_block = cpu_row_block(out_dim, self.narrow_block if keep_bf16 else CPU_ROW_BLOCK) if cpu else 1
             weight = self.tensor(name, (out_dim, in_dim), raw=keep_bf16, row_block=row_block)
             return Linear(weight, b, self.dtype, row_blocked=row_block > 1)
@@ -369,6 +367,11 @@ class _Loader:
             row_blocked=row_block > 1,
         )
 
+    def keeps_bf16(self, name: str) -> bool:
+        """Whether the weight `name` is kept as bf16 bits: float32 compute keeps bf16 weights narrow and widens them
+        in-kernel (two integer ops); fp16 is widened once at load, since CPU backends convert it ~10x slower."""
+        return self.dtype == dtypes.float32 and self.ckpt.info(name).dtype == "BF16"
+
     def rows(self, names: list[str], dtype: DType | None = None, raw: bool = False) -> Tensor:
         self.used += names
         return self.ckpt.load_rows(names, self.device, self.dtype if dtype is None else dtype, raw=raw)
@@ -381,14 +384,14 @@ class _Loader:
         specs = {q.for_module(p) if q is not None else None for p in paths}
         if len(quantized) != 1 or len(specs) != 1:
             return None
-        spec = specs.pop()
-        if quantized.pop() and (spec is None or in_dim % spec.group_size):
+        is_quantized, spec = quantized.pop(), specs.pop()
+        if is_quantized and (spec is None or in_dim % spec.group_size):
             return None  # linear() gives the clear error
         b = self.rows([f"{p}.bias" for p in paths]) if bias else None
-        if spec is None or f"{paths[0]}.scales" not in self.ckpt:
-            # as linear(): bf16 kept narrow only for float32 compute
-            keep_bf16 = self.dtype == dtypes.float32 and self.ckpt.info(f"{paths[0]}.weight").dtype == "BF16"
-            return Linear(self.rows([f"{p}.weight" for p in paths], raw=keep_bf16), b, self.dtype)
+        if not is_quantized:
+            weights = [f"{p}.weight" for p in paths]
+            return Linear(self.rows(weights, raw=self.keeps_bf16(weights[0])), b, self.dtype)
+        assert spec is not None  # a quantized product without a spec returned above
         packed = self.rows([f"{p}.weight" for p in paths], dtypes.uint32)
         scales, biases = self.rows([f"{p}.scales" for p in paths]), self.rows([f"{p}.biases" for p in paths])
         return QuantLinear(packed, scales, biases, spec, self.dtype, b)
