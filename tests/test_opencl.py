@@ -13,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import BUCKETS, FIXTURES, check_float16_against_reference, graph_runners, two_sessions
-from tinygrad import Device, dtypes
+from tinygrad import Device, GlobalCounters, Tensor, dtypes
 
 from cluster.engine.launch_graph import LaunchGraph
 from cluster.engine.shard import ShardEngine
+from cluster.models.config import QuantSpec
+from cluster.models.decoder import Linear, QuantLinear, lookup
 
 
 def _has_opencl() -> bool:
@@ -95,3 +97,31 @@ def test_a_node_with_no_device_named_computes_on_the_cpu_backend(tmp_path, monke
         assert [s["device"] for s in view.shards] == ["CPU"]  # the engine process reports its own device
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_large_vocabulary_is_looked_up_on_opencl(bits: int) -> None:
+    # tinygrad splits a lookup in a table of 32768 ids or more into partial sums, and its OpenCL code for their sum
+    # failed to compile: every real model (Llama 3.2: 128256 ids) failed its warm-up. Reference: numpy's rows.
+    vocab, dim, group = 40000, 128, 64
+    rng = np.random.default_rng(0)
+    ids = np.array([[5, vocab - 1, 7, 123] * 4], np.int32)  # a prompt chunk of 16 tokens
+    if bits == 16:
+        weight = rng.standard_normal((vocab, dim)).astype(np.float16)
+        table: Linear | QuantLinear = Linear(Tensor(weight, device="CL"), dtype=dtypes.float16)
+        want = weight[ids]
+    else:
+        packed = rng.integers(0, 2**32, (vocab, dim * bits // 32), dtype=np.uint64).astype(np.uint32)
+        scales, biases = (rng.standard_normal((vocab, dim // group)).astype(np.float16) for _ in range(2))
+        spec = QuantSpec(group_size=group, bits=bits)
+        table = QuantLinear(*(Tensor(a, device="CL") for a in (packed, scales, biases)), spec, dtypes.float16)
+        levels = (packed[..., None] >> (np.arange(32 // bits, dtype=np.uint32) * bits)) & ((1 << bits) - 1)
+        levels = levels.reshape(vocab, dim // group, group).astype(np.float32)
+        want = (levels * scales[..., None] + biases[..., None]).reshape(vocab, dim)[ids]
+    on_device = Tensor(ids, device="CL").realize()
+    Tensor.realize(*table.params())
+    GlobalCounters.reset()
+    got = lookup(table, on_device).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    # a gather: about the rows' bytes, not the partial sums that the split wrote (32 float32 values per value here)
+    assert GlobalCounters.global_mem < 4 * got.nbytes + ids.nbytes

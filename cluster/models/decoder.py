@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Device, Tensor, UOp, dtypes
+from tinygrad import Context, Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
@@ -194,6 +194,17 @@ class QuantLinear:
         return [self.packed, self.scales, self.biases] + ([self.bias] if self.bias is not None else [])
 
 
+def lookup(table: Linear | QuantLinear, ids: Tensor) -> Tensor:
+    """Rows `ids` of an embedding table in the compute dtype, realized. tinygrad computes a lookup as a sum over
+    the vocabulary of the rows that match, and splits a sum that long into two kernels (partial sums, then their
+    sum) when it is 32768 or more long. Unsplit, its code generator turns the sum into a plain gather, one small
+    kernel per table. Split, it wrote 32 to 256 float32 partial sums for every value looked up, and on OpenCL the
+    second kernel failed to compile (tinygrad 0.14: "UOp verification failed ... Ops.AFTER"): every model with a
+    vocabulary that large failed its warm-up there."""
+    with Context(SPLIT_REDUCEOP=0):  # read when the lookup is scheduled: realized inside
+        return table.rows(ids).realize()
+
+
 class RMSNorm:
     def __init__(self, weight: Tensor, eps: float):
         self.weight, self.eps = weight, eps
@@ -308,7 +319,7 @@ class ShardModel:
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         assert self.embed is not None
-        return self.embed.rows(tokens)  # (B, T) int32 -> (B, T, D)
+        return lookup(self.embed, tokens)  # (B, T) int32 -> (B, T, D)
 
     def params(self) -> list[Tensor]:
         out: list[Tensor] = []
