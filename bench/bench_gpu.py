@@ -553,6 +553,8 @@ def w_kernels(a: dict[str, Any]) -> None:
     cases.append((f"dequantize q4 {F}x{D} to fp16 (prompt chunks)", q4.dequantize(*q4.matrices()).contiguous(), 0))
     for t in chunks:
         cases.append((f"prompt fp16 {t}x{F}x{D}", dense(F, D)(x(t, D)), t * F * D))
+        # the down projection: few outputs, a long reduction (tinygrad's tile left 16 blocks for 64 tokens)
+        cases.append((f"prompt fp16 {t}x{D}x{F} (down)", dense(D, F)(x(t, F)), t * F * D))
         cases.append((f"prompt q4 {t}x{F}x{D}", quant(F, D, 4)(x(t, D)), t * F * D))
 
     seen: list[Any] = []
@@ -599,6 +601,9 @@ def w_kernels(a: dict[str, Any]) -> None:
                     )
         tc = [o for o in variants["tinygrad"] if o.op is OptOps.TC]
         if tc:  # prompt chunks: fewer tiles per block than tinygrad's 4x4 upcast, so more blocks
+            chosen = gpu_matvec.tensor_core_options(k, gpu_matvec.default_options(k)).applied_opts
+            if chosen != variants["tinygrad"]:
+                variants["clusterctl"] = chosen  # the engine's (gpu_matvec.MIN_TC_BLOCKS)
             for name_alt, extra in (
                 ("TC, local 4", [Opt(OptOps.LOCAL, 0, 4)]),
                 ("TC, upcast 2, local 4", [Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.LOCAL, 0, 4)]),

@@ -1,13 +1,15 @@
-"""The kernels a decode step would launch on an NVIDIA GPU, read on any machine without one.
+"""The kernels a decode step (or a prompt chunk) would launch on an NVIDIA GPU, read on any machine without one.
 
 The engine runs on tinygrad's NULL device with the CUDA renderer (`DEV=NULL:CUDA:sm_90`): every kernel is
 scheduled, optimized (gpu_matvec included) and rendered as CUDA exactly as on a GPU, but nothing is compiled
 or run. For each kernel of the captured decode and greedy-sampler graphs this prints the launch (blocks x
-threads), the steps each thread walks in its loops, its loads per thread, and the bytes it touches, at a
-chosen position. A kernel of few threads that each walk a long loop is bound by memory latency, not
-bandwidth: on a GPU it costs tens of microseconds however few bytes it reads.
+threads), the steps each thread walks in its loops, its loads per thread, the bytes it touches and whether
+it uses tensor cores, at a chosen position. A kernel of few threads that each walk a long loop is bound by
+memory latency, not bandwidth: on a GPU it costs tens of microseconds however few bytes it reads. `--prompt N`
+adds the graph of a prompt chunk of N tokens (a prefill bucket) written at that position.
 
     .venv/bin/python bench/cuda_census.py --preset llama-3.2-1b --position 576
+    .venv/bin/python bench/cuda_census.py --preset llama-3.2-1b --position 448 --prompt 64
     .venv/bin/python bench/cuda_census.py --model DIR --json
 
 This is structure, not time: the GPU bench (bench_gpu.py's profile step) measures the kernels themselves.
@@ -59,7 +61,7 @@ def render_only() -> None:
 
 @dataclass
 class Kernel:
-    graph: str  # decode or greedy
+    graph: str  # decode, greedy, sample, or prompt N
     name: str
     blocks: int
     threads_per_block: int
@@ -67,6 +69,7 @@ class Kernel:
     loads: int  # loads from global memory one thread issues (a vector load counts once)
     shared_loads: int  # loads from shared memory one thread issues
     mbytes: float  # distinct bytes the kernel reads and writes (tinygrad's estimate)
+    tensor_cores: bool  # its products run on tensor cores (mma instructions)
     source: str
 
     @property
@@ -110,6 +113,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
             loads[u.src[0].addrspace] += mult[-1]
     mem = Estimates.from_uops(linear).mem
     source = next(u.arg for u in prg.src if u.op is Ops.SOURCE)
+    tensor_cores = any(u.op is Ops.WMMA for u in linear)
     return Kernel(
         graph,
         ansistrip(info.name),
@@ -119,37 +123,49 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         loads[AddrSpace.GLOBAL],
         loads[AddrSpace.LOCAL],
         _size(mem, var_vals) / 1e6,
+        tensor_cores,
         source,
     )
 
 
-def census(model_dir: str | Path, position: int, max_context: int = 1024) -> list[Kernel]:
-    """Every kernel of one decode step (decode graph, then the greedy sampler's) at `position` filled ones."""
+def census(model_dir: str | Path, position: int, max_context: int = 1024, prompt: int | None = None) -> list[Kernel]:
+    """Every kernel of one decode step (decode graph, then the greedy and the sampling samplers') at `position`
+    filled ones; with `prompt`, first the graph of a chunk of that many prompt tokens written from `position`."""
     render_only()
     from cluster.engine.shard import ShardEngine
     from cluster.models.decoder import ATTN_BLOCK, attention_span
 
-    eng = ShardEngine(model_dir, device="NULL", max_context=max(max_context, position + 2))
+    chunk = prompt or 2
+    buckets = {} if prompt is None else {"prefill_buckets": (16, prompt) if prompt > 16 else (prompt,)}
+    eng = ShardEngine(model_dir, device="NULL", max_context=max(max_context, position + chunk), **buckets)
     eng.warmup()
-    var_vals = {"start_pos": position, "attention_blocks": attention_span(position + 1) // ATTN_BLOCK, "last_row": 0}
     out = []
-    for graph, jit in (("decode", eng._decode_jit), ("greedy", eng._greedy_jit), ("sample", eng._sample_jit)):
+
+    def add(graph: str, jit: Any, rows: int) -> None:
+        span = attention_span(position + rows) // ATTN_BLOCK
+        var_vals = {"start_pos": position, "attention_blocks": span, "last_row": rows - 1}
         if jit.captured is not None:
-            out += [k for c in calls(jit.captured) if (k := describe(graph, c, var_vals)) is not None]
+            out.extend(k for c in calls(jit.captured) if (k := describe(graph, c, var_vals)) is not None)
+
+    if prompt is not None:
+        add(f"prompt {prompt}", eng._prefill_jits[prompt], prompt)
+    for graph, jit in (("decode", eng._decode_jit), ("greedy", eng._greedy_jit), ("sample", eng._sample_jit)):
+        add(graph, jit, 1)
     return out
 
 
 def table(kernels: list[Kernel], model: str, position: int) -> str:
+    graphs = list(dict.fromkeys(k.graph for k in kernels))
+    counts = ", ".join(f"{sum(k.graph == g for k in kernels)} {g}" for g in graphs)
     lines = [
-        f"### CUDA kernels of one decode step: {model}, position {position} (sm_90, rendered on the NULL device)",
+        f"### CUDA kernels: {model}, position {position} (sm_90, rendered on the NULL device)",
         "",
-        f"{sum(k.graph == 'decode' for k in kernels)} decode kernels + {sum(k.graph == 'greedy' for k in kernels)}"
-        f" greedy-sampler kernels; latency-bound (fewer than {FEW_THREADS} threads, {LONG_LOOP}+ global loads each):"
-        f" {sum(k.latency_bound for k in kernels)}",
+        f"Kernels per graph: {counts}; latency-bound (fewer than {FEW_THREADS} threads, {LONG_LOOP}+ global loads"
+        f" each): {sum(k.latency_bound for k in kernels)}; on tensor cores: {sum(k.tensor_cores for k in kernels)}",
         "",
         "| graph | kernel | count | blocks x threads | loop steps / thread | global loads / thread |"
-        " shared loads / thread | MB | latency-bound |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " shared loads / thread | MB | tensor cores | latency-bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     seen: Counter[tuple[str, str, int, int, int, int, int]] = Counter()
     first: dict[tuple[str, str, int, int, int, int, int], Kernel] = {}
@@ -161,7 +177,8 @@ def table(kernels: list[Kernel], model: str, position: int) -> str:
         k = first[key]
         lines.append(
             f"| {k.graph} | `{k.name}` | {n} | {k.blocks} x {k.threads_per_block} | {k.loop_steps} | {k.loads} |"
-            f" {k.shared_loads} | {k.mbytes:.3f} | {'**yes**' if k.latency_bound else ''} |"
+            f" {k.shared_loads} | {k.mbytes:.3f} | {'yes' if k.tensor_cores else ''} |"
+            f" {'**yes**' if k.latency_bound else ''} |"
         )
     return "\n".join(lines)
 
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="a checkpoint directory")
     ap.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="the preset's 4/8-bit MLX form")
     ap.add_argument("--position", type=int, default=576, help="positions already in the cache")
+    ap.add_argument("--prompt", type=int, help="also the graph of a prompt chunk of this many tokens (a bucket)")
     ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
     ap.add_argument("--sources", help="write each distinct kernel's CUDA source to this directory")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
@@ -183,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         from random_checkpoint import ensure_checkpoint
 
         model_dir, _ = ensure_checkpoint(args.preset, Path(args.cache_dir), bits=args.bits)
-    kernels = census(model_dir, args.position)
+    kernels = census(model_dir, args.position, prompt=args.prompt)
     if args.sources:
         out = Path(args.sources)
         out.mkdir(parents=True, exist_ok=True)
         for i, k in enumerate(kernels):
             name = "".join(c if c.isalnum() or c in "_-" else "_" for c in k.name)
-            (out / f"{i:03d}_{k.graph}_{name}.cu").write_text(k.source)
+            (out / f"{i:03d}_{k.graph.replace(' ', '_')}_{name}.cu").write_text(k.source)
     if args.json:
         for k in kernels:
             fields = {f: v for f, v in asdict(k).items() if f != "source"}

@@ -1,9 +1,11 @@
-"""The CUDA kernels of a decode step, rendered without a GPU (bench/cuda_census.py on tinygrad's NULL device).
+"""The CUDA kernels of a decode step and a prompt chunk, rendered without a GPU (bench/cuda_census.py on tinygrad's
+NULL device).
 
 Reference: the structure a GPU needs, not a time: no kernel of a decode step or of either sampler may leave a
 handful of threads to walk a long loop of loads in turn (latency-bound: tens of microseconds each on a GPU, the
-shapes the census found in RMSNorm, the V projection and both samplers). The `small` bench preset has the real
-layout (hidden 512, vocabulary 32000) at a size that builds in seconds.
+shapes the census found in RMSNorm, the V projection and both samplers), and a prompt chunk's products run on
+tensor cores. The `small` bench preset has the real layout (hidden 512, vocabulary 32000) at a size that builds
+in seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ def census(tmp_path_factory):
     model, _ = ensure_checkpoint("small", tmp_path_factory.mktemp("census"))
     env = {k: v for k, v in os.environ.items() if k not in ("DEV", "JIT", "BEAM")}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "cuda_census.py"), "--model", str(model), "--position", "300", "--json"],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "cuda_census.py"),
+            "--model",
+            str(model),
+            "--position",
+            "300",
+            "--prompt",
+            "64",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -37,9 +49,21 @@ def census(tmp_path_factory):
 
 def test_no_kernel_of_a_decode_step_or_a_sampler_is_latency_bound(census):
     graphs = {k["graph"] for k in census}
-    assert graphs == {"decode", "greedy", "sample"}
-    slow = [(k["graph"], k["name"], k["threads"], k["loads"]) for k in census if k["latency_bound"]]
+    assert graphs == {"prompt 64", "decode", "greedy", "sample"}
+    step = [k for k in census if k["graph"] != "prompt 64"]
+    slow = [(k["graph"], k["name"], k["threads"], k["loads"]) for k in step if k["latency_bound"]]
     assert not slow, slow
+
+
+def test_a_prompt_chunks_products_run_on_tensor_cores(census):
+    prompt = [k for k in census if k["graph"] == "prompt 64"]
+    layers = 4  # the small preset
+    # q/k/v, the scores, their weighted sum of V, o, gate/up and down, in every layer but the last one's down,
+    # which computes only the last token's row (a matrix-vector product). o and the weighted sum had none while
+    # o read the heads through a transpose (decoder.Block).
+    on_tensor_cores = [k["name"] for k in prompt if k["tensor_cores"]]
+    assert len(on_tensor_cores) == 6 * layers - 1, on_tensor_cores
+    assert not any(k["tensor_cores"] for k in census if k["graph"] != "prompt 64")  # one token: no tiles to fill
 
 
 def test_a_layer_runs_four_products_a_warp_per_row_and_norms_on_blocks_of_32(census):

@@ -8,6 +8,7 @@ The CUDA source for the same kernels is rendered here too (no compiler needed) t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.device import Compiler
 from tinygrad.helpers import Context, Target
 from tinygrad.renderer.cstyle import CUDARenderer
-from tinygrad.uop.ops import Ops
+from tinygrad.uop.ops import Ops, UOp
 
 import cluster.models.decoder as decoder
 from cluster.engine import gpu_matvec
@@ -93,16 +94,20 @@ def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
     assert len(gpu_forms) > seen and all(p is None for p in gpu_forms[seen:])  # no local memory: not a GPU kernel
 
 
-def _cuda_sources(t: Tensor) -> list[str]:
-    """The CUDA source of every kernel realizing `t` would run, in order."""
+def _cuda_programs(t: Tensor) -> list[UOp]:
+    """The CUDA programs of every kernel realizing `t` would run, in order."""
     ren = CUDARenderer.__new__(CUDARenderer)  # rendering needs no NVRTC: no compiler is made
     ren.target, ren.compiler, ren.tensor_cores = Target(device="CUDA", arch="sm_90"), Compiler(), tc.get_cuda("sm_90")
     out = []
     for ast in scheduled_kernels(t):
         assert Scheduler(ast, ren).ren.has_local
-        prg = do_to_program(ast.replace(arg=dataclasses.replace(ast.arg)), ren)
-        out.append(next(u for u in prg.src if u.op is Ops.SOURCE).arg)
+        out.append(do_to_program(ast.replace(arg=dataclasses.replace(ast.arg)), ren))
     return out
+
+
+def _cuda_sources(t: Tensor) -> list[str]:
+    """The CUDA source of every kernel realizing `t` would run, in order."""
+    return [next(u for u in prg.src if u.op is Ops.SOURCE).arg for prg in _cuda_programs(t)]
 
 
 def _cuda_source(t: Tensor) -> str:
@@ -157,3 +162,25 @@ def test_a_quantized_prompt_chunk_is_dequantized_first_and_equals_numpy(gpu_form
     matmul = kernels[-1]
     reads = {element_dtype(u.dtype) for u in matmul.toposort() if u.op is Ops.PARAM and u.arg.slot > 0}
     assert len(kernels) == 2 and dtypes.uint32 not in reads and dtypes.half in reads  # the matmul reads no words
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rows", "cols", "least_blocks"),
+    [
+        (64, 2048, 8192, 128),  # the 1B model's down projection: tinygrad's 4x4 tiles a warp left it 16 blocks
+        (64, 3072, 2048, 128),  # q, k and v stacked: 24 blocks
+        (512, 8192, 2048, 512),  # gate/up for 512 tokens: tinygrad's own tile, 512 blocks (its best on an H200)
+    ],
+)
+def test_a_prompt_chunks_product_runs_on_tensor_cores_in_enough_blocks(gpu_forms, tokens, rows, cols, least_blocks):
+    """Structure, not values: no GPU and no emulated tensor cores here (the GPU bench's correctness step runs the
+    fixtures' prompts on the device against transformers). tinygrad's tile for 512 tokens is kept as it is."""
+    x = Tensor.empty(1, tokens, cols, dtype=dtypes.half, device="CPU")
+    w = Tensor.empty(rows, cols, dtype=dtypes.half, device="CPU")
+    prg = _cuda_programs(decoder.Linear(w, dtype=dtypes.half)(x))[-1]
+    source = next(u for u in prg.src if u.op is Ops.SOURCE).arg
+    assert "mma.sync" in source  # tensor cores
+    blocks = math.prod(prg.arg.launch_dims({})[0])
+    assert least_blocks <= blocks <= 4 * least_blocks, blocks
+    if tokens == 512:
+        assert blocks == least_blocks and gpu_matvec.MIN_TC_BLOCKS <= least_blocks

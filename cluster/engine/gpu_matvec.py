@@ -38,6 +38,8 @@ MIN_WEIGHT = 1 << 16  # elements; smaller products are not worth a special case
 REDUCTION_MAX_OUTPUTS = 4096  # a block of threads for each output: up to ~130k threads, half an H200
 REDUCTION_MIN_LENGTH = 128  # shorter ones walk at most 8 values a thread already
 REDUCTION_STEPS = 8  # loads per thread a long reduction is spread to
+# blocks a prompt chunk's tensor-core product should launch: about one per SM of a big GPU (an H200 has 132)
+MIN_TC_BLOCKS = 128
 
 _default_heuristic: Callable[[Scheduler], Scheduler] | None = None
 _default_worker_init: Callable[[], None] | None = None
@@ -161,12 +163,44 @@ def reduction_options(k: Scheduler) -> Scheduler | None:
     return out
 
 
+def blocks(k: Scheduler) -> int | None:
+    """The blocks `k` launches with the options applied so far; None where that depends on a position."""
+    sizes = [k.full_shape[a] for a in k.axes_of(AxisType.GLOBAL)]
+    return prod(sizes) if all(isinstance(s, int) for s in sizes) else None
+
+
+def tensor_core_options(k: Scheduler, chosen: Scheduler) -> Scheduler:
+    """`chosen` (tinygrad's options for `k`), unless they run `k` on tensor cores in fewer than MIN_TC_BLOCKS blocks:
+    then the same tensor-core tile with fewer tiles a warp, the first choice that launches enough blocks (else the
+    one that launches most). tinygrad gives every warp 4x4 tiles; for a prompt chunk of 64 tokens that left the
+    1B model's down projection 16 blocks (16 of an H200's 132 SMs busy), q/k/v 24 and gate/up 64. On an H200,
+    gate/up on 256 blocks (2x2 tiles) ran in 78.5 us against 86.8 us with tinygrad's (bench/RESULTS.md, run 2);
+    a chunk of 512 tokens already launches 128-512 blocks and keeps tinygrad's tile (232 us there, its best)."""
+    tc = [o for o in chosen.applied_opts if o.op is OptOps.TC]
+    if not tc or (launched := blocks(chosen)) is None or launched >= MIN_TC_BLOCKS:
+        return chosen
+    best, most = chosen, launched
+    for tiles in ([Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.UPCAST, 1, 2)], [Opt(OptOps.UPCAST, 1, 2)], []):
+        out = k.copy()
+        try:
+            for o in (tc[0], *tiles, Opt(OptOps.LOCAL, 0, 4)):
+                out.apply_opt(o)
+        except KernelOptError:
+            continue
+        n = blocks(out) or 0
+        if n >= MIN_TC_BLOCKS:
+            return out
+        if n > most:
+            best, most = out, n
+    return best
+
+
 def _optimize(k: Scheduler) -> Scheduler:
-    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products and a block of
-    threads for each output of a long reduction."""
+    """tinygrad's hand_coded_optimizations, with the warp-per-row form for matrix-vector products, a block of
+    threads for each output of a long reduction, and enough blocks for a prompt chunk's tensor-core products."""
     assert _default_heuristic is not None
     # tinygrad's heuristic works on a copy of k
-    return matvec_options(k) or reduction_options(k) or _default_heuristic(k)
+    return matvec_options(k) or reduction_options(k) or tensor_core_options(k, _default_heuristic(k))
 
 
 def default_options(k: Scheduler) -> Scheduler:

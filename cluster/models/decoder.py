@@ -282,8 +282,12 @@ class Block:
         # scores, softmax and weighted sum in float32, as transformers does for half models (and tinygrad 0.14's
         # OpenCL renderer cannot compile a max over half values)
         attn = q.float().scaled_dot_product_attention(keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
-        attn = attn.cast(x.dtype)  # (B, H, T, head_dim)
-        x = x + m["o"](attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+        attn = attn.cast(x.dtype).transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+        if T > 1 and not cpu_codegen(attn):
+            # on GPUs a prompt chunk's heads are written token by token, so o's product reads plain rows and gets
+            # tensor cores; read through the transpose, tinygrad gave it none (bench/cuda_census.py --prompt)
+            attn = attn.contiguous()
+        x = x + m["o"](attn)
         h = m["mlp_norm"](x)
         if "gate_up" in m:
             gate_up = m["gate_up"](h).contiguous()  # (B, T, 2 * intermediate)
