@@ -501,7 +501,7 @@ def w_kernels(a: dict[str, Any]) -> None:
 
     from tinygrad import Device, Tensor, dtypes
     from tinygrad.codegen import to_program
-    from tinygrad.codegen.opt import Opt, OptOps, heuristic
+    from tinygrad.codegen.opt import OptOps, heuristic
     from tinygrad.codegen.opt.postrange import args_from_ast
     from tinygrad.codegen.opt.search import _time_program
     from tinygrad.uop.ops import Ops
@@ -599,26 +599,14 @@ def w_kernels(a: dict[str, Any]) -> None:
                     variants[f"warp {warp}, {rows} rows/block" + (f", {up} rows/thread" if up > 1 else "")] = (
                         alt.applied_opts
                     )
-        tc = [o for o in variants["tinygrad"] if o.op is OptOps.TC]
-        if tc:  # prompt chunks: fewer tiles per block than tinygrad's 4x4 upcast, so more blocks
+        tc = next((o for o in variants["tinygrad"] if o.op is OptOps.TC), None)
+        if tc is not None:  # prompt chunks: fewer tiles per block than tinygrad's 4x4 upcast, so more blocks
             chosen = gpu_matvec.tensor_core_options(k, gpu_matvec.default_options(k)).applied_opts
             if chosen != variants["tinygrad"]:
                 variants["clusterctl"] = chosen  # the engine's (gpu_matvec.MIN_TC_BLOCKS)
-            for name_alt, extra in (
-                ("TC, local 4", [Opt(OptOps.LOCAL, 0, 4)]),
-                ("TC, upcast 2, local 4", [Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.LOCAL, 0, 4)]),
-                (
-                    "TC, upcast 2x2, local 4",
-                    [Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.LOCAL, 0, 4)],
-                ),
-            ):
-                t = k.copy()
-                try:
-                    for o in (tc[0], *extra):
-                        t.apply_opt(o)
-                    variants[name_alt] = t.applied_opts
-                except Exception:  # noqa: BLE001 - an option that does not apply to this shape
-                    pass
+            for upcasts in gpu_matvec.TC_TILE_UPCASTS:
+                if (t := gpu_matvec.tensor_core_tile(k, tc, upcasts)) is not None:
+                    variants[f"TC, {('', 'upcast 2, ', 'upcast 2x2, ')[upcasts]}local 4"] = t.applied_opts
         for label, opts in variants.items():
             try:
                 a2 = ast.replace(arg=dataclasses.replace(ast.arg, opts_to_apply=tuple(opts)))

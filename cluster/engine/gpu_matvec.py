@@ -169,6 +169,21 @@ def blocks(k: Scheduler) -> int | None:
     return prod(sizes) if all(isinstance(s, int) for s in sizes) else None
 
 
+TC_TILE_UPCASTS = (2, 1, 0)  # tiles a warp computes, as twofold upcasts of the tile: 2x2, 2x1, 1x1
+
+
+def tensor_core_tile(k: Scheduler, tc: Opt, upcasts: int) -> Scheduler | None:
+    """`k` (on a copy) with the tensor-core option `tc`, `upcasts` twofold upcasts of its tile, and 4 warps a
+    block; None where these do not apply to its shape."""
+    out = k.copy()
+    try:
+        for o in (tc, *[Opt(OptOps.UPCAST, 1, 2)] * upcasts, Opt(OptOps.LOCAL, 0, 4)):
+            out.apply_opt(o)
+    except KernelOptError:
+        return None
+    return out
+
+
 def tensor_core_options(k: Scheduler, chosen: Scheduler) -> Scheduler:
     """`chosen` (tinygrad's options for `k`), unless they run `k` on tensor cores in fewer than MIN_TC_BLOCKS blocks:
     then the same tensor-core tile with fewer tiles a warp, the first choice that launches enough blocks (else the
@@ -176,16 +191,13 @@ def tensor_core_options(k: Scheduler, chosen: Scheduler) -> Scheduler:
     1B model's down projection 16 blocks (16 of an H200's 132 SMs busy), q/k/v 24 and gate/up 64. On an H200,
     gate/up on 256 blocks (2x2 tiles) ran in 78.5 us against 86.8 us with tinygrad's (bench/RESULTS.md, run 2);
     a chunk of 512 tokens already launches 128-512 blocks and keeps tinygrad's tile (232 us there, its best)."""
-    tc = [o for o in chosen.applied_opts if o.op is OptOps.TC]
-    if not tc or (launched := blocks(chosen)) is None or launched >= MIN_TC_BLOCKS:
+    tc = next((o for o in chosen.applied_opts if o.op is OptOps.TC), None)
+    if tc is None or (launched := blocks(chosen)) is None or launched >= MIN_TC_BLOCKS:
         return chosen
     best, most = chosen, launched
-    for tiles in ([Opt(OptOps.UPCAST, 1, 2), Opt(OptOps.UPCAST, 1, 2)], [Opt(OptOps.UPCAST, 1, 2)], []):
-        out = k.copy()
-        try:
-            for o in (tc[0], *tiles, Opt(OptOps.LOCAL, 0, 4)):
-                out.apply_opt(o)
-        except KernelOptError:
+    for upcasts in TC_TILE_UPCASTS:
+        out = tensor_core_tile(k, tc, upcasts)
+        if out is None:
             continue
         n = blocks(out) or 0
         if n >= MIN_TC_BLOCKS:
