@@ -143,6 +143,75 @@ def test_errors_use_the_openai_shape_and_status(client, pair, model):
     assert raw.value.code == 401 and json.loads(raw.value.read())["error"]["code"] == "invalid_api_key"
 
 
+def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
+    """Content as a list of text parts, the "developer" role, vLLM's sampling extensions and the model lookup work;
+    what the node cannot do (several answers, tools, count penalties, images, token-id prompts, echo) is a 400 that
+    names it, never ignored. References: the same request in its plain form, greedy decoding, and the gRPC SDK."""
+
+    def chat(messages, **kw):
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, **kw)
+
+    plain = chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about\nthe river."}])
+    parts = chat(
+        [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Tell me about"}, {"type": "text", "text": "the river."}],
+            },
+        ],
+        n=1,  # neutral values of unsupported fields, which clients send by default, are accepted
+        presence_penalty=0,
+        frequency_penalty=0,
+    )
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    after_tool_free_turn = chat(
+        [*MESSAGES, {"role": "assistant", "content": None}, {"role": "user", "content": "More."}]
+    )
+    assert after_tool_free_turn.usage.completion_tokens == 6
+
+    def complete(**kw):
+        return client.completions.create(model=model, prompt="The small river", max_tokens=8, **kw).choices[0].text
+
+    greedy = complete(temperature=0)
+    # top_k=1, or min_p=1, leaves only the most likely id at any temperature: greedy's answer
+    assert complete(temperature=1.5, seed=3, extra_body={"top_k": 1}) == greedy
+    assert complete(temperature=1.5, seed=3, extra_body={"min_p": 1.0}) == greedy
+    assert (
+        client.completions.create(model=model, prompt=["The small river"], max_tokens=8, temperature=0).choices[0].text
+        == greedy
+    )
+    penalised = complete(temperature=0, extra_body={"repetition_penalty": 1.8})
+    with pair[0].client() as sdk:
+        chunks = list(
+            sdk.generate(model, "The small river", raw=True, max_tokens=8, temperature=0, repetition_penalty=1.8)
+        )
+    assert penalised == "".join(c.text for c in chunks)
+
+    assert client.models.retrieve("llama-3.2-1b").id == "llama-3.2-1b"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+    refused = [
+        ("n", lambda: chat(MESSAGES, n=2)),
+        ("presence_penalty", lambda: chat(MESSAGES, presence_penalty=0.5)),
+        ("frequency_penalty", lambda: complete(temperature=0, frequency_penalty=1.0)),
+        ("logit_bias", lambda: chat(MESSAGES, logit_bias={"5": 10})),
+        ("tools", lambda: chat(MESSAGES, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
+        ("response_format", lambda: chat(MESSAGES, response_format={"type": "json_object"})),
+        ("image_url", lambda: chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])),
+        ("token ids", lambda: client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2)),
+        ("echo", lambda: complete(temperature=0, echo=True)),
+    ]
+    for name, call in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert name in err.value.message and not err.value.message.startswith("Value error"), err.value.message
+    assert (
+        client.completions.create(model=model, prompt="Hello", max_tokens=1).usage.completion_tokens == 1
+    )  # still serving
+
+
 def test_concurrent_requests_each_get_their_own_answer(client, model):
     prompts = ["The small river", "In the morning", "Numbers like"]
     alone = {

@@ -38,12 +38,19 @@ _HANG_UP_POLL_S = 0.25  # how often a request that waits for its answer checks t
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
 
@@ -100,7 +107,10 @@ def create_app(
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return ApiError(400, f"{where}: {first.get('msg', 'invalid request')}".strip(": ")).response()
+        # a validator's own message as it wrote it, without pydantic's "Value error, " in front
+        cause = (first.get("ctx") or {}).get("error")
+        message = str(cause) if first.get("type") == "value_error" and cause else first.get("msg", "invalid request")
+        return ApiError(400, f"{where}: {message}".strip(": "), param=where or None).response()
 
     app.add_middleware(_Authorise, expected=f"Bearer {token}")
 
@@ -112,10 +122,22 @@ def create_app(
     async def api_status() -> dict[str, Any]:
         return await status()
 
+    def known() -> list[str]:
+        """The models in use here, then the registry's names."""
+        return list(dict.fromkeys([*coordinator.models, *REGISTRY]))
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        names = list(dict.fromkeys([*coordinator.models, *REGISTRY]))
-        return {"object": "list", "data": [_model(name) for name in names]}
+        return {"object": "list", "data": [_model(name) for name in known()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        # what the list holds; a repo id or directory not used yet is not looked up (that could mean a download)
+        if name not in known():
+            raise ApiError(
+                404, f"model {name!r} is not in use on this cluster nor a registry name", code="model_not_found"
+            )
+        return _model(name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
