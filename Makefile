@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install protos test test-all lint fixtures bench demo clean
+.PHONY: install protos test test-slow test-all lint fixtures bench demo clean
 
 install:
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -13,7 +13,14 @@ install:
 protos:
 	$(BIN)/python setup.py -q build_protos
 
+# The suite without its slow end-to-end cases (under 15 min on 2 cores); CI runs `test` then `test-slow`.
 test:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
+test-all:
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -160,6 +160,7 @@ def _three_at_once(node, model: str) -> tuple[list[int], list[list[int]], list[i
     return alone.tokens, results, seen
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_join_max_sessions_makes_requests_take_turns(tmp_path):
     """`join --max-sessions 1`: three requests at once all finish with the tokens of one alone, and the node
     never reports more than one open session on its shard while they run."""
@@ -175,6 +176,7 @@ def test_join_max_sessions_makes_requests_take_turns(tmp_path):
         node.stop()
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_join_session_wait_refuses_a_request_as_busy_through_the_sdk_and_the_api(tmp_path):
     """`join --max-sessions 1 --session-wait 1`: with the one session of the shard taken, a request waits 1 s
     and is refused: `NodeBusy` in the SDK, HTTP 503 with code "busy" from the API. The node serves the next
@@ -206,6 +208,7 @@ def test_join_session_wait_refuses_a_request_as_busy_through_the_sdk_and_the_api
         node.stop()
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_join_memory_limits_sessions_to_kv_caches_that_fit(tmp_path):
     """`join --memory` with room for the weights and two and a half KV caches (and `--max-sessions` left at 8):
     the shard serves two sessions at once, three requests at once take turns and all give the tokens of one

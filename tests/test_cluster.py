@@ -99,7 +99,7 @@ def test_plan_splits_layers_by_free_memory(trio, models):
     assert [s["layers"] for s in json.loads(p.stdout)["shards"]] == [[0, 3], [3, 5], [5, 6]]
 
 
-@pytest.mark.parametrize("model", ["llama32", "llama32-4bit"])
+@pytest.mark.parametrize("model", ["llama32", pytest.param("llama32-4bit", marks=pytest.mark.slow)])
 def test_three_nodes_give_the_single_node_tokens(trio, models, single_node, model):
     for prompt in PROMPTS[:2]:
         assert cluster_tokens(trio[0], models[model], prompt) == single_node(model, prompt)
@@ -278,6 +278,7 @@ def test_a_model_too_big_for_the_cluster_is_refused_with_the_numbers(tmp_path, m
         node.stop()
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_peers_only_join_and_leave(tmp_path, models, single_node):
     """--peer without mDNS: two nodes, then a third joins an idle cluster and is used by the next plan, then it
     leaves and is dropped. Requests go through both a and b: after every change the two coordinators end up

@@ -30,6 +30,7 @@ MODEL = "llama32"  # its tokenizer_config.json has a chat template
 NAMES = ("alpha", "beta")
 
 pytestmark = [
+    pytest.mark.slow,  # a browser and two nodes: make test-slow (CI runs it)
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"),
     pytest.mark.skipif(sync_playwright is None, reason="needs the playwright Python package (pip install playwright)"),
 ]

@@ -146,6 +146,7 @@ def _section(stdout: str, title: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 @pytest.mark.parametrize("mode", ["auto", "loopback"])
 def test_make_demo_streams_an_answer_from_three_nodes_and_cleans_up(mode: str):
     """auto: `make demo` as it is (namespaces as root); loopback: the non-root way, run here too when root."""
@@ -181,6 +182,7 @@ def test_make_demo_streams_an_answer_from_three_nodes_and_cleans_up(mode: str):
     print(f"make demo took {took:.0f} s")
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 @pytest.mark.parametrize(
     ("sig", "stage"),
     [(signal.SIGINT, "==> Waiting for the nodes"), (signal.SIGTERM, "==> clusterctl run")],

@@ -34,6 +34,8 @@ from conftest import FIXTURES
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/netns.py: the namespaces, shared with demo/run_demo.py
 from netns import NetnsError, Network, ip, stop, unavailable  # noqa: E402
 
+pytestmark = pytest.mark.slow  # three hosts in network namespaces: make test-slow (CI runs it)
+
 PROMPT = "The small river runs past"
 MAX_TOKENS = 12
 PORT = 50051

@@ -78,6 +78,7 @@ def test_an_opencl_device_that_is_the_cpu_is_not_the_default() -> None:
     assert _default_device(DEV="CL") == "CL"  # asked for by name: taken as it is
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_a_node_with_no_device_named_computes_on_the_cpu_backend(tmp_path, monkeypatch) -> None:
     """A real `join` node with neither --device nor DEV, beside a CPU OpenCL device: its engine process computes
     where the node says (tinygrad's CPU backend), not on the OpenCL pick tinygrad leaves in DEV."""

@@ -20,6 +20,8 @@ from conftest import FIXTURES
 
 from cluster.client import Client, DoesNotFit, NodeUnavailable
 
+pytestmark = pytest.mark.slow  # several nodes killed and restarted: make test-slow (CI runs it)
+
 PROMPT = "The small river runs past"
 TOKENS = 48
 KILL_AFTER = 8
