@@ -134,7 +134,7 @@ class CompletionRequest(_Request):
     def _one_prompt(cls, prompt: Any) -> Any:
         if not isinstance(prompt, list):
             return prompt
-        if prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
+        if prompt and all(isinstance(p, (int, list)) for p in prompt):
             raise ValueError("prompts of token ids are not supported: send the text")
         if len(prompt) != 1:
             raise ValueError(f"one prompt per request, not {len(prompt)}")
