@@ -95,6 +95,7 @@ def test_run_chat_with_logprobs_in_process():
         assert t["top"][0][1] == pytest.approx(t["logprob"], abs=1e-4)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_interactive_chat_reads_turns_until_an_empty_line():
     p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")
     assert p.returncode == 0, p.stderr

@@ -38,6 +38,7 @@ def tokens(c: Coordinator, model: str, **kwargs) -> list[int]:
     return result.tokens
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_placing_one_model_does_not_hold_up_requests_for_another(coordinator: Coordinator) -> None:
     expected = tokens(coordinator, "llama32")  # placed
     stalled, go = threading.Event(), threading.Event()

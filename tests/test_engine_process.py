@@ -28,6 +28,7 @@ def greedy(shard, prompt, n):
     return out
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
 def test_engine_process_generates_recovers_from_errors_and_from_death(monkeypatch):
     ref = reference("llama32")
     events: list[tuple[str, int, int]] = []
