@@ -559,6 +559,7 @@ class Coordinator:
         *,
         prompt: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         raw: bool = False,
         max_tokens: int = 256,
         sampling: dict[str, Any] | None = None,
@@ -572,7 +573,7 @@ class Coordinator:
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
         if messages is not None:
-            ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True)
+            ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
         elif raw:
             ids = ref.tokenizer.encode(prompt or "", add_special_tokens=True)
         else:

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import jinja2
 import tokenizers
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -288,10 +288,30 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt, tools, **extra)
         return self.encode(text, add_special_tokens=False)
 
+    def tool_template(self) -> str | None:
+        """The chat template used when tools are given, if it has a place for them; else None."""
+        name = _TOOL_TEMPLATE if _TOOL_TEMPLATE in self._templates else _DEFAULT_TEMPLATE
+        source = self._templates.get(name)
+        if source is None:
+            return None
+        try:
+            read = meta.find_undeclared_variables(self._environment().parse(source))
+        except jinja2.TemplateSyntaxError:
+            return None
+        return source if "tools" in read else None
+
+    def _environment(self) -> ImmutableSandboxedEnvironment:
+        if self._env is None:
+            self._env = _template_env()
+        return self._env
+
     def _template(self, tools: Sequence[Mapping[str, Any]] | None) -> jinja2.Template:
         # Same choice as transformers: "tool_use" when tools are given and it exists, else "default".
         if not self._templates:
             raise TokenizerError("this model has no chat template; use raw mode (--raw) and pass the prompt text as is")
+        if tools and self.tool_template() is None:
+            # rendered without them, the model would never see the tools it was given
+            raise TokenizerError("this model's chat template has no place for tools")
         if tools and _TOOL_TEMPLATE in self._templates:
             name = _TOOL_TEMPLATE
         elif _DEFAULT_TEMPLATE in self._templates:
@@ -299,10 +319,8 @@ class Tokenizer:
         else:
             raise TokenizerError(f"no 'default' chat template among {sorted(self._templates)}; use raw mode (--raw)")
         if name not in self._compiled:
-            if self._env is None:
-                self._env = _template_env()
             try:
-                self._compiled[name] = self._env.from_string(self._templates[name])
+                self._compiled[name] = self._environment().from_string(self._templates[name])
             except jinja2.TemplateSyntaxError as e:
                 raise TokenizerError(f"chat template {name!r} does not parse: {e}") from e
         return self._compiled[name]

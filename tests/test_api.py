@@ -17,6 +17,9 @@ import pytest
 from checkpoints import deepen
 from cluster_nodes import NodeProcess, every_session_taken, free_port, member_names, open_sessions, shards_of, wait_for
 from conftest import FIXTURES, TEST_TOKEN
+from scripted_model import scripted
+
+from cluster.tokenizer import Tokenizer
 
 MESSAGES = [{"role": "user", "content": "Tell me about the river."}]
 
@@ -145,8 +148,9 @@ def test_errors_use_the_openai_shape_and_status(client, pair, model):
 
 def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
     """Content as a list of text parts, the "developer" role, vLLM's sampling extensions and the model lookup work;
-    what the node cannot do (several answers, tools, count penalties, images, token-id prompts, echo) is a 400 that
-    names it, never ignored. References: the same request in its plain form, greedy decoding, and the gRPC SDK."""
+    what the node cannot do (several answers, tools for a model whose template has no place for them, count
+    penalties, images, token-id prompts, echo) is a 400 that names it, never ignored. References: the same request
+    in its plain form, greedy decoding, and the gRPC SDK."""
 
     def chat(messages, **kw):
         return client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, **kw)
@@ -210,6 +214,113 @@ def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
     assert (
         client.completions.create(model=model, prompt="Hello", max_tokens=1).usage.completion_tokens == 1
     )  # still serving
+
+
+# The scripted model's answer to every prompt, one token per piece: some text, then two calls in Qwen's form.
+SCRIPT = [
+    "I will look that up.",
+    "\n<tool_call>",
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "Zürich", "unit": "°C"}}',
+    "\n</tool_call>",
+    '\n<tool_call>\n{"name": "get_time", ',
+    '"arguments": {}}\n</tool_call>',
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+
+def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, tmp_path_factory):
+    """Tools are offered through the model's chat template and its calls come back as OpenAI's `tool_calls`.
+    The model (tests/scripted_model.py) answers every prompt with SCRIPT, split over two nodes, so the reference
+    is SCRIPT itself: without tools it is the plain answer; with tools, its text before the first call is the
+    content and its two calls are the tool calls, streamed or not. The turn that sends the results back must
+    reach the model as its chat template writes it (checked by the prompt's length in tokens)."""
+    model = str(scripted(tmp_path_factory.mktemp("scripted") / "weather", SCRIPT))
+    question = [{"role": "user", "content": "Weather and time in Zürich?"}]
+
+    def chat(messages, **kw):
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0, **kw)
+
+    plain = chat(question)
+    assert plain.choices[0].message.content == "".join(SCRIPT) and plain.choices[0].message.tool_calls is None
+
+    answer = chat(question, tools=TOOLS, parallel_tool_calls=True)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "I will look that up.\n"
+    calls = choice.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Zürich", "unit": "°C"}),
+        ("get_time", {}),
+    ]
+    assert all(c.type == "function" and c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+    content, streamed, finish = [], {}, None
+    for chunk in client.chat.completions.create(
+        model=model, messages=question, tools=TOOLS, max_tokens=40, temperature=0, stream=True
+    ):
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        for call in delta.tool_calls or []:
+            streamed[call.index] = (call.function.name, json.loads(call.function.arguments))
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(content) == choice.message.content and not any("<tool" in c for c in content)
+    assert [streamed[i] for i in sorted(streamed)] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls
+    ]
+    assert finish == "tool_calls"
+
+    # the results go back as the client's SDK sends them: the assistant turn with its calls, one tool message each
+    results = [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 4}'},
+        {"role": "tool", "tool_call_id": calls[1].id, "content": "10:42"},
+    ]
+    second = chat([*question, *results], tools=TOOLS)
+    expected = [
+        *question,
+        {
+            "role": "assistant",
+            "content": "I will look that up.\n",
+            "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "°C"}}},
+                {"function": {"name": "get_time", "arguments": {}}},
+            ],
+        },
+        {"role": "tool", "content": '{"temperature": 4}'},
+        {"role": "tool", "content": "10:42"},
+    ]
+    tokenizer = Tokenizer.from_dir(model)
+    assert second.usage.prompt_tokens == len(tokenizer.encode_chat(expected, tools=TOOLS))
+
+    # "none": the model is not told of the tools and its answer is text
+    unoffered = chat(question, tools=TOOLS, tool_choice="none")
+    assert unoffered.choices[0].message.content == "".join(SCRIPT)
+    assert unoffered.usage.prompt_tokens == plain.usage.prompt_tokens
+    for choice_asked in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(question, tools=TOOLS, tool_choice=choice_asked)
+        assert err.value.body["param"] == "tool_choice" and "constrained decoding" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(
+            [
+                *question,
+                {
+                    **results[0],
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{x"}}],
+                },
+            ]
+        )
+    assert "arguments" in err.value.message
 
 
 def test_concurrent_requests_each_get_their_own_answer(client, model):

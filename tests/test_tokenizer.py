@@ -265,6 +265,19 @@ def test_named_template_list(tmp_path: Path, backends: dict[str, HFTokenizer]) -
     assert set(t.chat_templates) == {"default", "tool_use"}
 
 
+def test_tools_need_a_template_that_has_a_place_for_them(tmp_path: Path, backends: dict[str, HFTokenizer]) -> None:
+    # rendered by a template that never reads `tools`, the model would not learn of them: refused, not dropped
+    plain = _with_template(tmp_path / "plain", backends, "{{ messages[0]['content'] }}")
+    assert plain.tool_template() is None
+    assert plain.apply_chat_template(MESSAGES) == "Be brief."
+    with pytest.raises(TokenizerError, match="no place for tools"):
+        plain.apply_chat_template(MESSAGES, tools=[{"type": "function"}])
+    source = "{% if tools is defined and tools %}T{% endif %}{{ messages[0]['content'] }}"
+    offered = _with_template(tmp_path / "offered", backends, source)
+    assert offered.tool_template() == source
+    assert offered.apply_chat_template(MESSAGES, tools=[{"type": "function"}]) == "TBe brief."
+
+
 def test_named_template_list_without_default(tmp_path: Path, backends: dict[str, HFTokenizer]) -> None:
     cfg = {"chat_template": [{"name": "rag", "template": "R"}]}
     t = Tokenizer.from_dir(write_model_dir(tmp_path, backends["byte_level"], cfg))

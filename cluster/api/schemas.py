@@ -1,13 +1,19 @@
 """Request bodies of the OpenAI-compatible API (the subset clusterctl serves), validated by pydantic.
 
-OpenAI fields that clusterctl cannot honour (several answers, tools, penalties on counts, logit bias, JSON mode)
-are refused with a 400 that names them whenever they ask for something, never ignored; at their neutral values
-(n=1, presence_penalty=0, ...), which many clients send every time, they are accepted. `top_k`, `min_p` and
-`repetition_penalty` are accepted beside OpenAI's fields, as vLLM and llama.cpp's server accept them."""
+OpenAI fields that clusterctl cannot honour (several answers, forced tool calls, penalties on counts, logit bias,
+JSON mode) are refused with a 400 that names them whenever they ask for something, never ignored; at their neutral
+values (n=1, presence_penalty=0, ...), which many clients send every time, they are accepted. `top_k`, `min_p` and
+`repetition_penalty` are accepted beside OpenAI's fields, as vLLM and llama.cpp's server accept them.
+
+Tools are offered to the model through its chat template and its calls read back from its answer
+(cluster/tool_calls.py); `tool_choice` "required" or a named function would need constrained decoding and is
+refused."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -66,13 +72,37 @@ class _Request(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json(cls, arguments: str) -> str:
+        try:
+            json.loads(arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON ({e})") from None
+        return arguments
+
+
+class ToolCallIn(BaseModel):
+    """A call the assistant made in an earlier turn, as the client sends it back."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str = Field(min_length=1, max_length=32)
     # a string, or OpenAI's list of parts ([{"type": "text", "text": ...}]); an assistant turn may leave it out
     content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[Any] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None  # a tool message: which call it answers
 
     @field_validator("role")
     @classmethod
@@ -81,8 +111,10 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _text(self) -> Message:
-        if self.tool_calls:
-            raise ValueError("tool_calls: tool calling is not supported")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message holds tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
         if isinstance(self.content, list):
             # the text parts, joined as vLLM joins them for a text-only model; other kinds have no reader here
             kinds = {str(part.get("type")) for part in self.content} - {"text"}
@@ -97,13 +129,48 @@ class Message(BaseModel):
             self.content = ""
         return self
 
+    def for_template(self, call_id: Callable[[str], str] = lambda i: i) -> dict[str, Any]:
+        """The message as chat templates read it: a call's arguments as an object (templates write them with
+        `tojson`), call ids as `call_id` maps them for the model's format."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = call_id(self.tool_call_id)
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call_id(c.id),
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")},
+                }
+                for c in self.tool_calls
+            ]
+        return out
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
 
 class ChatCompletionRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # the model decides how many calls it makes
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -113,10 +180,22 @@ class ChatCompletionRequest(_Request):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    @property
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model is told of: none when tool_choice is "none", as vLLM leaves them out then."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
     def _refused(self) -> list[str]:
         refused = super()._refused()
-        if self.tools or self.functions:
-            refused.append("tools: tool calling is not supported")
+        if self.functions:
+            refused.append("functions: the deprecated form of tools; send them as tools")
+        if self.tool_choice not in (None, "auto", "none"):
+            refused.append(
+                "tool_choice: 'auto' and 'none' are supported; 'required' and a named function would need "
+                "constrained decoding"
+            )
         if (self.response_format or {}).get("type", "text") != "text":
             refused.append("response_format: only {'type': 'text'} is supported")
         return refused

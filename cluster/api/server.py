@@ -10,9 +10,10 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -31,6 +32,7 @@ from cluster.partition import PlanError
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
+from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, format_for
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -110,7 +112,9 @@ def create_app(
         # a validator's own message as it wrote it, without pydantic's "Value error, " in front
         cause = (first.get("ctx") or {}).get("error")
         message = str(cause) if first.get("type") == "value_error" and cause else first.get("msg", "invalid request")
-        return ApiError(400, f"{where}: {message}".strip(": "), param=where or None).response()
+        # a refusal of the whole request names its field at the start of the message ("n: one answer ...")
+        named = re.match(r"(\w+): ", message) if not where else None
+        return ApiError(400, f"{where}: {message}".strip(": "), param=where or (named and named[1])).response()
 
     app.add_middleware(_Authorise, expected=f"Bearer {token}")
 
@@ -141,11 +145,33 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        request = _request(body, messages=messages, logprobs=body.top_logprobs or (1 if body.logprobs else 0))
+        tools = body.offered_tools
+        calls = await _tool_format(body.model) if tools else None
+        messages = [m.for_template(calls.history_id) if calls else m.for_template() for m in body.messages]
+        logprobs = body.top_logprobs or (1 if body.logprobs else 0)
+        request = _request(body, messages=messages, tools=tools, logprobs=logprobs)
         return await _while_connected(
-            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request)
+            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, calls)
         )
+
+    async def _tool_format(model: str) -> ToolCallFormat:
+        """How MODEL writes tool calls; a 400 when its chat template takes no tools or teaches an unknown form."""
+        try:
+            ref = await asyncio.to_thread(coordinator.resolve, model)
+        except Exception as e:  # noqa: BLE001
+            raise api_error(e) from None
+        template = ref.tokenizer.tool_template()
+        if template is None:
+            raise ApiError(400, f"tools: the chat template of {model} has no place for tools", param="tools")
+        found = format_for(template)
+        if found is None:
+            raise ApiError(
+                400,
+                f"tools: the chat template of {model} teaches a tool-call format clusterctl cannot read (it reads "
+                "<tool_call> blocks, Llama 3's JSON calls and Mistral's [TOOL_CALLS])",
+                param="tools",
+            )
+        return found
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
@@ -158,15 +184,23 @@ def create_app(
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return {"max_tokens": body.max_tokens, "sampling": sampling_of(body), "stop": stop, **inputs}
 
-    async def _respond(model: str, stream: bool, include_usage: bool, kind: str, request: dict[str, Any]) -> Any:
+    async def _respond(
+        model: str,
+        stream: bool,
+        include_usage: bool,
+        kind: str,
+        request: dict[str, Any],
+        calls: ToolCallFormat | None = None,
+    ) -> Any:
         chunks = _generation(model, request)
         first = await _first(chunks)  # errors before the first token become a proper status code
         tokenizer = coordinator.resolve(model).tokenizer
+        splitter = calls.splitter() if calls else None
         if stream:
             return StreamingResponse(
-                _sse(model, kind, first, chunks, tokenizer, include_usage), media_type="text/event-stream"
+                _sse(model, kind, first, chunks, tokenizer, include_usage, splitter), media_type="text/event-stream"
             )
-        return await _whole(model, kind, first, chunks, tokenizer)
+        return await _whole(model, kind, first, chunks, tokenizer, splitter)
 
     async def _generation(model: str, request: dict[str, Any]) -> AsyncIterator[TokenChunk | GenerationResult]:
         request = {**request, "max_tokens": request["max_tokens"] or DEFAULT_MAX_TOKENS}
@@ -223,11 +257,28 @@ def _logprob_entry(tokenizer: Tokenizer, chunk: TokenChunk, chat: bool) -> dict[
     return {"token": text, "logprob": chunk.logprob, "top": {t["token"]: t["logprob"] for t in top}}
 
 
-def _choice(kind: str, text: str, finish: str | None, logprobs: Any, stream: bool) -> dict[str, Any]:
+def _choice(
+    kind: str, text: str, finish: str | None, logprobs: Any, stream: bool, calls: Sequence[ToolCall] = ()
+) -> dict[str, Any]:
     if kind.startswith("chat"):
-        content = {"delta" if stream else "message": {"role": "assistant", "content": text}}
-        return {"index": 0, **content, "finish_reason": finish, "logprobs": logprobs}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            # a streamed call comes whole in one delta, with the index OpenAI's deltas carry
+            message["tool_calls"] = [c.to_openai(i if stream else None) for i, c in enumerate(calls)]
+            message["content"] = text or (None if not stream else "")
+            finish = "tool_calls" if finish == "stop" else finish
+        return {"index": 0, "delta" if stream else "message": message, "finish_reason": finish, "logprobs": logprobs}
     return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def _answer(result: GenerationResult, splitter: ToolCallSplitter | None, text: str) -> tuple[str, str, list[ToolCall]]:
+    """The text left to send (`text`: the whole answer, or a stream's tail), the finish reason, and the calls
+    read from the answer when the request offered tools."""
+    if splitter is None:
+        return text, result.finish_reason, []
+    shown = splitter.push(text)
+    rest, calls = splitter.finish()
+    return shown + rest, result.finish_reason, calls
 
 
 def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,6 +296,7 @@ async def _whole(
     first: TokenChunk | GenerationResult,
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
+    splitter: ToolCallSplitter | None = None,
 ) -> dict[str, Any]:
     chat = kind.startswith("chat")
     entries: list[dict[str, Any]] = []
@@ -253,6 +305,7 @@ async def _whole(
         entries.append(_logprob_entry(tokenizer, item, chat))
         item = await anext(chunks)
     result = item
+    text, finish, calls = _answer(result, splitter, result.text)
     logprobs = (
         ({"content": entries} if chat else _completion_logprobs(entries))
         if entries and first_has_logprobs(first)
@@ -263,7 +316,7 @@ async def _whole(
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [_choice(kind, result.text, result.finish_reason, logprobs, stream=False)],
+        "choices": [_choice(kind, text, finish, logprobs, stream=False, calls=calls)],
         "usage": result.usage(),
         "timing": result.timing(),
     }
@@ -280,6 +333,7 @@ async def _sse(
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
     include_usage: bool,
+    splitter: ToolCallSplitter | None = None,
 ) -> AsyncIterator[str]:
     chat = kind.startswith("chat")
     base = {
@@ -302,10 +356,12 @@ async def _sse(
             if item.top:
                 entry = _logprob_entry(tokenizer, item, chat)
                 logprobs = {"content": [entry]} if chat else _completion_logprobs([entry])
-            yield event(_choice(kind, item.text, None, logprobs, stream=True))
+            text = splitter.push(item.text) if splitter else item.text  # what may open a call is held back
+            yield event(_choice(kind, text, None, logprobs, stream=True))
             item = await anext(chunks)
         result = item
-        yield event(_choice(kind, result.tail, result.finish_reason, None, stream=True))
+        text, finish, calls = _answer(result, splitter, result.tail)
+        yield event(_choice(kind, text, finish, None, stream=True, calls=calls))
         if include_usage:
             yield event(None, result.usage())
     except Exception as e:  # noqa: BLE001 - mid-stream: the status line is gone, say it in the stream

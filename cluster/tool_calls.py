@@ -1,0 +1,214 @@
+"""Tool calls in a model's answer: the format a model writes them in (its chat template tells), and a splitter
+that separates them from the answer's text as tokens arrive, for the OpenAI API's `tool_calls`.
+
+Formats, named as vLLM's parsers are:
+- hermes (Qwen2.5, Qwen3, Hermes): one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block per call,
+  possibly after some text.
+- llama3_json (Llama 3.1 to 3.3): the whole answer is `{"name": ..., "parameters": {...}}`, optionally after
+  `<|python_tag|>`; several calls are separated by `;`.
+- mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers) or `[TOOL_CALLS]name[ARGS]{...}`
+  per call (v11 and later).
+
+What cannot be read as calls stays text: nothing the model wrote is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_DECODER = json.JSONDecoder()
+_ALPHANUMERIC = string.ascii_letters + string.digits
+# (name, arguments) pairs and the text around them, or None when the calls do not parse
+Read = tuple[list[tuple[str, Any]], str] | None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        call: dict[str, Any] = {} if index is None else {"index": index}
+        call.update(id=self.id, type="function", function={"name": self.name, "arguments": self.arguments})
+        return call
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    name: str
+    markers: tuple[str, ...]  # what opens the calls
+    leading_only: bool  # a marker counts only at the very start of the answer (whitespace aside)
+    read: Callable[[str], Read]  # the text from the first marker on -> calls and the text around them
+    new_id: Callable[[], str]
+    history_id: Callable[[str], str] = lambda call_id: call_id  # a client's id as the chat template takes it
+
+    def splitter(self) -> ToolCallSplitter:
+        return ToolCallSplitter(self)
+
+
+def _json_values(text: str, separators: str) -> list[Any] | None:
+    """Consecutive JSON values separated by whitespace and `separators`; None unless all of `text` is such."""
+    values: list[Any] = []
+    at = 0
+    while True:
+        while at < len(text) and (text[at].isspace() or text[at] in separators):
+            at += 1
+        if at == len(text):
+            return values
+        try:
+            value, at = _DECODER.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+
+
+def _call(obj: Any, arguments_key: str = "arguments") -> tuple[str, Any] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    return obj["name"], obj.get(arguments_key, obj.get("arguments", {}))
+
+
+def _calls(objs: list[Any] | None, arguments_key: str = "arguments") -> list[tuple[str, Any]] | None:
+    if not objs:
+        return None
+    calls = [_call(obj, arguments_key) for obj in objs]
+    return None if any(c is None for c in calls) else [c for c in calls if c is not None]
+
+
+_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+
+
+def _read_hermes(text: str) -> Read:
+    # a last block without its closing tag still counts: the answer may end (EOS) right after the JSON
+    calls = []
+    for block in _HERMES_BLOCK.findall(text):
+        values = _json_values(block, "")
+        found = _calls(values) if values is not None and len(values) == 1 else None
+        if found is None:
+            return None
+        calls += found
+    return calls, _HERMES_BLOCK.sub("", text).strip()
+
+
+def _read_llama3(text: str) -> Read:
+    calls = _calls(_json_values(text.removeprefix("<|python_tag|>"), ";,"), arguments_key="parameters")
+    return None if calls is None else (calls, "")
+
+
+def _read_mistral(text: str) -> Read:
+    calls: list[tuple[str, Any]] = []
+    for part in text.split("[TOOL_CALLS]")[1:]:
+        if part.lstrip().startswith("["):  # v3: a JSON list of {"name", "arguments"}
+            values = _json_values(part, "")
+            found = _calls(values[0]) if values and len(values) == 1 and isinstance(values[0], list) else None
+        elif "[ARGS]" in part:  # v11+: name[ARGS]{...}, the name possibly followed by [CALL_ID]id
+            name, args = part.split("[ARGS]", 1)
+            values = _json_values(args, "")
+            name = name.split("[CALL_ID]", 1)[0].strip()
+            found = [(name, values[0])] if name and values is not None and len(values) == 1 else None
+        else:
+            found = None
+        if found is None:
+            return None
+        calls += found
+    return (calls, "") if calls else None
+
+
+def _openai_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _mistral_id() -> str:
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
+def _mistral_history_id(call_id: str) -> str:
+    # Mistral's templates refuse ids that are not 9 letters or digits; other servers' ids are mapped, the same
+    # way for the assistant's call and the tool's answer, so that the two still match
+    if len(call_id) == 9 and call_id.isalnum():
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).digest()
+    return "".join(_ALPHANUMERIC[b % len(_ALPHANUMERIC)] for b in digest[:9])
+
+
+HERMES = ToolCallFormat("hermes", ("<tool_call>",), False, _read_hermes, _openai_id)
+LLAMA3_JSON = ToolCallFormat("llama3_json", ("<|python_tag|>", "{"), True, _read_llama3, _openai_id)
+MISTRAL = ToolCallFormat("mistral", ("[TOOL_CALLS]",), False, _read_mistral, _mistral_id, _mistral_history_id)
+
+
+def format_for(template: str) -> ToolCallFormat | None:
+    """The format a chat template (the one used when tools are given) teaches its model, if it is a known one."""
+    if "<tool_call>" in template:
+        return HERMES
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL
+    if "<|python_tag|>" in template or ("<|start_header_id|>" in template and '"parameters"' in template):
+        return LLAMA3_JSON
+    return None
+
+
+def _arguments_text(arguments: Any) -> str:
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string already
+        return arguments
+    return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
+
+
+class ToolCallSplitter:
+    """Feed the answer's text as it arrives; get the text that can be shown now. Text that may open a call is
+    held back; from the first marker on, everything is held until `finish`, which reads the calls."""
+
+    def __init__(self, fmt: ToolCallFormat) -> None:
+        self.format = fmt
+        self._pending = ""  # text not shown yet that could still start a marker
+        self._calls: str | None = None  # the text from the first marker on
+        self._plain = False  # a leading-only format that has seen its answer start with text
+
+    def push(self, text: str) -> str:
+        if self._calls is not None:
+            self._calls += text
+            return ""
+        if self._plain:
+            return text
+        self._pending += text
+        markers = self.format.markers
+        if self.format.leading_only:
+            start = self._pending.lstrip()
+            if start.startswith(markers):
+                self._calls, self._pending = self._pending, ""
+                return ""
+            if not start or any(m.startswith(start) for m in markers):
+                return ""
+            self._plain = True
+            shown, self._pending = self._pending, ""
+            return shown
+        found = [i for i in (self._pending.find(m) for m in markers) if i >= 0]
+        if found:
+            at = min(found)
+            shown, self._calls, self._pending = self._pending[:at], self._pending[at:], ""
+            return shown
+        # keep the longest end of the text that is the beginning of a marker
+        keep = max((n for m in markers for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
+        shown = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(shown) :]
+        return shown
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The text still to show and the calls. Calls that do not parse are returned as text."""
+        if self._calls is None:
+            shown, self._pending = self._pending, ""
+            return shown, []
+        region, self._calls = self._calls, None
+        read = self.format.read(region)
+        if read is None:
+            return region, []
+        pairs, rest = read
+        return rest, [ToolCall(self.format.new_id(), name, _arguments_text(args)) for name, args in pairs]
