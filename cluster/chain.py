@@ -123,13 +123,14 @@ class Chain:
         sampling: SamplingParams | None = None,
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
+        allowed: bytes | None = None,
     ) -> StepResult:
         ids = [int(i) for i in np.asarray(inputs).reshape(-1)]
         params = sampling or self.sampling
         for attempt in range(self.max_recoveries + 1):
             self._check_cancelled()
             try:
-                result = step(self.shards, session_id, ids, params, logprobs, list(token_ids or ids))
+                result = step(self.shards, session_id, ids, params, logprobs, list(token_ids or ids), allowed)
                 self.history += ids
                 return result
             except ShardUnavailableError as e:

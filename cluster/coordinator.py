@@ -23,6 +23,7 @@ import numpy as np
 
 from cluster import auth
 from cluster.chain import Cancellation, Chain, ShardUnavailableError
+from cluster.constraints import Constraint
 from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
@@ -144,6 +145,7 @@ class RemoteShard:
         sampling: SamplingParams | None = None,
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
+        allowed: bytes | None = None,
     ) -> StepResult:
         request, self._first = self._first or pb.ForwardRequest(), None
         if self._truncate is not None:
@@ -156,6 +158,8 @@ class RemoteShard:
         if token_ids is not None:
             request.context_ids.extend(token_ids)
         request.top_logprobs = logprobs
+        if allowed is not None:
+            request.allowed_ids = allowed
         self._requests.put(request)
         try:
             response = next(self._responses)
@@ -560,6 +564,7 @@ class Coordinator:
         prompt: str | None = None,
         messages: list[dict[str, Any]] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        json_schema: dict[str, Any] | None = None,
         raw: bool = False,
         max_tokens: int = 256,
         sampling: dict[str, Any] | None = None,
@@ -569,9 +574,11 @@ class Coordinator:
         cancellation: Cancellation | None = None,
     ) -> Generator[TokenChunk | GenerationResult, None, None]:
         """Chunks of one generation; closing the iterator ends the session on every shard. `cancellation`, set
-        from another thread, stops a request that waits for a free session or a remote step at once."""
+        from another thread, stops a request that waits for a free session or a remote step at once.
+        `json_schema`: the answer is JSON that follows it (constrained decoding)."""
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
+        constraint = Constraint(ref.tokenizer, ref.cfg.vocab_size, json_schema) if json_schema is not None else None
         if messages is not None:
             ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
         elif raw:
@@ -604,6 +611,7 @@ class Coordinator:
                 stop=stop,
                 logprobs=logprobs,
                 context_limit=current[0].plan.max_context,
+                constraint=constraint,
             ):
                 if isinstance(item, GenerationResult):
                     self.stats.setdefault(ref.model_id, ModelStats()).record(item)

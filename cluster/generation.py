@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cluster.constraints import Constraint
 from cluster.engine.shard import ShardTime, StepResult
 from cluster.sampling import SamplingParams
 from cluster.stop_strings import StopStringFilter
@@ -39,6 +40,7 @@ class Shard(Protocol):
         sampling: SamplingParams | None = ...,
         token_ids: Sequence[int] | None = ...,
         logprobs: int = ...,
+        allowed: bytes | None = ...,
     ) -> StepResult: ...
 
 
@@ -154,16 +156,20 @@ def step(
     sampling: SamplingParams,
     logprobs: int,
     context_ids: list[int] | None = None,
+    allowed: bytes | None = None,
 ) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
 
-    context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix)."""
+    context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
+    allowed: the ids the last shard may sample (a constraint's bitmask), or None for all."""
     x: Any = np.asarray(ids, dtype=np.int32)
     penalised = ids if context_ids is None else context_ids
     times: list[ShardTime] = []
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
         kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
+        if last and allowed is not None:
+            kwargs["allowed"] = allowed
         t0 = time.perf_counter()
         result = shard.forward(sid, x, **kwargs)
         times += shard_time(shard, result, 1e3 * (time.perf_counter() - t0))
@@ -185,10 +191,12 @@ def generate(
     logprobs: int = 0,
     context_limit: int,
     conversation: Conversation | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[TokenChunk | GenerationResult]:
     """Yield a TokenChunk per generated token, then one GenerationResult.
 
     Without `conversation` the session lives for this call only; with one it stays open for the next turn.
+    With `constraint`, every token is one its grammar allows (constrained decoding).
     """
     sampling = sampling or SamplingParams()
     prompt = list(prompt_ids)
@@ -220,7 +228,8 @@ def generate(
         position = reused
         context: list[int] | None = prompt if reused else None  # the penalty covers the reused prefix too
         while len(tokens) < max_tokens and position + len(ids) <= context_limit:
-            result = step(shards, sid, ids, sampling, logprobs, context)
+            allowed = constraint.allowed() if constraint is not None else None
+            result = step(shards, sid, ids, sampling, logprobs, context, allowed)
             context = None
             conv.tokens += ids
             position += len(ids)
@@ -232,6 +241,8 @@ def generate(
             assert result.token is not None and result.logprob is not None
             token = result.token
             tokens.append(token)
+            if constraint is not None:
+                constraint.accept(token)
             if token in tokenizer.eos_ids:
                 finish = "stop"
                 yield TokenChunk(token, "", result.logprob, result.top)

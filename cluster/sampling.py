@@ -143,11 +143,13 @@ def _thresholds(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return lo
 
 
-def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Tensor:
+def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor, allowed: Tensor) -> Tensor:
     """Temperature / top-k / top-p / min-p / repetition-penalty sampling in one graph.
 
     logits (1, V) float32; params (5,) = temperature, top_k, top_p, min_p, repetition_penalty;
-    uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the penalty applies to. Returns (2,).
+    uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the penalty applies to; allowed (V,) float 0/1
+    marks the ids that may be chosen (all but for constrained decoding: cluster/constraints.py). Returns (2,);
+    the logprob is that of the raw logits, as without a constraint.
     """
     V = int(logits.shape[-1])
     temp, top_k, top_p, min_p, penalty = (params[i] for i in range(5))
@@ -155,6 +157,7 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor) -> Ten
     seen_rows = _rows(seen, 0.0)
     # HF semantics: positive logits divided by the penalty, negative ones multiplied
     penalised = (seen_rows > 0).where((rows > 0).where(rows / penalty, rows * penalty), rows)
+    penalised = (_rows(allowed, 0.0) > 0).where(penalised, float("-inf"))
     top = _max(penalised)
     weights = ((penalised - top) / temp.maximum(1e-6)).exp().contiguous()  # padding: exp(-inf) = 0
     probs = (weights / _total(weights)).contiguous()

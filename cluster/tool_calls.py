@@ -156,6 +156,46 @@ def format_for(template: str) -> ToolCallFormat | None:
     return None
 
 
+def forced(
+    tools: list[dict[str, Any]], name: str | None, parallel: bool = True
+) -> tuple[dict[str, Any], ToolCallFormat]:
+    """tool_choice "required" (name None) or a named function: the JSON schema the answer is held to
+    (cluster/constraints.py), and how to read the calls from that answer. The model's own tool-call form plays no
+    part: "required" answers a list of {"name", "parameters"} (one item unless `parallel`), a named function its
+    arguments alone."""
+    functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    if name is not None:
+        if name not in functions:
+            raise ValueError(f"tool_choice: no tool named {name!r} among the tools")
+
+        def read_arguments(text: str) -> Read:
+            values = _json_values(text, "")
+            return ([(name, values[0])], "") if values and len(values) == 1 else None
+
+        return functions[name], ToolCallFormat("forced", ("",), False, read_arguments, _openai_id)
+    one_of = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": fn}, "parameters": parameters},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for fn, parameters in functions.items()
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+    if not parallel:
+        schema["maxItems"] = 1
+
+    def read_list(text: str) -> Read:
+        values = _json_values(text, "")
+        if not values or len(values) != 1 or not isinstance(values[0], list):
+            return None
+        calls = _calls(values[0], arguments_key="parameters")
+        return None if calls is None else (calls, "")
+
+    return schema, ToolCallFormat("required", ("",), False, read_list, _openai_id)
+
+
 def _arguments_text(arguments: Any) -> str:
     if isinstance(arguments, str):  # some models write the arguments as a JSON string already
         return arguments

@@ -202,7 +202,7 @@ def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
         ("frequency_penalty", lambda: complete(temperature=0, frequency_penalty=1.0)),
         ("logit_bias", lambda: chat(MESSAGES, logit_bias={"5": 10})),
         ("tools", lambda: chat(MESSAGES, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
-        ("response_format", lambda: chat(MESSAGES, response_format={"type": "json_object"})),
+        ("response_format", lambda: chat(MESSAGES, response_format={"type": "grammar"})),
         ("image_url", lambda: chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])),
         ("token ids", lambda: client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2)),
         ("echo", lambda: complete(temperature=0, echo=True)),
@@ -239,13 +239,18 @@ TOOLS = [
 ]
 
 
-def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, tmp_path_factory):
+@pytest.fixture(scope="module")
+def weather_model(tmp_path_factory) -> str:
+    return str(scripted(tmp_path_factory.mktemp("scripted") / "weather", SCRIPT))
+
+
+def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, weather_model):
     """Tools are offered through the model's chat template and its calls come back as OpenAI's `tool_calls`.
     The model (tests/scripted_model.py) answers every prompt with SCRIPT, split over two nodes, so the reference
     is SCRIPT itself: without tools it is the plain answer; with tools, its text before the first call is the
     content and its two calls are the tool calls, streamed or not. The turn that sends the results back must
     reach the model as its chat template writes it (checked by the prompt's length in tokens)."""
-    model = str(scripted(tmp_path_factory.mktemp("scripted") / "weather", SCRIPT))
+    model = weather_model
     question = [{"role": "user", "content": "Weather and time in Zürich?"}]
 
     def chat(messages, **kw):
@@ -306,10 +311,10 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, tmp_path_fa
     unoffered = chat(question, tools=TOOLS, tool_choice="none")
     assert unoffered.choices[0].message.content == "".join(SCRIPT)
     assert unoffered.usage.prompt_tokens == plain.usage.prompt_tokens
-    for choice_asked in ("required", {"type": "function", "function": {"name": "get_time"}}):
+    for bad in ({"type": "function", "function": {"name": "no_such_tool"}}, "sometimes"):
         with pytest.raises(openai.BadRequestError) as err:
-            chat(question, tools=TOOLS, tool_choice=choice_asked)
-        assert err.value.body["param"] == "tool_choice" and "constrained decoding" in err.value.message
+            chat(question, tools=TOOLS, tool_choice=bad)
+        assert err.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as err:
         chat(
             [
@@ -321,6 +326,85 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, tmp_path_fa
             ]
         )
     assert "arguments" in err.value.message
+
+
+# Arguments the scripted model can only fill by the constraint: enums, so that the answer is finite.
+FORCED_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Zürich", "Oslo"]}, "metric": {"type": "boolean"}},
+                "required": ["city", "metric"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["CET", "UTC"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def test_forced_tool_calls_and_json_answers_follow_their_schema(client, model, weather_model):
+    """tool_choice "required" or a named function, and response_format json_object / json_schema, hold the answer
+    to a JSON schema by constrained decoding, on a model split over two nodes. The models would not write such
+    JSON by themselves (the scripted one always answers SCRIPT; the other is random), so the reference is the
+    schema: the answer must parse and follow it."""
+    question = [{"role": "user", "content": "Weather and time in Zürich?"}]
+
+    def chat(model, **kw):
+        return client.chat.completions.create(model=model, messages=question, max_tokens=120, temperature=0, **kw)
+
+    named = chat(weather_model, tools=FORCED_TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert named.choices[0].finish_reason == "tool_calls" and not named.choices[0].message.content
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("CET", "UTC")
+
+    required = chat(weather_model, tools=FORCED_TOOLS, tool_choice="required", parallel_tool_calls=False)
+    (call,) = required.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name in ("get_weather", "get_time")
+    assert set(arguments) == ({"city", "metric"} if call.function.name == "get_weather" else {"zone"})
+
+    schema = {
+        "type": "object",
+        "properties": {"river": {"enum": ["Rhine", "Danube"]}, "navigable": {"type": "boolean"}},
+        "required": ["river", "navigable"],
+        "additionalProperties": False,
+    }
+    answer = chat(model, response_format={"type": "json_schema", "json_schema": {"name": "river", "schema": schema}})
+    value = json.loads(answer.choices[0].message.content)
+    assert set(value) == {"river", "navigable"} and value["river"] in ("Rhine", "Danube")
+    assert isinstance(value["navigable"], bool) and answer.choices[0].finish_reason == "stop"
+    free = chat(model)
+    assert not free.choices[0].message.content.startswith("{")  # the model's own answer is no JSON
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in chat(
+            model, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == answer.choices[0].message.content
+
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(model, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert "JSON schema" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(weather_model, tools=FORCED_TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    assert "response_format" in err.value.message
 
 
 def test_concurrent_requests_each_get_their_own_answer(client, model):

@@ -6,8 +6,8 @@ values (n=1, presence_penalty=0, ...), which many clients send every time, they 
 `repetition_penalty` are accepted beside OpenAI's fields, as vLLM and llama.cpp's server accept them.
 
 Tools are offered to the model through its chat template and its calls read back from its answer
-(cluster/tool_calls.py); `tool_choice` "required" or a named function would need constrained decoding and is
-refused."""
+(cluster/tool_calls.py). `response_format` json_object / json_schema and `tool_choice` "required" or a named
+function hold the answer to a JSON schema by constrained decoding (cluster/constraints.py)."""
 
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # the model decides how many calls it makes
+    # false: at most one call when tool_choice forces calls; under "auto" the model decides how many it makes
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -191,14 +192,37 @@ class ChatCompletionRequest(_Request):
         refused = super()._refused()
         if self.functions:
             refused.append("functions: the deprecated form of tools; send them as tools")
-        if self.tool_choice not in (None, "auto", "none"):
-            refused.append(
-                "tool_choice: 'auto' and 'none' are supported; 'required' and a named function would need "
-                "constrained decoding"
-            )
-        if (self.response_format or {}).get("type", "text") != "text":
-            refused.append("response_format: only {'type': 'text'} is supported")
+        if self.tool_choice not in (None, "auto", "none", "required") and self.forced_tool is None:
+            refused.append("tool_choice: 'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}")
+        if self.forced_tool is not None or self.tool_choice == "required":
+            if not self.tools:
+                refused.append("tool_choice: a call is asked for, but there are no tools")
+            if self.json_schema is not None:
+                refused.append("response_format: JSON output cannot be combined with a forced tool call")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            refused.append("response_format: the type is text, json_object or json_schema")
+        elif kind == "json_schema" and not isinstance(self.json_schema, dict):
+            refused.append("response_format: json_schema.schema is a JSON schema object")
         return refused
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function tool_choice names ({"type": "function", "function": {"name": ...}}), if it names one."""
+        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function":
+            name = (self.tool_choice.get("function") or {}).get("name")
+            return name if isinstance(name, str) else None
+        return None
+
+    @property
+    def json_schema(self) -> Any:
+        """The schema the answer must follow under response_format: any object for json_object, else None."""
+        format_ = self.response_format or {}
+        if format_.get("type") == "json_object":
+            return {"type": "object"}
+        if format_.get("type") == "json_schema":
+            return (format_.get("json_schema") or {}).get("schema", {"type": "object"})
+        return None
 
 
 class CompletionRequest(_Request):

@@ -32,7 +32,7 @@ from cluster.partition import PlanError
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
-from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, format_for
+from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, forced, format_for
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -145,11 +145,18 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-        tools = body.offered_tools
-        calls = await _tool_format(body.model) if tools else None
+        tools, schema = body.offered_tools, body.json_schema
+        calls: ToolCallFormat | None = None
+        if tools and (body.forced_tool is not None or body.tool_choice == "required"):
+            try:  # the answer is held to the calls' JSON, read back as such
+                schema, calls = forced(tools, body.forced_tool, parallel=body.parallel_tool_calls is not False)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="tool_choice") from None
+        elif tools:
+            calls = await _tool_format(body.model)
         messages = [m.for_template(calls.history_id) if calls else m.for_template() for m in body.messages]
         logprobs = body.top_logprobs or (1 if body.logprobs else 0)
-        request = _request(body, messages=messages, tools=tools, logprobs=logprobs)
+        request = _request(body, messages=messages, tools=tools, json_schema=schema, logprobs=logprobs)
         return await _while_connected(
             http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, calls)
         )

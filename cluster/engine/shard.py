@@ -264,6 +264,8 @@ class ShardEngine:
         self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.all_allowed = Tensor.ones(V, device=self.device).contiguous().realize()
+        self.allowed = Tensor.ones(V, device=self.device).contiguous().realize()  # a constrained step's ids
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
         self.v_last = UOp.variable("last_row", 0, self.chunk - 1)
         self.v_blocks = UOp.variable("attention_blocks", 1, self.positions // ATTN_BLOCK)  # span = blocks * 16
@@ -458,16 +460,20 @@ class ShardEngine:
         sampling: SamplingParams | None = None,
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
+        allowed: bytes | None = None,
     ) -> StepResult:
         """Run `inputs` (token ids on the first shard, hidden states (T, D) otherwise) at the session's
         current position. The last shard samples one token from the final position's logits.
 
         token_ids: the ids of the positions processed, for the repetition penalty on the last shard
         (the first shard knows them already).
+        allowed: the only ids the last shard may sample, one bit each (id i is bit i % 8 of byte i // 8), for
+        constrained decoding; None allows every id.
         """
         t0 = time.perf_counter()
         s = self._session(session_id)
         x = self._check_inputs(inputs)
+        mask = self._check_allowed(allowed) if allowed is not None and self.is_last else None
         n = x.shape[0]
         if s.length + n > self.max_context:
             raise ContextFullError(
@@ -486,7 +492,7 @@ class ShardEngine:
         else:
             assert out is not None
             ids = list(token_ids) if token_ids is not None else (list(x) if self.is_first else [])
-            result = self._sample(s, out, sampling or SamplingParams(), ids, logprobs)
+            result = self._sample(s, out, sampling or SamplingParams(), ids, logprobs, mask)
         result.engine_ms = 1e3 * (time.perf_counter() - t0)
         return result
 
@@ -506,9 +512,27 @@ class ShardEngine:
             raise EngineError("hidden states contain NaN or Inf")
         return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
 
-    def _sample(self, s: _Session, logits: Tensor, params: SamplingParams, ids: list[int], logprobs: int) -> StepResult:
+    def _check_allowed(self, allowed: bytes) -> np.ndarray:
+        """The bitmask of allowed ids as (V,) float32 0/1."""
+        V = self.cfg.vocab_size
+        if len(allowed) != -(-V // 8):
+            raise EngineError(f"the allowed ids take {-(-V // 8)} bytes (one bit per id of {V}), got {len(allowed)}")
+        mask = np.unpackbits(np.frombuffer(allowed, dtype=np.uint8), bitorder="little")[:V].astype(np.float32)
+        if not mask.any():
+            raise EngineError("the allowed ids allow no id")
+        return mask
+
+    def _sample(
+        self,
+        s: _Session,
+        logits: Tensor,
+        params: SamplingParams,
+        ids: list[int],
+        logprobs: int,
+        mask: np.ndarray | None = None,
+    ) -> StepResult:
         top = top_logprobs(copy_out(logits)[None], logprobs) if logprobs > 0 else []
-        if params.greedy:
+        if params.greedy and mask is None:
             token, logprob = copy_out(self._call_jit(self._greedy_jit, logits)).tolist()
         else:
             if s.seed is None or (params.repetition_penalty != 1.0 and s.seen is None):
@@ -525,8 +549,12 @@ class ShardEngine:
             # lost) draws exactly what the uninterrupted one would have
             draw = np.random.default_rng([s.seed, s.length]).random()
             copy_into(self.uniform, np.array([draw], dtype=np.float32))
+            allowed = self.all_allowed
+            if mask is not None:
+                copy_into(self.allowed, mask)
+                allowed = self.allowed
             token, logprob = copy_out(
-                self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen)
+                self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen, allowed)
             ).tolist()
         return StepResult(token=int(token), logprob=float(logprob), top=top)
 
