@@ -82,6 +82,7 @@ class Chain:
         self.cancellation = cancellation or Cancellation()
         self.cancellation.on_cancel(self._cancel_shards)
         self.history: list[int] = []  # ids whose K/V the shards hold, in position order
+        self.generated: list[int] = []  # the ids of the current answer among them, for OpenAI's penalties
         self.recoveries: list[float] = []  # seconds each recovery took
         self.sid = ""
         self.sampling = SamplingParams()
@@ -107,6 +108,7 @@ class Chain:
         for shard in self.shards:
             shard.truncate(session_id, length)
         del self.history[length:]
+        self.generated = []  # truncating starts an answer
 
     def end_session(self, session_id: str) -> None:
         for shard in self.shards:
@@ -124,14 +126,18 @@ class Chain:
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
         allowed: bytes | None = None,
+        generated: Sequence[int] = (),
     ) -> StepResult:
         ids = [int(i) for i in np.asarray(inputs).reshape(-1)]
         params = sampling or self.sampling
         for attempt in range(self.max_recoveries + 1):
             self._check_cancelled()
             try:
-                result = step(self.shards, session_id, ids, params, logprobs, list(token_ids or ids), allowed)
+                result = step(
+                    self.shards, session_id, ids, params, logprobs, list(token_ids or ids), allowed, generated
+                )
                 self.history += ids
+                self.generated += generated
                 return result
             except ShardUnavailableError as e:
                 self._check_cancelled(e)  # a stream cancelled because the client left is no lost node
@@ -159,7 +165,7 @@ class Chain:
         for shard in self.shards:
             shard.new_session(session_id, self.sampling)
         if self.history:  # one prefill rebuilds every shard's KV slice; its sampled token is not needed
-            step(self.shards, session_id, self.history, self.sampling, 0, self.history)
+            step(self.shards, session_id, self.history, self.sampling, 0, self.history, None, self.generated)
         took = time.perf_counter() - t0
         self.recoveries.append(took)
         log.warning(

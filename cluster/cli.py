@@ -207,6 +207,18 @@ def _fail(e: Exception) -> NoReturn:
 @click.option("--top-k", type=click.IntRange(min=0), default=None)
 @click.option("--min-p", type=click.FloatRange(0, 1), default=None)
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option(
+    "--presence-penalty",
+    type=click.FloatRange(-2, 2),
+    default=None,
+    help="OpenAI's: taken from the logit of every token the answer already holds.",
+)
+@click.option(
+    "--frequency-penalty",
+    type=click.FloatRange(-2, 2),
+    default=None,
+    help="OpenAI's: taken from a token's logit once per time the answer holds it.",
+)
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
@@ -235,6 +247,8 @@ def run_cmd(
     top_k: int | None,
     min_p: float | None,
     repetition_penalty: float | None,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
     seed: int | None,
     stop: tuple[str, ...],
     raw: bool,
@@ -264,6 +278,8 @@ def run_cmd(
         "top_k": top_k,
         "min_p": min_p,
         "repetition_penalty": repetition_penalty,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
         "seed": seed,
     }
     sampling = {k: v for k, v in sampling.items() if v is not None}

@@ -144,12 +144,15 @@ class RequestOptions(TypedDict, total=False):
     top_k: int | None
     min_p: float | None
     repetition_penalty: float | None
+    presence_penalty: float | None  # OpenAI's, in [-2, 2]
+    frequency_penalty: float | None
+    logit_bias: Mapping[int, float] | None  # id -> bias in [-100, 100]
     seed: int | None
     stop: Sequence[str]  # default none
     logprobs: int  # the top K logprobs of each token; default 0
 
 
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+_SAMPLING = wire.SAMPLING_FIELDS
 
 
 def _options(model: str, options: Mapping[str, Any]) -> pb.GenerationOptions:

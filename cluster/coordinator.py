@@ -146,6 +146,7 @@ class RemoteShard:
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
         allowed: bytes | None = None,
+        generated: Sequence[int] = (),
     ) -> StepResult:
         request, self._first = self._first or pb.ForwardRequest(), None
         if self._truncate is not None:
@@ -160,6 +161,7 @@ class RemoteShard:
         request.top_logprobs = logprobs
         if allowed is not None:
             request.allowed_ids = allowed
+        request.generated_ids.extend(generated)
         self._requests.put(request)
         try:
             response = next(self._responses)
@@ -578,6 +580,8 @@ class Coordinator:
         `json_schema`: the answer is JSON that follows it (constrained decoding)."""
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
+        if any(i >= ref.cfg.vocab_size for i, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: ids are below the vocabulary size of {ref.cfg.vocab_size}")
         constraint = Constraint(ref.tokenizer, ref.cfg.vocab_size, json_schema) if json_schema is not None else None
         if messages is not None:
             ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)

@@ -41,6 +41,7 @@ class Shard(Protocol):
         token_ids: Sequence[int] | None = ...,
         logprobs: int = ...,
         allowed: bytes | None = ...,
+        generated: Sequence[int] = ...,
     ) -> StepResult: ...
 
 
@@ -157,11 +158,13 @@ def step(
     logprobs: int,
     context_ids: list[int] | None = None,
     allowed: bytes | None = None,
+    generated: Sequence[int] = (),
 ) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
-    allowed: the ids the last shard may sample (a constraint's bitmask), or None for all."""
+    allowed: the ids the last shard may sample (a constraint's bitmask), or None for all.
+    generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
     x: Any = np.asarray(ids, dtype=np.int32)
     penalised = ids if context_ids is None else context_ids
     times: list[ShardTime] = []
@@ -170,6 +173,8 @@ def step(
         kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
         if last and allowed is not None:
             kwargs["allowed"] = allowed
+        if last and len(generated) and sampling.biased:
+            kwargs["generated"] = list(generated)
         t0 = time.perf_counter()
         result = shard.forward(sid, x, **kwargs)
         times += shard_time(shard, result, 1e3 * (time.perf_counter() - t0))
@@ -229,7 +234,8 @@ def generate(
         context: list[int] | None = prompt if reused else None  # the penalty covers the reused prefix too
         while len(tokens) < max_tokens and position + len(ids) <= context_limit:
             allowed = constraint.allowed() if constraint is not None else None
-            result = step(shards, sid, ids, sampling, logprobs, context, allowed)
+            # after the prompt, each step's input is the token generated before it
+            result = step(shards, sid, ids, sampling, logprobs, context, allowed, ids if tokens else ())
             context = None
             conv.tokens += ids
             position += len(ids)

@@ -23,6 +23,11 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
+    # OpenAI's: subtracted from the logit of every id already generated in this answer, once (presence) or once
+    # per time (frequency); logit_bias adds to chosen ids' logits ((id, bias) pairs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -34,21 +39,44 @@ class SamplingParams:
                 self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
                 "repetition_penalty must be > 0",
             ),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} ids"),
+            (
+                all(i >= 0 and -100 <= b <= 100 for i, b in self.logit_bias),
+                "logit_bias: ids >= 0, biases in [-100, 100]",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
 
     @property
+    def biased(self) -> bool:
+        """Whether logits get an additive bias (OpenAI's penalties or logit_bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
     def greedy(self) -> bool:
         """Plain argmax: no temperature and no penalty, so the cheap graph suffices."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        return self.temperature == 0 and self.repetition_penalty == 1.0 and not self.biased
+
+    def bias(self, vocab: int, counts: np.ndarray) -> np.ndarray:
+        """(V,) float32 added to the logits: logit_bias, less the penalties for the ids generated so far
+        (`counts`: how often each id was generated in this answer)."""
+        out = np.zeros(vocab, dtype=np.float32)
+        for i, b in self.logit_bias:
+            out[i] += b
+        out -= self.presence_penalty * (counts > 0) + self.frequency_penalty * counts
+        return out
 
     def as_array(self) -> np.ndarray:
         return np.array(
             [self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty], dtype=np.float32
         )
 
+
+MAX_LOGIT_BIAS = 300  # ids in one logit_bias, as OpenAI allows
 
 # The vocabulary is laid out as rows (the last ones padded): every pass over it is then a reduction of each row
 # (long and contiguous, so a GPU block shares one: gpu_matvec.reduction_plan) and a short one over the rows.
@@ -143,20 +171,21 @@ def _thresholds(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return lo
 
 
-def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor, allowed: Tensor) -> Tensor:
+def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor, bias: Tensor, allowed: Tensor) -> Tensor:
     """Temperature / top-k / top-p / min-p / repetition-penalty sampling in one graph.
 
     logits (1, V) float32; params (5,) = temperature, top_k, top_p, min_p, repetition_penalty;
-    uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the penalty applies to; allowed (V,) float 0/1
-    marks the ids that may be chosen (all but for constrained decoding: cluster/constraints.py). Returns (2,);
-    the logprob is that of the raw logits, as without a constraint.
+    uniform (1,) in [0, 1); seen (V,) float 0/1 marks the ids the repetition penalty applies to; bias (V,) is added
+    after it (SamplingParams.bias: logit_bias and OpenAI's penalties); allowed (V,) float 0/1 marks the ids that may
+    be chosen (all but for constrained decoding: cluster/constraints.py). Returns (2,); the logprob is that of the
+    raw logits.
     """
     V = int(logits.shape[-1])
     temp, top_k, top_p, min_p, penalty = (params[i] for i in range(5))
     rows = _rows(logits.reshape(-1), float("-inf"))  # (R, C)
     seen_rows = _rows(seen, 0.0)
     # HF semantics: positive logits divided by the penalty, negative ones multiplied
-    penalised = (seen_rows > 0).where((rows > 0).where(rows / penalty, rows * penalty), rows)
+    penalised = (seen_rows > 0).where((rows > 0).where(rows / penalty, rows * penalty), rows) + _rows(bias, 0.0)
     penalised = (_rows(allowed, 0.0) > 0).where(penalised, float("-inf"))
     top = _max(penalised)
     weights = ((penalised - top) / temp.maximum(1e-6)).exp().contiguous()  # padding: exp(-inf) = 0

@@ -148,9 +148,9 @@ def test_errors_use_the_openai_shape_and_status(client, pair, model):
 
 def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
     """Content as a list of text parts, the "developer" role, vLLM's sampling extensions and the model lookup work;
-    what the node cannot do (several answers, tools for a model whose template has no place for them, count
-    penalties, images, token-id prompts, echo) is a 400 that names it, never ignored. References: the same request
-    in its plain form, greedy decoding, and the gRPC SDK."""
+    what the node cannot do (several answers, tools for a model whose template has no place for them, images,
+    token-id prompts, echo) or out-of-range penalties and biases are a 400 that names them, never ignored.
+    References: the same request in its plain form, greedy decoding, and the gRPC SDK."""
 
     def chat(messages, **kw):
         return client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, **kw)
@@ -191,6 +191,16 @@ def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
             sdk.generate(model, "The small river", raw=True, max_tokens=8, temperature=0, repetition_penalty=1.8)
         )
     assert penalised == "".join(c.text for c in chunks)
+    # OpenAI's penalties count the answer's tokens on the last shard (another node here): the SDK gets the same
+    openai_penalties = {"presence_penalty": 0.7, "frequency_penalty": 1.5}
+    counted = complete(temperature=0, logit_bias={"5": 3.0}, **openai_penalties)
+    with pair[0].client() as sdk:
+        chunks = list(
+            sdk.generate(
+                model, "The small river", raw=True, max_tokens=8, temperature=0, logit_bias={5: 3.0}, **openai_penalties
+            )
+        )
+    assert counted == "".join(c.text for c in chunks) and counted != greedy
 
     assert client.models.retrieve("llama-3.2-1b").id == "llama-3.2-1b"
     with pytest.raises(openai.NotFoundError):
@@ -198,9 +208,9 @@ def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
 
     refused = [
         ("n", lambda: chat(MESSAGES, n=2)),
-        ("presence_penalty", lambda: chat(MESSAGES, presence_penalty=0.5)),
-        ("frequency_penalty", lambda: complete(temperature=0, frequency_penalty=1.0)),
-        ("logit_bias", lambda: chat(MESSAGES, logit_bias={"5": 10})),
+        ("presence_penalty", lambda: chat(MESSAGES, presence_penalty=2.5)),
+        ("logit_bias", lambda: chat(MESSAGES, logit_bias={"5": 101})),
+        ("logit_bias", lambda: chat(MESSAGES, logit_bias={"999999": 1})),
         ("tools", lambda: chat(MESSAGES, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
         ("response_format", lambda: chat(MESSAGES, response_format={"type": "grammar"})),
         ("image_url", lambda: chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])),

@@ -14,12 +14,14 @@ V = 64
 WIDE = 2500
 
 
-def numpy_kept(logits: np.ndarray, p: SamplingParams, seen: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Probabilities after penalty, the constraint's mask, temperature, top-k, top-p and min-p (unnormalised,
-    0 = filtered)."""
+def numpy_kept(
+    logits: np.ndarray, p: SamplingParams, seen: np.ndarray, bias: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """Probabilities after the repetition penalty, the additive bias, the constraint's mask, temperature, top-k,
+    top-p and min-p (unnormalised, 0 = filtered)."""
     V = logits.size
     x = logits.astype(np.float64)
-    x = np.where(seen > 0, np.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+    x = np.where(seen > 0, np.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x) + bias
     x = np.where(allowed > 0, x, -np.inf)
     probs = np.exp((x - x.max()) / p.temperature)
     probs /= probs.sum()
@@ -54,29 +56,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("constrained", [False, True])
+@pytest.mark.parametrize("extra", ["plain", "biased", "constrained"])
 @pytest.mark.parametrize("vocab", [V, WIDE])
 @pytest.mark.parametrize("params", CASES)
-def test_inverse_cdf_draws_match_numpy(samplers, params, vocab, constrained):
+def test_inverse_cdf_draws_match_numpy(samplers, params, vocab, extra):
     sampler = samplers[vocab]
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2 if vocab == V else 4, vocab).astype(np.float32)
     seen = (rng.random(vocab) < 0.3).astype(np.float32)
+    constrained = extra == "constrained"
     # constrained decoding: a quarter of the ids allowed, the most likely one not among them
     mask = (rng.random(vocab) < 0.25) if constrained else np.ones(vocab, bool)
     mask[np.argmax(logits)] = not constrained
     allowed = mask.astype(np.float32)
-    kept = numpy_kept(logits, params, seen, allowed)
+    # OpenAI's penalties and logit_bias, as SamplingParams.bias adds them: a fifth of the ids moved by up to ~3
+    bias = (rng.normal(0, 1.5, vocab) * (rng.random(vocab) < 0.2)).astype(np.float32) if extra == "biased" else 0 * seen
+    kept = numpy_kept(logits, params, seen, bias, allowed)
     cdf = np.cumsum(kept) / kept.sum()
     lt, pt, st = Tensor(logits[None]).realize(), Tensor(params.as_array()).realize(), Tensor(seen).realize()
-    at = Tensor(allowed).realize()
+    at, bt = Tensor(allowed).realize(), Tensor(bias).realize()
     ut = Tensor([0.0]).contiguous().realize()
     kept_ids = set(np.nonzero(kept)[0])
     for u in np.linspace(0.003, 0.997, 41):
         if np.min(np.abs(cdf - u)) < 1e-4:  # too close to a boundary for float32 to agree
             continue
         ut.assign(Tensor([u], dtype="float32")).realize()
-        token, logprob = sampler(lt, pt, ut, st, at).tolist()
+        token, logprob = sampler(lt, pt, ut, st, bt, at).tolist()
         expected = int(np.searchsorted(cdf, u, side="right"))
         assert int(token) == expected, f"u={u}"
         assert int(token) in kept_ids and mask[int(token)]
@@ -88,12 +93,12 @@ def test_temperature_zero_takes_the_penalised_argmax_among_the_allowed_ids(sampl
     seen = np.zeros(V, np.float32)
     seen[-1] = 1.0
     params = SamplingParams(temperature=0.0, repetition_penalty=10.0)
-    allowed = np.ones(V, np.float32)
-    args = (Tensor(logits[None]), Tensor(params.as_array()), Tensor([0.5]), Tensor(seen), Tensor(allowed))
-    token, logprob = sampler(*(a.realize() for a in args)).tolist()
+    allowed, bias = np.ones(V, np.float32), np.zeros(V, np.float32)
+    args = (Tensor(logits[None]), Tensor(params.as_array()), Tensor([0.5]), Tensor(seen), Tensor(bias))
+    token, logprob = sampler(*(a.realize() for a in (*args, Tensor(allowed)))).tolist()
     assert int(token) == V - 2  # 2/10 < the runner-up's ~1.95
     allowed[V - 6 :] = 0  # constrained: the best allowed id; its logprob is still that of the raw logits
-    args = (*args[:4], Tensor(allowed))
+    args = (*args, Tensor(allowed))
     token, logprob = sampler(*(a.realize() for a in args)).tolist()
     assert int(token) == V - 7 and logprob == pytest.approx(log_softmax(logits)[V - 7], abs=1e-5)
 

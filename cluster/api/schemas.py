@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible API (the subset clusterctl serves), validated by pydantic.
 
-OpenAI fields that clusterctl cannot honour (several answers, forced tool calls, penalties on counts, logit bias,
-JSON mode) are refused with a 400 that names them whenever they ask for something, never ignored; at their neutral
-values (n=1, presence_penalty=0, ...), which many clients send every time, they are accepted. `top_k`, `min_p` and
-`repetition_penalty` are accepted beside OpenAI's fields, as vLLM and llama.cpp's server accept them.
+OpenAI fields that clusterctl cannot honour (several answers, audio and images, echo) are refused with a 400 that
+names them whenever they ask for something, never ignored; at their neutral values (n=1, ...), which many clients
+send every time, they are accepted. `top_k`, `min_p` and `repetition_penalty` are accepted beside OpenAI's fields,
+as vLLM and llama.cpp's server accept them.
 
 Tools are offered to the model through its chat template and its calls read back from its answer
 (cluster/tool_calls.py). `response_format` json_object / json_schema and `tool_choice` "required" or a named
@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.sampling import MAX_LOGIT_BIAS
 
 # OpenAI calls the system prompt of newer models "developer"; chat templates know only "system"
 _ROLE_ALIASES = {"developer": "system"}
@@ -36,11 +38,18 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    # accepted at their neutral value only (see the module's docstring)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # accepted at its neutral value only (see the module's docstring)
     n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and (len(bias) > MAX_LOGIT_BIAS or not all(k.isdigit() and -100 <= v <= 100 for k, v in bias.items())):
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids (as strings) with biases in [-100, 100]")
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -58,11 +67,6 @@ class _Request(BaseModel):
         refused = []
         if self.n not in (None, 1):
             refused.append("n: one answer per request (n=1); send the request again for another")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                refused.append(f"{name}: not supported (repetition_penalty, Hugging Face's kind, is)")
-        if self.logit_bias:
-            refused.append("logit_bias: not supported")
         return refused
 
     @model_validator(mode="after")
@@ -262,6 +266,9 @@ def sampling_of(body: _Request) -> dict[str, Any]:
         "top_k": body.top_k,
         "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logit_bias": tuple(sorted((int(k), v) for k, v in body.logit_bias.items())) if body.logit_bias else None,
         "seed": body.seed,
     }
     return {k: v for k, v in chosen.items() if v is not None}

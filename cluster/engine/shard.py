@@ -90,6 +90,7 @@ class _Session:
     seed: int | None = None  # the uniform for the token at position p is drawn from (seed, p)
     seen: Tensor | None = None  # (V,) for the repetition penalty
     seen_host: np.ndarray | None = None
+    counts: np.ndarray | None = None  # (V,) how often each id was generated in this answer (OpenAI's penalties)
 
 
 def default_device() -> str:
@@ -264,6 +265,8 @@ class ShardEngine:
         self.sample_params = Tensor.zeros(5, device=self.device).contiguous().realize()
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.no_bias = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.bias = Tensor.zeros(V, device=self.device).contiguous().realize()  # a biased step's SamplingParams.bias
         self.all_allowed = Tensor.ones(V, device=self.device).contiguous().realize()
         self.allowed = Tensor.ones(V, device=self.device).contiguous().realize()  # a constrained step's ids
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
@@ -441,6 +444,7 @@ class ShardEngine:
         if s.seen is not None and s.seen_host is not None:
             s.seen_host[:] = 0
             copy_into(s.seen, s.seen_host)
+        s.counts = None  # a new answer: nothing generated in it yet
 
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)  # dropping the tensors frees the cache buffers
@@ -461,6 +465,7 @@ class ShardEngine:
         token_ids: Sequence[int] | None = None,
         logprobs: int = 0,
         allowed: bytes | None = None,
+        generated: Sequence[int] = (),
     ) -> StepResult:
         """Run `inputs` (token ids on the first shard, hidden states (T, D) otherwise) at the session's
         current position. The last shard samples one token from the final position's logits.
@@ -469,6 +474,8 @@ class ShardEngine:
         (the first shard knows them already).
         allowed: the only ids the last shard may sample, one bit each (id i is bit i % 8 of byte i // 8), for
         constrained decoding; None allows every id.
+        generated: the ids among `inputs` that this answer generated (OpenAI's presence and frequency penalties
+        count them; a session replayed after a lost node passes all of them at once).
         """
         t0 = time.perf_counter()
         s = self._session(session_id)
@@ -492,7 +499,10 @@ class ShardEngine:
         else:
             assert out is not None
             ids = list(token_ids) if token_ids is not None else (list(x) if self.is_first else [])
-            result = self._sample(s, out, sampling or SamplingParams(), ids, logprobs, mask)
+            params = sampling or SamplingParams()
+            if params.biased and len(generated):
+                self._count(s, generated)
+            result = self._sample(s, out, params, ids, logprobs, mask)
         result.engine_ms = 1e3 * (time.perf_counter() - t0)
         return result
 
@@ -511,6 +521,15 @@ class ShardEngine:
         if not np.isfinite(x).all():
             raise EngineError("hidden states contain NaN or Inf")
         return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
+
+    def _count(self, s: _Session, generated: Sequence[int]) -> None:
+        V = self.cfg.vocab_size
+        ids = np.asarray(generated, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= V:
+            raise EngineError(f"generated ids out of range [0, {V})")
+        if s.counts is None:
+            s.counts = np.zeros(V, dtype=np.float32)
+        np.add.at(s.counts, ids, 1.0)
 
     def _check_allowed(self, allowed: bytes) -> np.ndarray:
         """The bitmask of allowed ids as (V,) float32 0/1."""
@@ -549,12 +568,18 @@ class ShardEngine:
             # lost) draws exactly what the uninterrupted one would have
             draw = np.random.default_rng([s.seed, s.length]).random()
             copy_into(self.uniform, np.array([draw], dtype=np.float32))
-            allowed = self.all_allowed
+            allowed, bias = self.all_allowed, self.no_bias
             if mask is not None:
                 copy_into(self.allowed, mask)
                 allowed = self.allowed
+            if params.biased:
+                V = self.cfg.vocab_size
+                if any(i >= V for i, _ in params.logit_bias):
+                    raise EngineError(f"logit_bias names ids past the vocabulary of {V}")
+                copy_into(self.bias, params.bias(V, s.counts if s.counts is not None else np.zeros(V, np.float32)))
+                bias = self.bias
             token, logprob = copy_out(
-                self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen, allowed)
+                self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen, bias, allowed)
             ).tolist()
         return StepResult(token=int(token), logprob=float(logprob), top=top)
 

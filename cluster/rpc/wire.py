@@ -78,16 +78,25 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
         top_k=params.top_k,
         min_p=params.min_p,
         repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias),
     )
     if params.seed is not None:
         msg.seed = params.seed
     return msg
 
 
+# SamplingParams' fields, named as SamplingParams (the dataclass) and the SDK's options name them
+SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
 def sampling_fields(msg: pb.SamplingParams) -> dict[str, Any]:
     """The fields the sender set (unset ones take defaults chosen by the receiver)."""
-    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-    return {name: getattr(msg, name) for name in names if msg.HasField(name)}
+    fields = {name: getattr(msg, name) for name in SAMPLING_FIELDS if name != "logit_bias" and msg.HasField(name)}
+    if msg.logit_bias:
+        fields["logit_bias"] = tuple(sorted(msg.logit_bias.items()))
+    return fields
 
 
 def sampling_from_pb(msg: pb.SamplingParams, defaults: dict[str, Any] | None = None) -> SamplingParams:

@@ -72,6 +72,8 @@ def check_step(shard: HostedShard, request: pb.ForwardRequest) -> None:
         raise wire.WireError(f"truncate must be in [0, {limit}]")
     if len(request.context_ids) > limit or any(not 0 <= i < vocab for i in request.context_ids):
         raise wire.WireError(f"context_ids must be at most {limit} ids in [0, {vocab})")
+    if len(request.generated_ids) > limit or any(not 0 <= i < vocab for i in request.generated_ids):
+        raise wire.WireError(f"generated_ids must be at most {limit} ids in [0, {vocab})")
     if request.allowed_ids and len(request.allowed_ids) != -(-vocab // 8):
         raise wire.WireError(f"allowed_ids must be {-(-vocab // 8)} bytes, one bit per id of {vocab}")
 
@@ -244,6 +246,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 kwargs["token_ids"] = list(request.context_ids)
             if request.allowed_ids:
                 kwargs["allowed"] = request.allowed_ids
+            if request.generated_ids:
+                kwargs["generated"] = list(request.generated_ids)
         result = await shard.engine.acall("forward", sid, x, **kwargs)
         if result.hidden is not None:
             return pb.ForwardResponse(hidden=wire.to_tensor(np.asarray(result.hidden)), engine_ms=result.engine_ms)
