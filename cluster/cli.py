@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
+from cluster.constraints import Constraint
 from cluster.generation import Conversation, TokenChunk, generate, generation_defaults
 from cluster.partition import format_bytes
 from cluster.sampling import SamplingParams
@@ -221,6 +222,14 @@ def _fail(e: Exception) -> NoReturn:
 )
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option(
+    "--json-schema",
+    "json_schema",
+    metavar="SCHEMA",
+    callback=lambda ctx, param, value: _json_schema(value),
+    help="The answer is JSON that follows this JSON schema (constrained decoding): the schema's text, or @FILE. "
+    '\'{"type": "object"}\' takes any object.',
+)
 @click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary.")
 @click.option("--logprobs", type=click.IntRange(min=0, max=20), default=0, help="With --json: the top K logprobs.")
@@ -251,6 +260,7 @@ def run_cmd(
     frequency_penalty: float | None,
     seed: int | None,
     stop: tuple[str, ...],
+    json_schema: dict[str, Any] | None,
     raw: bool,
     as_json: bool,
     logprobs: int,
@@ -287,7 +297,20 @@ def run_cmd(
     out = _Output(as_json, logprobs)
     if local:
         _run_local(
-            model, prompt, raw, max_tokens, sampling, stop, logprobs, out, bars, device, dtype, max_context, models_dir
+            model,
+            prompt,
+            raw,
+            max_tokens,
+            sampling,
+            stop,
+            json_schema,
+            logprobs,
+            out,
+            bars,
+            device,
+            dtype,
+            max_context,
+            models_dir,
         )
         return
     from cluster.client import ClusterError
@@ -299,7 +322,7 @@ def run_cmd(
         token, token_file = node_token, None
     client = _client(node, token, token_file)
     try:
-        turn = _ClusterTurns(client, model, raw, max_tokens, sampling, stop, logprobs, out, bars)
+        turn = _ClusterTurns(client, model, raw, max_tokens, sampling, stop, json_schema, logprobs, out, bars)
         if prompt is not None:
             turn(prompt)
         else:
@@ -410,12 +433,15 @@ class _ClusterTurns:
         max_tokens: int,
         sampling: dict[str, Any],
         stop: tuple[str, ...],
+        json_schema: dict[str, Any] | None,
         logprobs: int,
         out: _Output,
         bars: _Bars,
     ):
         self.client, self.model, self.raw, self.out, self.bars = client, model, raw, out, bars
         self.options = {"max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling}
+        if json_schema is not None:
+            self.options["json_schema"] = json_schema
         self.messages: list[dict[str, str]] = []
 
     def __call__(self, text: str) -> None:
@@ -460,6 +486,7 @@ def _run_local(
     max_tokens: int,
     sampling_options: dict[str, Any],
     stop: tuple[str, ...],
+    json_schema: dict[str, Any] | None,
     logprobs: int,
     out: _Output,
     bars: _Bars,
@@ -478,15 +505,17 @@ def _run_local(
     user_errors = (ModelNotFoundError, ConfigError, CheckpointError, TokenizerError, EngineError, ValueError)
     try:
         model_dir = resolve_model(model, models_dir=models_dir)
-        ModelConfig.from_dir(model_dir)  # an unsupported model fails here, before anything loads
+        config = ModelConfig.from_dir(model_dir)  # an unsupported model fails here, before anything loads
         tokenizer = Tokenizer.from_dir(model_dir)
+        if json_schema is not None:
+            Constraint(tokenizer, config.vocab_size, json_schema)  # so does a schema that cannot be used
         sampling = SamplingParams(**{**generation_defaults(model_dir), **sampling_options})
         if not raw and not tokenizer.has_chat_template:
             raise TokenizerError(f"{model_dir} has no chat template; use --raw to send the prompt as plain text")
         engine = ShardEngine(model_dir, progress=bars, device=device, dtype=dtype, max_context=max_context)
         engine.warmup()
         bars.close()
-        session = _LocalTurns(engine, tokenizer, sampling, max_tokens, stop, logprobs, out, raw)
+        session = _LocalTurns(engine, tokenizer, sampling, max_tokens, stop, json_schema, logprobs, out, raw)
         if prompt is not None:
             session(prompt)
         else:
@@ -494,6 +523,20 @@ def _run_local(
             session.conversation.close([engine])
     except user_errors as e:
         _fail(e)
+
+
+def _json_schema(value: str | None) -> dict[str, Any] | None:
+    """--json-schema: the schema's text, or @FILE."""
+    if value is None:
+        return None
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        schema = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise click.BadParameter(f"not a JSON schema: {e}") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter("a JSON schema is a JSON object")
+    return schema
 
 
 class _LocalTurns:
@@ -504,11 +547,13 @@ class _LocalTurns:
         sampling: SamplingParams,
         max_tokens: int,
         stop: tuple[str, ...],
+        json_schema: dict[str, Any] | None,
         logprobs: int,
         out: _Output,
         raw: bool,
     ):
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
+        self.json_schema = json_schema
         self.stop, self.logprobs, self.out, self.raw = stop, logprobs, out, raw
         self.context = int(engine.info()["max_context"])  # type: ignore[attr-defined]
         self.messages: list[dict[str, str]] = []
@@ -530,6 +575,9 @@ class _LocalTurns:
             logprobs=self.logprobs,
             context_limit=self.context,
             conversation=self.conversation,
+            constraint=None
+            if self.json_schema is None
+            else Constraint(self.tok, self.engine.cfg.vocab_size, self.json_schema),
         ):
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)

@@ -11,6 +11,7 @@ gRPC failures become a small set of typed exceptions (ClusterError and its subcl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class RequestOptions(TypedDict, total=False):
     seed: int | None
     stop: Sequence[str]  # default none
     logprobs: int  # the top K logprobs of each token; default 0
+    json_schema: Mapping[str, Any] | None  # the answer is JSON that follows this schema (constrained decoding)
 
 
 _SAMPLING = wire.SAMPLING_FIELDS
@@ -167,6 +169,7 @@ def _options(model: str, options: Mapping[str, Any]) -> pb.GenerationOptions:
         sampling=sampling,
         stop=list(options.get("stop", ())),
         logprobs=options.get("logprobs", 0),
+        json_schema=json.dumps(schema) if (schema := options.get("json_schema")) is not None else "",
     )
 
 

@@ -367,7 +367,7 @@ FORCED_TOOLS = [
 ]
 
 
-def test_forced_tool_calls_and_json_answers_follow_their_schema(client, model, weather_model):
+def test_forced_tool_calls_and_json_answers_follow_their_schema(client, pair, model, weather_model):
     """tool_choice "required" or a named function, and response_format json_object / json_schema, hold the answer
     to a JSON schema by constrained decoding, on a model split over two nodes. The models would not write such
     JSON by themselves (the scripted one always answers SCRIPT; the other is random), so the reference is the
@@ -408,6 +408,9 @@ def test_forced_tool_calls_and_json_answers_follow_their_schema(client, model, w
         if c.choices
     )
     assert streamed == answer.choices[0].message.content
+    with pair[0].client() as sdk:  # the gRPC SDK takes the schema too, with the same answer
+        chunks = list(sdk.chat(model, question, json_schema=schema, max_tokens=120, temperature=0))
+    assert "".join(c.text for c in chunks) == answer.choices[0].message.content
 
     with pytest.raises(openai.BadRequestError) as err:
         chat(model, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})

@@ -95,6 +95,42 @@ def test_run_chat_with_logprobs_in_process():
         assert t["top"][0][1] == pytest.approx(t["logprob"], abs=1e-4)
 
 
+def test_run_json_schema_and_openai_penalties_in_process(tmp_path, engines):
+    """--json-schema @FILE holds the answer to the schema; --frequency-penalty and --presence-penalty count its
+    tokens. Reference: the generation loop with the same constraint and penalties on the in-process engine."""
+    from cluster.constraints import Constraint
+    from cluster.generation import GenerationResult, generate
+    from cluster.sampling import SamplingParams
+    from cluster.tokenizer import Tokenizer
+
+    schema = {
+        "type": "object",
+        "properties": {"river": {"enum": ["Rhine", "Danube"]}, "bridges": {"type": "integer", "maximum": 99}},
+        "required": ["river", "bridges"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    penalties = ("--frequency-penalty", "1.2", "--presence-penalty", "0.4")
+    p = clusterctl(
+        "run", str(FIXTURES / "llama32"), "Hello", "--json", "--max-tokens", "80", "--temperature", "0", "--local",
+        "--json-schema", f"@{tmp_path / 'schema.json'}", *penalties,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    _, summary = json_lines(p.stdout)
+    answer = json.loads(summary["text"])
+    assert answer["river"] in ("Rhine", "Danube") and 0 <= answer["bridges"] <= 99
+
+    engine, tok = engines.get("llama32"), Tokenizer.from_dir(FIXTURES / "llama32")
+    ids = tok.encode_chat([{"role": "user", "content": "Hello"}])
+    params = SamplingParams(frequency_penalty=1.2, presence_penalty=0.4)
+    constraint = Constraint(tok, engine.cfg.vocab_size, schema)
+    *_, result = generate([engine], tok, ids, max_tokens=80, sampling=params, context_limit=128, constraint=constraint)
+    assert isinstance(result, GenerationResult) and summary["tokens"] == result.tokens
+
+    bad = clusterctl("run", str(FIXTURES / "llama32"), "Hi", "--local", "--json-schema", '{"type": "nope"}')
+    assert bad.returncode != 0 and "JSON schema" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.slow  # make test-slow (CI runs it)
 def test_interactive_chat_reads_turns_until_an_empty_line():
     p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")

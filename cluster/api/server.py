@@ -146,39 +146,43 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         tools, schema = body.offered_tools, body.json_schema
-        calls: ToolCallFormat | None = None
-        if tools and (body.forced_tool is not None or body.tool_choice == "required"):
+        forcing = bool(tools) and (body.forced_tool is not None or body.tool_choice == "required")
+        # the model's own tool-call form: how its calls are read, and how it takes call ids in earlier turns
+        native = None
+        if (tools and not forcing) or any(m.tool_calls or m.tool_call_id for m in body.messages):
+            native = await _tool_format(body.model, required=bool(tools) and not forcing)
+        calls = native if tools else None
+        if forcing:
             try:  # the answer is held to the calls' JSON, read back as such
-                schema, calls = forced(tools, body.forced_tool, parallel=body.parallel_tool_calls is not False)
+                schema, calls = forced(tools or [], body.forced_tool, parallel=body.parallel_tool_calls is not False)
             except ValueError as e:
                 raise ApiError(400, str(e), param="tool_choice") from None
-        elif tools:
-            calls = await _tool_format(body.model)
-        messages = [m.for_template(calls.history_id) if calls else m.for_template() for m in body.messages]
+        messages = [m.for_template(native.history_id) if native else m.for_template() for m in body.messages]
         logprobs = body.top_logprobs or (1 if body.logprobs else 0)
         request = _request(body, messages=messages, tools=tools, json_schema=schema, logprobs=logprobs)
         return await _while_connected(
             http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, calls)
         )
 
-    async def _tool_format(model: str) -> ToolCallFormat:
-        """How MODEL writes tool calls; a 400 when its chat template takes no tools or teaches an unknown form."""
+    async def _tool_format(model: str, required: bool) -> ToolCallFormat | None:
+        """How MODEL writes tool calls. When `required` (its calls are to be read), a 400 if its chat template
+        takes no tools or teaches a form clusterctl cannot read; else None then."""
         try:
             ref = await asyncio.to_thread(coordinator.resolve, model)
         except Exception as e:  # noqa: BLE001
             raise api_error(e) from None
         template = ref.tokenizer.tool_template()
+        found = format_for(template) if template else None
+        if found is not None or not required:
+            return found
         if template is None:
             raise ApiError(400, f"tools: the chat template of {model} has no place for tools", param="tools")
-        found = format_for(template)
-        if found is None:
-            raise ApiError(
-                400,
-                f"tools: the chat template of {model} teaches a tool-call format clusterctl cannot read (it reads "
-                "<tool_call> blocks, Llama 3's JSON calls and Mistral's [TOOL_CALLS])",
-                param="tools",
-            )
-        return found
+        raise ApiError(
+            400,
+            f"tools: the chat template of {model} teaches a tool-call format clusterctl cannot read (it reads "
+            "<tool_call> blocks, Llama 3's JSON calls and Mistral's [TOOL_CALLS])",
+            param="tools",
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
@@ -272,20 +276,21 @@ def _choice(
         if calls:
             # a streamed call comes whole in one delta, with the index OpenAI's deltas carry
             message["tool_calls"] = [c.to_openai(i if stream else None) for i, c in enumerate(calls)]
-            message["content"] = text or (None if not stream else "")
+            if not text and not stream:
+                message["content"] = None  # as OpenAI answers a turn that only calls tools
             finish = "tool_calls" if finish == "stop" else finish
         return {"index": 0, "delta" if stream else "message": message, "finish_reason": finish, "logprobs": logprobs}
     return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
 
-def _answer(result: GenerationResult, splitter: ToolCallSplitter | None, text: str) -> tuple[str, str, list[ToolCall]]:
-    """The text left to send (`text`: the whole answer, or a stream's tail), the finish reason, and the calls
-    read from the answer when the request offered tools."""
+def _answer(splitter: ToolCallSplitter | None, text: str) -> tuple[str, list[ToolCall]]:
+    """The text left to send (`text`: the whole answer, or a stream's tail) and the calls read from the answer
+    when the request offered tools."""
     if splitter is None:
-        return text, result.finish_reason, []
+        return text, []
     shown = splitter.push(text)
     rest, calls = splitter.finish()
-    return shown + rest, result.finish_reason, calls
+    return shown + rest, calls
 
 
 def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -312,7 +317,7 @@ async def _whole(
         entries.append(_logprob_entry(tokenizer, item, chat))
         item = await anext(chunks)
     result = item
-    text, finish, calls = _answer(result, splitter, result.text)
+    text, calls = _answer(splitter, result.text)
     logprobs = (
         ({"content": entries} if chat else _completion_logprobs(entries))
         if entries and first_has_logprobs(first)
@@ -323,7 +328,7 @@ async def _whole(
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [_choice(kind, text, finish, logprobs, stream=False, calls=calls)],
+        "choices": [_choice(kind, text, result.finish_reason, logprobs, stream=False, calls=calls)],
         "usage": result.usage(),
         "timing": result.timing(),
     }
@@ -367,8 +372,8 @@ async def _sse(
             yield event(_choice(kind, text, None, logprobs, stream=True))
             item = await anext(chunks)
         result = item
-        text, finish, calls = _answer(result, splitter, result.tail)
-        yield event(_choice(kind, text, finish, None, stream=True, calls=calls))
+        text, calls = _answer(splitter, result.tail)
+        yield event(_choice(kind, text, result.finish_reason, None, stream=True, calls=calls))
         if include_usage:
             yield event(None, result.usage())
     except Exception as e:  # noqa: BLE001 - mid-stream: the status line is gone, say it in the stream

@@ -7,6 +7,7 @@ loop through a queue. A client that goes away stops the generation at the next t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -107,6 +108,11 @@ class ClusterService(pb_grpc.ClusterServicer):
             await context.abort(wire.INVALID, "no model given")
         if options.max_tokens < 0 or options.logprobs < 0 or options.logprobs > 20:
             await context.abort(wire.INVALID, "max_tokens must be >= 0 and logprobs in [0, 20]")
+        if options.json_schema:
+            try:
+                inputs["json_schema"] = json.loads(options.json_schema)
+            except json.JSONDecodeError as e:
+                await context.abort(wire.INVALID, f"json_schema is not JSON: {e}")
         chunks = stream_generation(
             self.coordinator,
             options.model,
