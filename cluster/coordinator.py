@@ -567,6 +567,7 @@ class Coordinator:
         messages: list[dict[str, Any]] | None = None,
         tools: list[dict[str, Any]] | None = None,
         json_schema: dict[str, Any] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
         raw: bool = False,
         max_tokens: int = 256,
         sampling: dict[str, Any] | None = None,
@@ -577,14 +578,17 @@ class Coordinator:
     ) -> Generator[TokenChunk | GenerationResult, None, None]:
         """Chunks of one generation; closing the iterator ends the session on every shard. `cancellation`, set
         from another thread, stops a request that waits for a free session or a remote step at once.
-        `json_schema`: the answer is JSON that follows it (constrained decoding)."""
+        `json_schema`: the answer is JSON that follows it (constrained decoding). `template_kwargs`: extra variables
+        for the chat template (Qwen3's `enable_thinking`, ...)."""
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
         if any(i >= ref.cfg.vocab_size for i, _ in params.logit_bias):
             raise ValueError(f"logit_bias: ids are below the vocabulary size of {ref.cfg.vocab_size}")
         constraint = Constraint(ref.tokenizer, ref.cfg.vocab_size, json_schema) if json_schema is not None else None
         if messages is not None:
-            ids = ref.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+            ids = ref.tokenizer.encode_chat(
+                messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {})
+            )
         elif raw:
             ids = ref.tokenizer.encode(prompt or "", add_special_tokens=True)
         else:

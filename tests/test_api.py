@@ -317,6 +317,13 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, weather_mod
     tokenizer = Tokenizer.from_dir(model)
     assert second.usage.prompt_tokens == len(tokenizer.encode_chat(expected, tools=TOOLS))
 
+    # vLLM's chat_template_kwargs reach the template (Qwen3 switches its thinking off this way)
+    quiet = client.chat.completions.create(
+        model=model, messages=question, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert quiet.usage.prompt_tokens == len(tokenizer.encode_chat(question, enable_thinking=False))
+    assert quiet.usage.prompt_tokens > plain.usage.prompt_tokens
+
     # "none": the model is not told of the tools and its answer is text
     unoffered = chat(question, tools=TOOLS, tool_choice="none")
     assert unoffered.choices[0].message.content == "".join(SCRIPT)

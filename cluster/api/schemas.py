@@ -172,6 +172,8 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # vLLM's extension: extra variables for the chat template, such as Qwen3's {"enable_thinking": false}
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # false: at most one call when tool_choice forces calls; under "auto" the model decides how many it makes
@@ -203,6 +205,9 @@ class ChatCompletionRequest(_Request):
                 refused.append("tool_choice: a call is asked for, but there are no tools")
             if self.json_schema is not None:
                 refused.append("response_format: JSON output cannot be combined with a forced tool call")
+        taken = {"messages", "tools", "add_generation_prompt"} & set(self.chat_template_kwargs or {})
+        if taken:
+            refused.append(f"chat_template_kwargs: {', '.join(sorted(taken))} come from the request itself")
         kind = (self.response_format or {}).get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):
             refused.append("response_format: the type is text, json_object or json_schema")

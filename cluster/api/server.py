@@ -159,7 +159,14 @@ def create_app(
                 raise ApiError(400, str(e), param="tool_choice") from None
         messages = [m.for_template(native.history_id) if native else m.for_template() for m in body.messages]
         logprobs = body.top_logprobs or (1 if body.logprobs else 0)
-        request = _request(body, messages=messages, tools=tools, json_schema=schema, logprobs=logprobs)
+        request = _request(
+            body,
+            messages=messages,
+            tools=tools,
+            json_schema=schema,
+            template_kwargs=body.chat_template_kwargs,
+            logprobs=logprobs,
+        )
         return await _while_connected(
             http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, calls)
         )
