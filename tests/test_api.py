@@ -268,6 +268,8 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, weather_mod
 
     plain = chat(question)
     assert plain.choices[0].message.content == "".join(SCRIPT) and plain.choices[0].message.tool_calls is None
+    unbounded = client.chat.completions.create(model=model, messages=question)  # no max_tokens: up to EOS
+    assert unbounded.choices[0].message.content == "".join(SCRIPT) and unbounded.choices[0].finish_reason == "stop"
 
     answer = chat(question, tools=TOOLS, parallel_tool_calls=True)
     choice = answer.choices[0]

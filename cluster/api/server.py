@@ -35,7 +35,8 @@ from cluster.tokenizer import Tokenizer, TokenizerError
 from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, forced, format_for
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_TOKENS = 256
+# No max_tokens: the answer ends at EOS, a stop string or the end of the context, as OpenAI's do
+UNTIL_THE_CONTEXT_ENDS = 2**31 - 1
 _HANG_UP_POLL_S = 0.25  # how often a request that waits for its answer checks that its client is still there
 
 
@@ -221,7 +222,7 @@ def create_app(
         return await _whole(model, kind, first, chunks, tokenizer, splitter)
 
     async def _generation(model: str, request: dict[str, Any]) -> AsyncIterator[TokenChunk | GenerationResult]:
-        request = {**request, "max_tokens": request["max_tokens"] or DEFAULT_MAX_TOKENS}
+        request = {**request, "max_tokens": request["max_tokens"] or UNTIL_THE_CONTEXT_ENDS}
         async for item in stream_generation(coordinator, model, **request):
             if not isinstance(item, Progress):
                 yield item
