@@ -112,6 +112,10 @@ class Chunk:
     # coordinating node's wait for it)
     timing: dict[str, Any] | None = None
     tokens: list[int] | None = None  # every generated id, on the final chunk
+    # on the final chunk of a chat that offered tools: the calls read from the answer, in OpenAI's form
+    # ({"id", "type": "function", "function": {"name", "arguments"}}), and the answer's text without them
+    tool_calls: list[dict[str, Any]] | None = None
+    content: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,19 @@ class _Assembler:
             for t in d.timing.shards
         ]
         timing = {"ttft_ms": d.timing.ttft_ms, "decode_tok_s": d.timing.decode_tok_s, "shards": shards}
-        return Chunk(tail, finish_reason=d.finish_reason, usage=usage, timing=timing, tokens=list(d.tokens))
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in d.tool_calls
+        ]
+        return Chunk(
+            tail,
+            finish_reason=d.finish_reason,
+            usage=usage,
+            timing=timing,
+            tokens=list(d.tokens),
+            tool_calls=calls or None,
+            content=d.content if calls else None,
+        )
 
 
 def _plan_view(p: pb.PlanResponse) -> PlanView:
@@ -247,15 +263,41 @@ class _Requests(Generic[Stream]):
     def chat(
         self,
         model: str,
-        messages: Iterable[Mapping[str, str]],
+        messages: Iterable[Mapping[str, Any]],
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         on_progress: ProgressCallback | None = None,
         **options: Unpack[RequestOptions],
     ) -> Stream:
         """Answer `messages` ([{"role": ..., "content": ...}, ...]) through the model's chat template; `options`
-        as for `generate`."""
-        chat = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-        return self._stream("Chat", pb.ChatRequest(options=_options(model, options), messages=chat), on_progress)
+        as for `generate`. `tools`, `tool_choice` and `parallel_tool_calls` as in OpenAI's API: the final chunk
+        then holds the calls read from the answer (`tool_calls`) and the text around them (`content`); messages
+        may hold an assistant turn's `tool_calls` and a tool message's `tool_call_id`, in OpenAI's form."""
+        request = pb.ChatRequest(options=_options(model, options), messages=[_message(m) for m in messages])
+        if tools:
+            request.tools = json.dumps(list(tools))
+        if isinstance(tool_choice, Mapping):  # {"type": "function", "function": {"name": ...}}
+            request.tool_name = tool_choice["function"]["name"]
+        elif tool_choice is not None:
+            request.tool_choice = tool_choice
+        request.one_tool_call = parallel_tool_calls is False
+        return self._stream("Chat", request, on_progress)
+
+
+def _message(m: Mapping[str, Any]) -> pb.ChatMessage:
+    calls = [
+        pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"].get("arguments") or "{}")
+        for c in m.get("tool_calls") or ()
+    ]
+    return pb.ChatMessage(
+        role=m["role"],
+        content=m.get("content") or "",
+        tool_calls=calls,
+        tool_call_id=m.get("tool_call_id") or "",
+        name=m.get("name") or "",
+    )
 
 
 class Client(_Requests[Iterator[Chunk]]):

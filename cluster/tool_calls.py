@@ -42,6 +42,10 @@ class ToolCall:
         return call
 
 
+def _same_id(call_id: str) -> str:
+    return call_id
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     name: str
@@ -49,7 +53,7 @@ class ToolCallFormat:
     leading_only: bool  # a marker counts only at the very start of the answer (whitespace aside)
     read: Callable[[str], Read]  # the text from the first marker on -> calls and the text around them
     new_id: Callable[[], str]
-    history_id: Callable[[str], str] = lambda call_id: call_id  # a client's id as the chat template takes it
+    history_id: Callable[[str], str] = _same_id  # a client's call id as the chat template takes it
 
     def splitter(self) -> ToolCallSplitter:
         return ToolCallSplitter(self)
@@ -166,7 +170,7 @@ def forced(
     functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     if name is not None:
         if name not in functions:
-            raise ValueError(f"tool_choice: no tool named {name!r} among the tools")
+            raise ToolError("tool_choice", f"no tool named {name!r} among the tools")
 
         def read_arguments(text: str) -> Read:
             values = _json_values(text, "")
@@ -194,6 +198,76 @@ def forced(
         return None if calls is None else (calls, "")
 
     return schema, ToolCallFormat("required", ("",), False, read_list, _openai_id)
+
+
+class ToolError(ValueError):
+    """Tools a request offers that the model cannot be asked for; `param` names the request's field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a request's tools make of its answer."""
+
+    offered: list[dict[str, Any]] | None  # the tools the chat template shows the model
+    reader: ToolCallFormat | None  # how calls are read from the answer; None: the answer is text
+    json_schema: dict[str, Any] | None  # what forced calls hold the answer to (constrained decoding)
+    history_id: Callable[[str], str]  # a call id of an earlier turn as the chat template takes it
+
+
+def tool_use(
+    template: str | None,
+    tools: list[dict[str, Any]] | None,
+    choice: str | None = None,
+    name: str | None = None,
+    parallel: bool = True,
+) -> ToolUse:
+    """template: the model's chat template for tools (Tokenizer.tool_template(); None when it has no place for
+    them); choice: "auto" (None too), "none" or "required"; name: the function a call is forced to, if any."""
+    native = format_for(template) if template else None
+    history = native.history_id if native else _same_id
+    if not tools or choice == "none":  # "none": the model is not told of the tools, as vLLM does it
+        return ToolUse(None, None, None, history)
+    if template is None:
+        raise ToolError("tools", "the model's chat template has no place for tools")
+    if name is not None or choice == "required":
+        schema, reader = forced(tools, name, parallel)
+        return ToolUse(tools, reader, schema, history)
+    if choice not in (None, "auto"):
+        raise ToolError("tool_choice", f"{choice!r} is not 'auto', 'none' or 'required'")
+    if native is None:
+        raise ToolError(
+            "tools",
+            "the model's chat template teaches a tool-call format clusterctl cannot read (it reads <tool_call> "
+            "blocks, Llama 3's JSON calls and Mistral's [TOOL_CALLS])",
+        )
+    return ToolUse(tools, native, None, history)
+
+
+def template_calls(calls: list[tuple[str, str, str]], call_id: Callable[[str], str]) -> list[dict[str, Any]]:
+    """An earlier turn's calls, (id, name, arguments as JSON text), as chat templates read them: the arguments as
+    an object (templates write them with `tojson`), the id as `call_id` maps it for the model."""
+    out = []
+    for i, fn, arguments in calls:
+        try:
+            parsed = json.loads(arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise ToolError("tool_calls", f"the arguments of call {i!r} are not JSON ({e})") from None
+        out.append({"id": call_id(i), "type": "function", "function": {"name": fn, "arguments": parsed}})
+    return out
+
+
+def read_calls(reader: ToolCallFormat | None, text: str) -> tuple[str, list[ToolCall]]:
+    """A whole answer's text around its calls, and the calls (none without a reader)."""
+    if reader is None:
+        return text, []
+    splitter = reader.splitter()
+    shown = splitter.push(text)
+    rest, calls = splitter.finish()
+    return shown + rest, calls
 
 
 def _arguments_text(arguments: Any) -> str:

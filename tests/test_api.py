@@ -254,7 +254,7 @@ def weather_model(tmp_path_factory) -> str:
     return str(scripted(tmp_path_factory.mktemp("scripted") / "weather", SCRIPT))
 
 
-def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, weather_model):
+def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weather_model):
     """Tools are offered through the model's chat template and its calls come back as OpenAI's `tool_calls`.
     The model (tests/scripted_model.py) answers every prompt with SCRIPT, split over two nodes, so the reference
     is SCRIPT itself: without tools it is the plain answer; with tools, its text before the first call is the
@@ -318,6 +318,15 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, weather_mod
     ]
     tokenizer = Tokenizer.from_dir(model)
     assert second.usage.prompt_tokens == len(tokenizer.encode_chat(expected, tools=TOOLS))
+
+    with pair[0].client() as sdk:  # the gRPC SDK reads the same calls, and sends results back the same way
+        *_, last = sdk.chat(model, question, tools=TOOLS, max_tokens=40, temperature=0)
+        *_, again = sdk.chat(model, [*question, *results], tools=TOOLS, max_tokens=1)
+    assert last.finish_reason == "tool_calls" and last.content == choice.message.content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in last.tool_calls] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls
+    ]
+    assert again.usage["prompt_tokens"] == second.usage.prompt_tokens
 
     # vLLM's chat_template_kwargs reach the template (Qwen3 switches its thinking off this way)
     quiet = client.chat.completions.create(
@@ -390,6 +399,16 @@ def test_forced_tool_calls_and_json_answers_follow_their_schema(client, pair, mo
     (call,) = named.choices[0].message.tool_calls
     assert named.choices[0].finish_reason == "tool_calls" and not named.choices[0].message.content
     assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("CET", "UTC")
+    with pair[0].client() as sdk:  # the SDK forces the same call
+        *_, last = sdk.chat(
+            weather_model,
+            question,
+            tools=FORCED_TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            max_tokens=120,
+            temperature=0,
+        )
+    assert [c["function"]["arguments"] for c in last.tool_calls] == [call.function.arguments]
 
     required = chat(weather_model, tools=FORCED_TOOLS, tool_choice="required", parallel_tool_calls=False)
     (call,) = required.choices[0].message.tool_calls

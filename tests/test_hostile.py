@@ -60,6 +60,9 @@ def _shards(n: NodeProcess) -> list[tuple[str, dict]]:
 
 
 def field_values(field: FieldDescriptor, known: list[str], depth: int) -> st.SearchStrategy:
+    if _is_map(field):  # map<K, V>: a dict of the entry's key and value kinds
+        key, value = (field_values(field.message_type.fields_by_name[n], known, depth) for n in ("key", "value"))
+        return st.dictionaries(key, value, max_size=4)
     t = field.type
     if t == FieldDescriptor.TYPE_STRING:
         value: st.SearchStrategy = st.one_of(st.text(max_size=40), st.sampled_from(known))
@@ -91,12 +94,18 @@ def messages(desc, known: list[str], depth: int = 0) -> st.SearchStrategy:
     return st.fixed_dictionaries({}, optional=fields)
 
 
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
 def build(desc, values: dict):
     cls = getattr(pb, desc.name)
     msg = cls()
     for name, value in values.items():
         field = desc.fields_by_name[name]
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if _is_map(field):
+            getattr(msg, name).update(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             items = value if field.is_repeated else [value]
             for item in items:
                 sub = build(field.message_type, item)

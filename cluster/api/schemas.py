@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.sampling import MAX_LOGIT_BIAS
+from cluster.tool_calls import template_calls
 
 # OpenAI calls the system prompt of newer models "developer"; chat templates know only "system"
 _ROLE_ALIASES = {"developer": "system"}
@@ -133,23 +134,17 @@ class Message(BaseModel):
             self.content = ""
         return self
 
-    def for_template(self, call_id: Callable[[str], str] = lambda i: i) -> dict[str, Any]:
-        """The message as chat templates read it: a call's arguments as an object (templates write them with
-        `tojson`), call ids as `call_id` maps them for the model's format."""
+    def for_template(self, call_id: Callable[[str], str]) -> dict[str, Any]:
+        """The message as chat templates read it (tool_calls.template_calls), call ids as `call_id` maps them."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = call_id(self.tool_call_id)
         if self.tool_calls:
-            out["tool_calls"] = [
-                {
-                    "id": call_id(c.id),
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")},
-                }
-                for c in self.tool_calls
-            ]
+            out["tool_calls"] = template_calls(
+                [(c.id, c.function.name, c.function.arguments) for c in self.tool_calls], call_id
+            )
         return out
 
 
@@ -188,11 +183,13 @@ class ChatCompletionRequest(_Request):
         return self
 
     @property
-    def offered_tools(self) -> list[dict[str, Any]] | None:
-        """The tools the model is told of: none when tool_choice is "none", as vLLM leaves them out then."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def holds_calls(self) -> bool:
+        """Whether earlier turns hold tool calls or their results."""
+        return any(m.tool_calls or m.tool_call_id for m in self.messages)
 
     def _refused(self) -> list[str]:
         refused = super()._refused()

@@ -32,7 +32,7 @@ from cluster.partition import PlanError
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
-from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, forced, format_for
+from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, ToolError, tool_use
 
 log = logging.getLogger(__name__)
 # No max_tokens: the answer ends at EOS, a stop string or the end of the context, as OpenAI's do
@@ -146,51 +146,31 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-        tools, schema = body.offered_tools, body.json_schema
-        forcing = bool(tools) and (body.forced_tool is not None or body.tool_choice == "required")
-        # the model's own tool-call form: how its calls are read, and how it takes call ids in earlier turns
-        native = None
-        if (tools and not forcing) or any(m.tool_calls or m.tool_call_id for m in body.messages):
-            native = await _tool_format(body.model, required=bool(tools) and not forcing)
-        calls = native if tools else None
-        if forcing:
-            try:  # the answer is held to the calls' JSON, read back as such
-                schema, calls = forced(tools or [], body.forced_tool, parallel=body.parallel_tool_calls is not False)
-            except ValueError as e:
-                raise ApiError(400, str(e), param="tool_choice") from None
-        messages = [m.for_template(native.history_id) if native else m.for_template() for m in body.messages]
-        logprobs = body.top_logprobs or (1 if body.logprobs else 0)
+        # the model's chat template tells how it takes tools, reads call ids of earlier turns and writes its calls
+        template = await _tool_template(body.model) if body.tools or body.holds_calls else None
+        choice = body.tool_choice if isinstance(body.tool_choice, str) else None
+        try:
+            use = tool_use(template, body.tool_dicts, choice, body.forced_tool, body.parallel_tool_calls is not False)
+        except ToolError as e:
+            raise ApiError(400, str(e), param=e.param) from None
         request = _request(
             body,
-            messages=messages,
-            tools=tools,
-            json_schema=schema,
+            messages=[m.for_template(use.history_id) for m in body.messages],
+            tools=use.offered,
+            json_schema=use.json_schema or body.json_schema,
             template_kwargs=body.chat_template_kwargs,
-            logprobs=logprobs,
+            logprobs=body.top_logprobs or (1 if body.logprobs else 0),
         )
         return await _while_connected(
-            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, calls)
+            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, use.reader)
         )
 
-    async def _tool_format(model: str, required: bool) -> ToolCallFormat | None:
-        """How MODEL writes tool calls. When `required` (its calls are to be read), a 400 if its chat template
-        takes no tools or teaches a form clusterctl cannot read; else None then."""
+    async def _tool_template(model: str) -> str | None:
         try:
             ref = await asyncio.to_thread(coordinator.resolve, model)
         except Exception as e:  # noqa: BLE001
             raise api_error(e) from None
-        template = ref.tokenizer.tool_template()
-        found = format_for(template) if template else None
-        if found is not None or not required:
-            return found
-        if template is None:
-            raise ApiError(400, f"tools: the chat template of {model} has no place for tools", param="tools")
-        raise ApiError(
-            400,
-            f"tools: the chat template of {model} teaches a tool-call format clusterctl cannot read (it reads "
-            "<tool_call> blocks, Llama 3's JSON calls and Mistral's [TOOL_CALLS])",
-            param="tools",
-        )
+        return ref.tokenizer.tool_template()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:

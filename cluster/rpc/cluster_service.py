@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from pydantic import ValidationError
 
+from cluster.api.schemas import Tool
 from cluster.chain import ShardUnavailableError
 from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
@@ -25,6 +27,7 @@ from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 from cluster.rpc.worker import abort_with
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import TokenizerError
+from cluster.tool_calls import ToolCallFormat, ToolError, read_calls, template_calls, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +53,32 @@ def plan_to_pb(plan: Any) -> pb.PlanResponse:
     )
 
 
-def _chunk_to_pb(item: TokenChunk | GenerationResult) -> pb.GenerateChunk:
+def _message(m: pb.ChatMessage, call_id: Callable[[str], str]) -> dict[str, Any]:
+    """A chat message as chat templates read it (the API's Message.for_template, from the wire)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = template_calls([(c.id, c.name, c.arguments) for c in m.tool_calls], call_id)
+    if m.tool_call_id:
+        out["tool_call_id"] = call_id(m.tool_call_id)
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+def _chunk_to_pb(item: TokenChunk | GenerationResult, reader: ToolCallFormat | None = None) -> pb.GenerateChunk:
+    """A token, or the final Done; with `reader`, Done also holds the calls read from the answer."""
     if isinstance(item, TokenChunk):
         top = [pb.TopLogprob(id=i, logprob=lp) for i, lp in item.top]
         return pb.GenerateChunk(token=pb.Token(id=item.id, text=item.text, logprob=item.logprob, top=top))
     usage = item.usage()
+    content, calls = read_calls(reader, item.text)
     return pb.GenerateChunk(
         done=pb.Done(
             tokens=item.tokens,
             text=item.text,
-            finish_reason=item.finish_reason,
+            content=content,
+            tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
+            finish_reason="tool_calls" if calls and item.finish_reason == "stop" else item.finish_reason,
             usage=pb.Usage(**usage),
             timing=pb.Timing(
                 ttft_ms=item.ttft_ms,
@@ -97,12 +116,43 @@ class ClusterService(pb_grpc.ClusterServicer):
             yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        async for chunk in self._run(request.options, context, messages=messages):
+        try:
+            tools = [Tool.model_validate(t).model_dump(exclude_none=True) for t in json.loads(request.tools or "[]")]
+        except (json.JSONDecodeError, TypeError, ValidationError) as e:
+            await context.abort(wire.INVALID, f"tools: not a list of OpenAI tools: {e}")
+        template = None
+        if tools or any(m.tool_calls or m.tool_call_id for m in request.messages):
+            try:  # the chat template tells how the model takes tools and call ids, and writes its calls
+                tokenizer = (await asyncio.to_thread(self.coordinator.resolve, request.options.model)).tokenizer
+                template = tokenizer.tool_template()
+            except Exception as e:  # noqa: BLE001
+                await _abort_request(context, e)
+                raise
+        try:
+            use = tool_use(
+                template,
+                tools,
+                request.tool_choice or None,
+                request.tool_name or None,
+                parallel=not request.one_tool_call,
+            )
+            messages = [_message(m, use.history_id) for m in request.messages]
+        except ToolError as e:
+            await context.abort(wire.INVALID, str(e))
+        if use.json_schema is not None and request.options.json_schema:
+            await context.abort(wire.INVALID, "json_schema: cannot be combined with a forced tool call")
+        inputs: dict[str, Any] = {"messages": messages, "tools": use.offered}
+        if use.json_schema is not None:
+            inputs["json_schema"] = use.json_schema
+        async for chunk in self._run(request.options, context, use.reader, **inputs):
             yield chunk
 
     async def _run(
-        self, options: pb.GenerationOptions, context: grpc.aio.ServicerContext, **inputs: Any
+        self,
+        options: pb.GenerationOptions,
+        context: grpc.aio.ServicerContext,
+        reader: ToolCallFormat | None = None,
+        **inputs: Any,
     ) -> AsyncIterator[pb.GenerateChunk]:
         if not options.model:
             await context.abort(wire.INVALID, "no model given")
@@ -128,7 +178,7 @@ class ClusterService(pb_grpc.ClusterServicer):
                     p = pb.Progress(stage=item.stage, node=item.node, done=item.done, total=item.total)
                     yield pb.GenerateChunk(progress=p)
                 else:
-                    yield _chunk_to_pb(item)
+                    yield _chunk_to_pb(item, reader)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status the client maps to a type
             log.info("request failed: %s", e)
             await _abort_request(context, e)
