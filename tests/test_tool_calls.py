@@ -131,3 +131,42 @@ def test_arguments_written_as_a_string_are_kept():
     splitter.push('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
     _, (call,) = splitter.finish()
     assert call.arguments == '{"a": 1}'
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "noop"}},
+]
+HERMES_TEMPLATE = "{% for t in tools %}{{ t | tojson }}{% endfor %} <tool_call>"
+
+
+def test_what_a_requests_tools_make_of_the_answer():
+    from cluster.tool_calls import ToolError, template_calls, tool_use
+
+    plain = tool_use(None, None)
+    assert (plain.offered, plain.reader, plain.json_schema) == (None, None, None)
+    auto = tool_use(HERMES_TEMPLATE, TOOLS)
+    assert auto.offered == TOOLS and auto.reader is HERMES and auto.json_schema is None
+    assert tool_use(HERMES_TEMPLATE, TOOLS, "none").offered is None  # the model is not told of them
+    for template, message in ((None, "no place for tools"), ("{{ tools }}", "format")):
+        with pytest.raises(ToolError, match=message) as err:
+            tool_use(template, TOOLS)
+        assert err.value.param == "tools"
+    with pytest.raises(ToolError) as err:
+        tool_use(HERMES_TEMPLATE, TOOLS, name="no_such_tool")
+    assert err.value.param == "tool_choice"
+
+    # forced calls: the answer is the calls' JSON, held to a schema, read back whatever the model's own form
+    named = tool_use("{{ tools }}", TOOLS, name="get_time")
+    assert named.json_schema == {"type": "object"} and split(named.reader, '{"zone": "CET"}')[1] == [
+        ("get_time", {"zone": "CET"})
+    ]
+    required = tool_use(HERMES_TEMPLATE, TOOLS, "required", parallel=False)
+    assert required.json_schema["maxItems"] == 1 and len(required.json_schema["items"]["anyOf"]) == 2
+    answer = '[{"name": "noop", "parameters": {}}]'
+    assert split(required.reader, answer) == ("", [("noop", {})])
+    assert split(required.reader, '[{"name": "noop"') == ('[{"name": "noop"', [])  # cut off: text
+
+    assert template_calls([("c1", "f", '{"a": 1}')], MISTRAL.history_id)[0]["function"]["arguments"] == {"a": 1}
+    with pytest.raises(ToolError, match="not JSON"):
+        template_calls([("c1", "f", "{a")], HERMES.history_id)
