@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download into .whl/ the wheels the lent GPU machine lacks for this project (it has no internet), for its
-# Python 3.12 on x86-64 Linux; bench/gpu.sh installs them there. Versions are the project's .venv's, so the
+# Python 3.12 on x86-64 Linux (glibc 2.31 or later: llguidance is built for it); bench/gpu.sh installs them there. Versions are the project's .venv's, so the
 # carried grpcio and protobuf match the code that grpcio-tools generated in cluster/rpc/pb.
 #
 #   bash bench/fetch_gpu_wheels.sh      then carry [".whl", "cluster/rpc/pb"] in the device call
@@ -19,8 +19,9 @@ NAMES=(
   cryptography cffi pycparser
   pydantic pydantic-core annotated-types typing-inspection typing-extensions  # pydantic-core needs t-e >= 4.16
   fastapi starlette opentelemetry-api uvicorn
+  llguidance                                     # constrained decoding (structured output)
 )
-PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
+PLATFORMS=(manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
 pins=()
 for name in "${NAMES[@]}"; do
