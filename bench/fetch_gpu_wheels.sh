@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download into .whl/ the wheels the lent GPU machine lacks for this project (it has no internet), for its
-# Python 3.12 on x86-64 Linux (glibc 2.31 or later: llguidance is built for it); bench/gpu.sh installs them there. Versions are the project's .venv's, so the
-# carried grpcio and protobuf match the code that grpcio-tools generated in cluster/rpc/pb.
+# Python 3.12 on x86-64 Linux (glibc 2.31 or later, which llguidance's wheel needs); bench/gpu.sh installs them
+# there. Versions are the project's .venv's, so the carried grpcio and protobuf match the code that grpcio-tools
+# generated in cluster/rpc/pb.
 #
 #   bash bench/fetch_gpu_wheels.sh      then carry [".whl", "cluster/rpc/pb"] in the device call
 #
