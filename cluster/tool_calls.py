@@ -9,7 +9,9 @@ Formats, named as vLLM's parsers are:
 - mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers) or `[TOOL_CALLS]name[ARGS]{...}`
   per call (v11 and later).
 
-What cannot be read as calls stays text: nothing the model wrote is dropped.
+Calls a request forces (tool_choice "required" or a named function) are instead written as JSON that a constraint
+holds the answer to (`forced`). `tool_use` decides, per request, which of these applies; the HTTP API and the
+SDK's Cluster service both ask it. What cannot be read as calls stays text: nothing the model wrote is dropped.
 """
 
 from __future__ import annotations
