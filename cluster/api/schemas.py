@@ -222,7 +222,8 @@ class ChatCompletionRequest(_Request):
 
     @property
     def json_schema(self) -> Any:
-        """The schema the answer must follow under response_format: any object for json_object, else None."""
+        """The schema response_format holds the answer to: any object for json_object, the one given for
+        json_schema (any object when it gives none); None for text."""
         format_ = self.response_format or {}
         if format_.get("type") == "json_object":
             return {"type": "object"}
