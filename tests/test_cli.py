@@ -95,6 +95,7 @@ def test_run_chat_with_logprobs_in_process():
         assert t["top"][0][1] == pytest.approx(t["logprob"], abs=1e-4)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it); the API and SDK cases in make test cover the same paths
 def test_run_json_schema_and_openai_penalties_in_process(tmp_path, engines):
     """--json-schema @FILE holds the answer to the schema; --frequency-penalty and --presence-penalty count its
     tokens. Reference: the generation loop with the same constraint and penalties on the in-process engine."""
