@@ -231,6 +231,8 @@ def tool_use(
     them); choice: "auto" (None too), "none" or "required"; name: the function a call is forced to, if any."""
     native = format_for(template) if template else None
     history = native.history_id if native else _same_id
+    if not tools and (name is not None or choice == "required"):
+        raise ToolError("tool_choice", "a call is asked for, but there are no tools")
     if not tools or choice == "none":  # "none": the model is not told of the tools, as vLLM does it
         return ToolUse(None, None, None, history)
     if template is None:

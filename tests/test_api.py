@@ -446,6 +446,9 @@ def test_forced_tool_calls_and_json_answers_follow_their_schema(client, pair, mo
     with pytest.raises(openai.BadRequestError) as err:
         chat(weather_model, tools=FORCED_TOOLS, tool_choice="required", response_format={"type": "json_object"})
     assert "response_format" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(weather_model, tool_choice="required")  # a call, but no tools to call
+    assert err.value.body["param"] == "tool_choice"
 
 
 def test_concurrent_requests_each_get_their_own_answer(client, model):

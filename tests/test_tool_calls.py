@@ -152,9 +152,10 @@ def test_what_a_requests_tools_make_of_the_answer():
         with pytest.raises(ToolError, match=message) as err:
             tool_use(template, TOOLS)
         assert err.value.param == "tools"
-    with pytest.raises(ToolError) as err:
-        tool_use(HERMES_TEMPLATE, TOOLS, name="no_such_tool")
-    assert err.value.param == "tool_choice"
+    for kw in ({"name": "no_such_tool"}, {"choice": "required", "tools": None}, {"choice": "sometimes"}):
+        with pytest.raises(ToolError) as err:
+            tool_use(HERMES_TEMPLATE, **{"tools": TOOLS, **kw})
+        assert err.value.param == "tool_choice"
 
     # forced calls: the answer is the calls' JSON, held to a schema, read back whatever the model's own form
     named = tool_use("{{ tools }}", TOOLS, name="get_time")

@@ -197,11 +197,8 @@ class ChatCompletionRequest(_Request):
             refused.append("functions: the deprecated form of tools; send them as tools")
         if self.tool_choice not in (None, "auto", "none", "required") and self.forced_tool is None:
             refused.append("tool_choice: 'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}")
-        if self.forced_tool is not None or self.tool_choice == "required":
-            if not self.tools:
-                refused.append("tool_choice: a call is asked for, but there are no tools")
-            if self.json_schema is not None:
-                refused.append("response_format: JSON output cannot be combined with a forced tool call")
+        if (self.forced_tool is not None or self.tool_choice == "required") and self.json_schema is not None:
+            refused.append("response_format: JSON output cannot be combined with a forced tool call")
         taken = {"messages", "tools", "add_generation_prompt"} & set(self.chat_template_kwargs or {})
         if taken:
             refused.append(f"chat_template_kwargs: {', '.join(sorted(taken))} come from the request itself")
