@@ -22,7 +22,7 @@ import re
 import secrets
 import string
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,12 +266,12 @@ def template_calls(calls: list[tuple[str, str, str]], call_id: Callable[[str], s
 
 def read_calls(reader: ToolCallFormat | None, text: str) -> tuple[str, list[ToolCall]]:
     """A whole answer's text around its calls, and the calls (none without a reader)."""
-    if reader is None:
-        return text, []
-    splitter = reader.splitter()
-    shown = splitter.push(text)
-    rest, calls = splitter.finish()
-    return shown + rest, calls
+    return reader.splitter().close(text) if reader else (text, [])
+
+
+def finish_reason(finish: str | None, calls: Sequence[ToolCall]) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" for an answer that ended by itself after calling tools."""
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -318,6 +318,12 @@ class ToolCallSplitter:
         shown = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(shown) :]
         return shown
+
+    def close(self, text: str = "") -> tuple[str, list[ToolCall]]:
+        """The answer's last text, then `finish`: all that is left to show, and the calls."""
+        shown = self.push(text)
+        rest, calls = self.finish()
+        return shown + rest, calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The text still to show and the calls. Calls that do not parse are returned as text."""

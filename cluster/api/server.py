@@ -32,7 +32,7 @@ from cluster.partition import PlanError
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
-from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, ToolError, tool_use
+from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, ToolError, finish_reason, tool_use
 
 log = logging.getLogger(__name__)
 # No max_tokens: the answer ends at EOS, a stop string or the end of the context, as OpenAI's do
@@ -266,19 +266,9 @@ def _choice(
             message["tool_calls"] = [c.to_openai(i if stream else None) for i, c in enumerate(calls)]
             if not text and not stream:
                 message["content"] = None  # as OpenAI answers a turn that only calls tools
-            finish = "tool_calls" if finish == "stop" else finish
+            finish = finish_reason(finish, calls)
         return {"index": 0, "delta" if stream else "message": message, "finish_reason": finish, "logprobs": logprobs}
     return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
-
-
-def _answer(splitter: ToolCallSplitter | None, text: str) -> tuple[str, list[ToolCall]]:
-    """The text left to send (`text`: the whole answer, or a stream's tail) and the calls read from the answer
-    when the request offered tools."""
-    if splitter is None:
-        return text, []
-    shown = splitter.push(text)
-    rest, calls = splitter.finish()
-    return shown + rest, calls
 
 
 def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,7 +295,7 @@ async def _whole(
         entries.append(_logprob_entry(tokenizer, item, chat))
         item = await anext(chunks)
     result = item
-    text, calls = _answer(splitter, result.text)
+    text, calls = splitter.close(result.text) if splitter else (result.text, [])
     logprobs = (
         ({"content": entries} if chat else _completion_logprobs(entries))
         if entries and first_has_logprobs(first)
@@ -360,7 +350,7 @@ async def _sse(
             yield event(_choice(kind, text, None, logprobs, stream=True))
             item = await anext(chunks)
         result = item
-        text, calls = _answer(splitter, result.tail)
+        text, calls = splitter.close(result.tail) if splitter else (result.tail, [])
         yield event(_choice(kind, text, result.finish_reason, None, stream=True, calls=calls))
         if include_usage:
             yield event(None, result.usage())

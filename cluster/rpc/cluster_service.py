@@ -27,7 +27,7 @@ from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 from cluster.rpc.worker import abort_with
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import TokenizerError
-from cluster.tool_calls import ToolCallFormat, ToolError, read_calls, template_calls, tool_use
+from cluster.tool_calls import ToolCallFormat, ToolError, finish_reason, read_calls, template_calls, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _chunk_to_pb(item: TokenChunk | GenerationResult, reader: ToolCallFormat | N
             text=item.text,
             content=content,
             tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
-            finish_reason="tool_calls" if calls and item.finish_reason == "stop" else item.finish_reason,
+            finish_reason=finish_reason(item.finish_reason, calls),
             usage=pb.Usage(**usage),
             timing=pb.Timing(
                 ttft_ms=item.ttft_ms,
