@@ -115,7 +115,8 @@ class Chunk:
     # on the final chunk of a chat that offered tools: the calls read from the answer, in OpenAI's form
     # ({"id", "type": "function", "function": {"name", "arguments"}}), and the answer's text without them
     tool_calls: list[dict[str, Any]] | None = None
-    content: str | None = None
+    content: str | None = None  # also set (the answer without its thinking) when `reasoning` is
+    reasoning: str | None = None  # on the final chunk of a thinking model's chat: its <think> block, without tags
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ class _Assembler:
             timing=timing,
             tokens=list(d.tokens),
             tool_calls=calls or None,
-            content=d.content if calls else None,
+            content=d.content if calls or d.reasoning else None,
+            reasoning=d.reasoning or None,
         )
 
 
@@ -274,7 +276,9 @@ class _Requests(Generic[Stream]):
         """Answer `messages` ([{"role": ..., "content": ...}, ...]) through the model's chat template; `options`
         as for `generate`. `tools`, `tool_choice` and `parallel_tool_calls` as in OpenAI's API: the final chunk
         then holds the calls read from the answer (`tool_calls`) and the text around them (`content`); messages
-        may hold an assistant turn's `tool_calls` and a tool message's `tool_call_id`, in OpenAI's form."""
+        may hold an assistant turn's `tool_calls` and a tool message's `tool_call_id`, in OpenAI's form. A thinking
+        model's final chunk holds its reasoning apart (`reasoning`, and `content` without it); the streamed text
+        is the model's own, tags included."""
         request = pb.ChatRequest(options=_options(model, options), messages=[_message(m) for m in messages])
         if tools:
             request.tools = json.dumps(list(tools))
@@ -297,6 +301,7 @@ def _message(m: Mapping[str, Any]) -> pb.ChatMessage:
         tool_calls=calls,
         tool_call_id=m.get("tool_call_id") or "",
         name=m.get("name") or "",
+        reasoning_content=m.get("reasoning_content") or m.get("reasoning") or "",
     )
 
 

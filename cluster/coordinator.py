@@ -32,6 +32,7 @@ from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_mod
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
 from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
+from cluster.reasoning import ReasoningSplitter, opened_by, thinks
 from cluster.registry import REGISTRY, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -55,6 +56,19 @@ class ModelRef:
     tokenizer: Tokenizer
     costs: ModelCosts
     defaults: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt as the model reads it (Coordinator.encode)."""
+
+    ids: list[int]
+    thinks: bool = False  # rendered with a thinking model's chat template: its answer may hold reasoning
+    opened: bool = False  # the prompt itself opened the thinking block, so the answer starts inside it
+
+    def reasoning(self) -> ReasoningSplitter | None:
+        """What separates the answer's reasoning from its content (cluster/reasoning.py); None: no reasoning."""
+        return ReasoningSplitter(self.opened) if self.thinks else None
 
 
 @dataclass
@@ -559,16 +573,33 @@ class Coordinator:
         return shards
 
     # ------------------------------------------------------------------------------------ requests
-    def generate(
+    def encode(
         self,
         model: str,
         *,
         prompt: str | None = None,
         messages: list[dict[str, Any]] | None = None,
         tools: list[dict[str, Any]] | None = None,
-        json_schema: dict[str, Any] | None = None,
         template_kwargs: dict[str, Any] | None = None,
         raw: bool = False,
+    ) -> Prompt:
+        """The prompt of a request: `messages` through the model's chat template (with `tools` and
+        `template_kwargs`, extra variables such as Qwen3's `enable_thinking`), or `prompt` as one user message, or
+        with `raw` as the text itself."""
+        tokenizer = self.resolve(model).tokenizer
+        if raw:
+            return Prompt(tokenizer.encode(prompt or "", add_special_tokens=True))
+        if messages is None:
+            messages = [{"role": "user", "content": prompt or ""}]
+        text, ids = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {}))
+        return Prompt(ids, thinks(tokenizer.template_for(tools)), opened_by(text))
+
+    def generate(
+        self,
+        model: str,
+        prompt: Prompt,
+        *,
+        json_schema: dict[str, Any] | None = None,
         max_tokens: int = 256,
         sampling: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
@@ -576,23 +607,14 @@ class Coordinator:
         progress: Progress = lambda stage, node, done, total: None,
         cancellation: Cancellation | None = None,
     ) -> Generator[TokenChunk | GenerationResult, None, None]:
-        """Chunks of one generation; closing the iterator ends the session on every shard. `cancellation`, set
-        from another thread, stops a request that waits for a free session or a remote step at once.
-        `json_schema`: the answer is JSON that follows it (constrained decoding). `template_kwargs`: extra variables
-        for the chat template (Qwen3's `enable_thinking`, ...)."""
+        """Chunks of one generation of `prompt` (from `encode`); closing the iterator ends the session on every
+        shard. `cancellation`, set from another thread, stops a request that waits for a free session or a remote
+        step at once. `json_schema`: the answer is JSON that follows it (constrained decoding)."""
         ref = self.resolve(model)
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
         if any(i >= ref.cfg.vocab_size for i, _ in params.logit_bias):
             raise ValueError(f"logit_bias: ids are below the vocabulary size of {ref.cfg.vocab_size}")
         constraint = Constraint(ref.tokenizer, ref.cfg.vocab_size, json_schema) if json_schema is not None else None
-        if messages is not None:
-            ids = ref.tokenizer.encode_chat(
-                messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {})
-            )
-        elif raw:
-            ids = ref.tokenizer.encode(prompt or "", add_special_tokens=True)
-        else:
-            ids = ref.tokenizer.encode_chat([{"role": "user", "content": prompt or ""}], add_generation_prompt=True)
         current = [self.placement(ref, progress)]
 
         def replace(error: ShardUnavailableError) -> list[Any]:
@@ -613,7 +635,7 @@ class Coordinator:
             for item in generate(
                 [chain],
                 ref.tokenizer,
-                ids,
+                prompt.ids,
                 max_tokens=max_tokens,
                 sampling=params,
                 stop=stop,

@@ -284,9 +284,19 @@ class Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         **extra: Any,
     ) -> list[int]:
-        # Templates write their own BOS, so the post-processor must not add another (as in HF).
+        return self.render_chat(messages, add_generation_prompt, tools, **extra)[1]
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **extra: Any,
+    ) -> tuple[str, list[int]]:
+        """The prompt's text as the chat template writes it, and its ids."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, **extra)
-        return self.encode(text, add_special_tokens=False)
+        # Templates write their own BOS, so the post-processor must not add another (as in HF).
+        return text, self.encode(text, add_special_tokens=False)
 
     def tool_template(self) -> str | None:
         """The chat template used when tools are given, if it has a place for them; else None."""
@@ -304,6 +314,11 @@ class Tokenizer:
         if self._env is None:
             self._env = _template_env()
         return self._env
+
+    def template_for(self, tools: Sequence[Mapping[str, Any]] | None = None) -> str | None:
+        """The source of the chat template a request with `tools` is rendered with (None: no such template)."""
+        name = _TOOL_TEMPLATE if tools and _TOOL_TEMPLATE in self._templates else _DEFAULT_TEMPLATE
+        return self._templates.get(name)
 
     def _template(self, tools: Sequence[Mapping[str, Any]] | None) -> jinja2.Template:
         # Same choice as transformers: "tool_use" when tools are given and it exists, else "default".

@@ -22,7 +22,10 @@ from safetensors.numpy import load_file, save_file
 
 from cluster.tokenizer import Tokenizer
 
-# A Qwen-style (ChatML) template that offers tools and writes calls and their results back into the prompt.
+# A Qwen3-style (ChatML) template that offers tools and writes calls and their results back into the prompt. It is
+# a thinking model's: an earlier turn's reasoning_content goes back in a <think> block, `enable_thinking: false`
+# closes an empty block at once, and `open_thinking` (a test's own variable) opens the block in the prompt, as the
+# templates of DeepSeek-R1's distillations do.
 HERMES_TEMPLATE = """\
 {%- set system = messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' %}
 {{- '<|im_start|>system\\n' + system }}
@@ -38,7 +41,11 @@ HERMES_TEMPLATE = """\
     {%- if m.role == 'tool' %}
         {{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}
     {%- else %}
-        {{- '<|im_start|>' + m.role + '\\n' + m.content }}
+        {{- '<|im_start|>' + m.role + '\\n' }}
+        {%- if m.reasoning_content %}
+            {{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- m.content }}
         {%- for call in m.tool_calls or [] %}
             {{- '\\n<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' }}
             {{- (call.function.arguments | tojson) + '}\\n</tool_call>' }}
@@ -50,6 +57,8 @@ HERMES_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' }}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- elif open_thinking is defined and open_thinking %}
+        {{- '<think>' }}
     {%- endif %}
 {%- endif %}"""
 

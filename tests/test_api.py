@@ -226,8 +226,15 @@ def test_what_openai_clients_send_beyond_plain_strings(client, pair, model):
     )  # still serving
 
 
-# The scripted model's answer to every prompt, one token per piece: some text, then two calls in Qwen's form.
+# The scripted model's answer to every prompt, one token per piece: its reasoning in a <think> block (a thinking
+# model's, as Qwen3's are), some text, then two calls in Qwen's form.
+REASONING = "The user asks about the weather."
 SCRIPT = [
+    "<think>",
+    "\nThe user asks",
+    " about the weather.",
+    "\n</think>",
+    "\n\n",
     "I will look that up.",
     "\n<tool_call>",
     '\n{"name": "get_weather", "arguments": ',
@@ -236,6 +243,7 @@ SCRIPT = [
     '\n<tool_call>\n{"name": "get_time", ',
     '"arguments": {}}\n</tool_call>',
 ]
+ANSWER = "".join(SCRIPT[5:])
 TOOLS = [
     {
         "type": "function",
@@ -257,7 +265,8 @@ def weather_model(tmp_path_factory) -> str:
 def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weather_model):
     """Tools are offered through the model's chat template and its calls come back as OpenAI's `tool_calls`.
     The model (tests/scripted_model.py) answers every prompt with SCRIPT, split over two nodes, so the reference
-    is SCRIPT itself: without tools it is the plain answer; with tools, its text before the first call is the
+    is SCRIPT itself: without tools, what follows its reasoning is the plain answer (ANSWER); with tools, its text
+    before the first call is the
     content and its two calls are the tool calls, streamed or not. The turn that sends the results back must
     reach the model as its chat template writes it (checked by the prompt's length in tokens)."""
     model = weather_model
@@ -267,9 +276,9 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weath
         return client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0, **kw)
 
     plain = chat(question)
-    assert plain.choices[0].message.content == "".join(SCRIPT) and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == ANSWER and plain.choices[0].message.tool_calls is None
     unbounded = client.chat.completions.create(model=model, messages=question)  # no max_tokens: up to EOS
-    assert unbounded.choices[0].message.content == "".join(SCRIPT) and unbounded.choices[0].finish_reason == "stop"
+    assert unbounded.choices[0].message.content == ANSWER and unbounded.choices[0].finish_reason == "stop"
 
     answer = chat(question, tools=TOOLS, parallel_tool_calls=True)
     choice = answer.choices[0]
@@ -308,6 +317,7 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weath
         {
             "role": "assistant",
             "content": "I will look that up.\n",
+            "reasoning_content": REASONING,
             "tool_calls": [
                 {"function": {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "°C"}}},
                 {"function": {"name": "get_time", "arguments": {}}},
@@ -337,7 +347,7 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weath
 
     # "none": the model is not told of the tools and its answer is text
     unoffered = chat(question, tools=TOOLS, tool_choice="none")
-    assert unoffered.choices[0].message.content == "".join(SCRIPT)
+    assert unoffered.choices[0].message.content == ANSWER
     assert unoffered.usage.prompt_tokens == plain.usage.prompt_tokens
     for bad in ({"type": "function", "function": {"name": "no_such_tool"}}, "sometimes"):
         with pytest.raises(openai.BadRequestError) as err:
@@ -449,6 +459,69 @@ def test_forced_tool_calls_and_json_answers_follow_their_schema(client, pair, mo
     with pytest.raises(openai.BadRequestError) as err:
         chat(weather_model, tool_choice="required")  # a call, but no tools to call
     assert err.value.body["param"] == "tool_choice"
+
+
+def reasoning_of(message) -> str | None:
+    # not a field of the openai client's types: it keeps unknown fields as extras
+    assert message.model_extra.get("reasoning") == message.model_extra.get("reasoning_content")
+    return message.model_extra.get("reasoning_content")
+
+
+def test_a_thinking_models_reasoning_comes_apart_from_its_answer(client, pair, weather_model):
+    """A thinking model's <think> block is its reasoning (`reasoning_content`), apart from the content and the tool
+    calls, streamed or not, through the API and the SDK. The model (tests/scripted_model.py) answers every prompt
+    with SCRIPT, split over two nodes, so the reference is SCRIPT itself."""
+    model, question = weather_model, [{"role": "user", "content": "Weather in Zürich?"}]
+
+    def chat(messages=question, max_tokens=40, **kw):
+        return client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, **kw
+        )
+
+    answer = chat(tools=TOOLS)
+    message = answer.choices[0].message
+    assert reasoning_of(message) == REASONING and message.content == "I will look that up.\n"
+    assert [c.function.name for c in message.tool_calls] == ["get_weather", "get_time"]
+    assert answer.choices[0].finish_reason == "tool_calls"
+
+    reasoning, content, calls = [], [], []
+    for chunk in client.chat.completions.create(
+        model=model, messages=question, tools=TOOLS, max_tokens=40, temperature=0, stream=True
+    ):
+        delta = chunk.choices[0].delta
+        reasoning.append(reasoning_of(delta) or "")
+        content.append(delta.content or "")
+        calls += [c.function.name for c in delta.tool_calls or []]
+    assert "".join(reasoning) == REASONING and "".join(content) == message.content
+    assert calls == ["get_weather", "get_time"]
+    assert sum(bool(r) for r in reasoning) >= 2  # the reasoning streams as it comes, not at the end
+    assert not any("think>" in c for c in content + reasoning)
+
+    with pair[0].client() as sdk:  # the SDK's final chunk parts the answer the same way; its stream is the model's
+        chunks = list(sdk.chat(model, question, tools=TOOLS, max_tokens=40, temperature=0))
+    assert "".join(c.text for c in chunks) == "".join(SCRIPT)
+    assert chunks[-1].reasoning == REASONING and chunks[-1].content == message.content
+
+    # the prompt opened the block (as DeepSeek-R1's templates do): the answer starts inside the reasoning
+    opened = chat(extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert reasoning_of(opened.choices[0].message) == REASONING
+    assert opened.choices[0].message.content == ANSWER
+    cut = chat(max_tokens=2, extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert reasoning_of(cut.choices[0].message) == REASONING and cut.choices[0].message.content == ""
+    assert cut.choices[0].finish_reason == "length"
+    plain = client.completions.create(model=model, prompt="Hi", max_tokens=3, temperature=0)  # text completions
+    assert not plain.choices[0].model_extra.get("reasoning_content")
+
+    # the reasoning goes back with its turn, into the template's <think> block (checked by the prompt's length),
+    # under either name
+    tokenizer = Tokenizer.from_dir(model)
+    turn = {"role": "assistant", "content": "It is 4."}
+    for name in ("reasoning_content", "reasoning"):
+        history = [*question, {**turn, name: "2+2"}, {"role": "user", "content": "And 3+3?"}]
+        again = chat(history, max_tokens=1)
+        expected = [*question, {**turn, "reasoning_content": "2+2"}, history[2]]
+        assert again.usage.prompt_tokens == len(tokenizer.encode_chat(expected))
+        assert again.usage.prompt_tokens > len(tokenizer.encode_chat([*question, turn, history[2]]))
 
 
 def test_concurrent_requests_each_get_their_own_answer(client, model):

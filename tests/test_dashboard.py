@@ -157,6 +157,7 @@ def test_nodes_layers_and_a_streamed_chat(cluster, page: Page, tmp_path):
                      {childList: true, subtree: true, characterData: true});
         }"""
     )
+    page.fill("#chat-max-tokens", "64")  # the random model never ends by itself
     page.fill("#chat-input", "Tell me about the river.")
     page.click("#chat-send")
     answer = page.locator("#chat-output .msg.assistant").last

@@ -108,6 +108,9 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None  # a tool message: which call it answers
+    # an assistant turn's thinking, as this API answered it (under either name): Qwen3's template reads it
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("role")
     @classmethod
@@ -141,6 +144,8 @@ class Message(BaseModel):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = call_id(self.tool_call_id)
+        if thinking := self.reasoning_content or self.reasoning:
+            out["reasoning_content"] = thinking
         if self.tool_calls:
             out["tool_calls"] = template_calls(
                 [(c.id, c.function.name, c.function.arguments) for c in self.tool_calls], call_id

@@ -25,10 +25,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.api.schemas import ChatCompletionRequest, CompletionRequest, sampling_of
 from cluster.chain import ShardUnavailableError
-from cluster.coordinator import Coordinator
+from cluster.coordinator import Coordinator, Prompt
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
 from cluster.host import ShardBusyError
 from cluster.partition import PlanError
+from cluster.reasoning import ReasoningSplitter
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
@@ -153,17 +154,25 @@ def create_app(
             use = tool_use(template, body.tool_dicts, choice, body.forced_tool, body.parallel_tool_calls is not False)
         except ToolError as e:
             raise ApiError(400, str(e), param=e.param) from None
-        request = _request(
-            body,
-            messages=[m.for_template(use.history_id) for m in body.messages],
-            tools=use.offered,
-            json_schema=use.json_schema or body.json_schema,
-            template_kwargs=body.chat_template_kwargs,
-            logprobs=body.top_logprobs or (1 if body.logprobs else 0),
+        prompt = {
+            "messages": [m.for_template(use.history_id) for m in body.messages],
+            "tools": use.offered,
+            "template_kwargs": body.chat_template_kwargs,
+        }
+        json_schema = use.json_schema or body.json_schema
+        request = _request(body, json_schema=json_schema, logprobs=body.top_logprobs or (1 if body.logprobs else 0))
+        # an answer held to a schema is that JSON alone, with no room for thinking before it
+        respond = _respond(
+            body.model,
+            body.stream,
+            body.include_usage,
+            "chat.completion",
+            prompt,
+            request,
+            use.reader,
+            json_schema is None,
         )
-        return await _while_connected(
-            http, _respond(body.model, body.stream, body.include_usage, "chat.completion", request, use.reader)
-        )
+        return await _while_connected(http, respond)
 
     async def _tool_template(model: str) -> str | None:
         try:
@@ -174,9 +183,10 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
-        request = _request(body, prompt=body.prompt, raw=True, logprobs=body.logprobs or 0)
+        request = _request(body, logprobs=body.logprobs or 0)
+        prompt = {"prompt": body.prompt, "raw": True}
         return await _while_connected(
-            http, _respond(body.model, body.stream, body.include_usage, "text_completion", request)
+            http, _respond(body.model, body.stream, body.include_usage, "text_completion", prompt, request)
         )
 
     def _request(body: Any, **inputs: Any) -> dict[str, Any]:
@@ -188,21 +198,31 @@ def create_app(
         stream: bool,
         include_usage: bool,
         kind: str,
+        prompt: dict[str, Any],
         request: dict[str, Any],
         calls: ToolCallFormat | None = None,
+        reasoning: bool = False,
     ) -> Any:
-        chunks = _generation(model, request)
-        first = await _first(chunks)  # errors before the first token become a proper status code
+        """calls: how tool calls are read from the answer; reasoning: whether a thinking model's reasoning is
+        separated from it."""
+        try:  # errors before the first token become a proper status code
+            encoded = await asyncio.to_thread(coordinator.encode, model, **prompt)
+        except Exception as e:  # noqa: BLE001
+            raise api_error(e) from None
+        chunks = _generation(model, encoded, request)
+        first = await _first(chunks)
         tokenizer = coordinator.resolve(model).tokenizer
-        splitter = calls.splitter() if calls else None
+        splitter = _Answer(encoded.reasoning() if reasoning else None, calls.splitter() if calls else None)
         if stream:
             return StreamingResponse(
                 _sse(model, kind, first, chunks, tokenizer, include_usage, splitter), media_type="text/event-stream"
             )
         return await _whole(model, kind, first, chunks, tokenizer, splitter)
 
-    async def _generation(model: str, request: dict[str, Any]) -> AsyncIterator[TokenChunk | GenerationResult]:
-        request = {**request, "max_tokens": request["max_tokens"] or UNTIL_THE_CONTEXT_ENDS}
+    async def _generation(
+        model: str, prompt: Prompt, request: dict[str, Any]
+    ) -> AsyncIterator[TokenChunk | GenerationResult]:
+        request = {**request, "prompt": prompt, "max_tokens": request["max_tokens"] or UNTIL_THE_CONTEXT_ENDS}
         async for item in stream_generation(coordinator, model, **request):
             if not isinstance(item, Progress):
                 yield item
@@ -256,11 +276,39 @@ def _logprob_entry(tokenizer: Tokenizer, chunk: TokenChunk, chat: bool) -> dict[
     return {"token": text, "logprob": chunk.logprob, "top": {t["token"]: t["logprob"] for t in top}}
 
 
+class _Answer:
+    """A chat answer's text as it arrives, parted into a thinking model's reasoning, the content, and the tool
+    calls read from that content."""
+
+    def __init__(self, reasoning: ReasoningSplitter | None, calls: ToolCallSplitter | None):
+        self.reasoning, self.calls = reasoning, calls
+
+    def push(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) that can be shown now."""
+        reasoning, content = self.reasoning.push(text) if self.reasoning else ("", text)
+        return reasoning, self.calls.push(content) if self.calls else content
+
+    def close(self, text: str) -> tuple[str, str, list[ToolCall]]:
+        """The answer's last text: the reasoning and content left to show, and the calls."""
+        reasoning, content = self.reasoning.close(text) if self.reasoning else ("", text)
+        content, calls = self.calls.close(content) if self.calls else (content, [])
+        return reasoning, content, calls
+
+
 def _choice(
-    kind: str, text: str, finish: str | None, logprobs: Any, stream: bool, calls: Sequence[ToolCall] = ()
+    kind: str,
+    text: str,
+    finish: str | None,
+    logprobs: Any,
+    stream: bool,
+    calls: Sequence[ToolCall] = (),
+    reasoning: str = "",
 ) -> dict[str, Any]:
     if kind.startswith("chat"):
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning:
+            # DeepSeek's and llama.cpp's name for it, and vLLM's newer one: clients read one or the other
+            message["reasoning_content"] = message["reasoning"] = reasoning
         if calls:
             # a streamed call comes whole in one delta, with the index OpenAI's deltas carry
             message["tool_calls"] = [c.to_openai(i if stream else None) for i, c in enumerate(calls)]
@@ -286,7 +334,7 @@ async def _whole(
     first: TokenChunk | GenerationResult,
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
-    splitter: ToolCallSplitter | None = None,
+    answer: _Answer,
 ) -> dict[str, Any]:
     chat = kind.startswith("chat")
     entries: list[dict[str, Any]] = []
@@ -295,7 +343,7 @@ async def _whole(
         entries.append(_logprob_entry(tokenizer, item, chat))
         item = await anext(chunks)
     result = item
-    text, calls = splitter.close(result.text) if splitter else (result.text, [])
+    reasoning, text, calls = answer.close(result.text)
     logprobs = (
         ({"content": entries} if chat else _completion_logprobs(entries))
         if entries and first_has_logprobs(first)
@@ -306,7 +354,7 @@ async def _whole(
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [_choice(kind, text, result.finish_reason, logprobs, stream=False, calls=calls)],
+        "choices": [_choice(kind, text, result.finish_reason, logprobs, False, calls, reasoning)],
         "usage": result.usage(),
         "timing": result.timing(),
     }
@@ -323,7 +371,7 @@ async def _sse(
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
     include_usage: bool,
-    splitter: ToolCallSplitter | None = None,
+    answer: _Answer,
 ) -> AsyncIterator[str]:
     chat = kind.startswith("chat")
     base = {
@@ -346,12 +394,12 @@ async def _sse(
             if item.top:
                 entry = _logprob_entry(tokenizer, item, chat)
                 logprobs = {"content": [entry]} if chat else _completion_logprobs([entry])
-            text = splitter.push(item.text) if splitter else item.text  # what may open a call is held back
-            yield event(_choice(kind, text, None, logprobs, stream=True))
+            reasoning, text = answer.push(item.text)  # what may open a call or end the reasoning is held back
+            yield event(_choice(kind, text, None, logprobs, True, reasoning=reasoning))
             item = await anext(chunks)
         result = item
-        text, calls = splitter.close(result.tail) if splitter else (result.tail, [])
-        yield event(_choice(kind, text, result.finish_reason, None, stream=True, calls=calls))
+        reasoning, text, calls = answer.close(result.tail)
+        yield event(_choice(kind, text, result.finish_reason, None, True, calls, reasoning))
         if include_usage:
             yield event(None, result.usage())
     except Exception as e:  # noqa: BLE001 - mid-stream: the status line is gone, say it in the stream

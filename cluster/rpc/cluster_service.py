@@ -20,6 +20,7 @@ from cluster.chain import ShardUnavailableError
 from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
 from cluster.partition import PlanError
+from cluster.reasoning import ReasoningSplitter
 from cluster.registry import ModelNotFoundError
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -62,21 +63,28 @@ def _message(m: pb.ChatMessage, call_id: Callable[[str], str]) -> dict[str, Any]
         out["tool_call_id"] = call_id(m.tool_call_id)
     if m.name:
         out["name"] = m.name
+    if m.reasoning_content:
+        out["reasoning_content"] = m.reasoning_content
     return out
 
 
-def _chunk_to_pb(item: TokenChunk | GenerationResult, reader: ToolCallFormat | None = None) -> pb.GenerateChunk:
-    """A token, or the final Done; with `reader`, Done also holds the calls read from the answer."""
+def _chunk_to_pb(
+    item: TokenChunk | GenerationResult, reader: ToolCallFormat | None, reasoning: ReasoningSplitter | None
+) -> pb.GenerateChunk:
+    """A token, or the final Done; Done also holds the calls read from the answer (with `reader`) and a thinking
+    model's reasoning (with `reasoning`), each apart from the content."""
     if isinstance(item, TokenChunk):
         top = [pb.TopLogprob(id=i, logprob=lp) for i, lp in item.top]
         return pb.GenerateChunk(token=pb.Token(id=item.id, text=item.text, logprob=item.logprob, top=top))
     usage = item.usage()
-    content, calls = read_calls(reader, item.text)
+    thinking, content = reasoning.close(item.text) if reasoning else ("", item.text)
+    content, calls = read_calls(reader, content)
     return pb.GenerateChunk(
         done=pb.Done(
             tokens=item.tokens,
             text=item.text,
             content=content,
+            reasoning=thinking,
             tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
             finish_reason=finish_reason(item.finish_reason, calls),
             usage=pb.Usage(**usage),
@@ -112,7 +120,7 @@ class ClusterService(pb_grpc.ClusterServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        async for chunk in self._run(request.options, context, prompt=request.prompt, raw=request.raw):
+        async for chunk in self._run(request.options, context, {"prompt": request.prompt, "raw": request.raw}):
             yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
@@ -141,19 +149,22 @@ class ClusterService(pb_grpc.ClusterServicer):
             await context.abort(wire.INVALID, str(e))
         if use.json_schema is not None and request.options.json_schema:
             await context.abort(wire.INVALID, "json_schema: cannot be combined with a forced tool call")
-        inputs: dict[str, Any] = {"messages": messages, "tools": use.offered}
+        inputs: dict[str, Any] = {}
         if use.json_schema is not None:
             inputs["json_schema"] = use.json_schema
-        async for chunk in self._run(request.options, context, use.reader, **inputs):
+        prompt = {"messages": messages, "tools": use.offered}
+        async for chunk in self._run(request.options, context, prompt, use.reader, **inputs):
             yield chunk
 
     async def _run(
         self,
         options: pb.GenerationOptions,
         context: grpc.aio.ServicerContext,
+        prompt: dict[str, Any],
         reader: ToolCallFormat | None = None,
         **inputs: Any,
     ) -> AsyncIterator[pb.GenerateChunk]:
+        """prompt: Coordinator.encode's inputs; inputs: more of Coordinator.generate's."""
         if not options.model:
             await context.abort(wire.INVALID, "no model given")
         if options.max_tokens < 0 or options.logprobs < 0 or options.logprobs > 20:
@@ -163,9 +174,18 @@ class ClusterService(pb_grpc.ClusterServicer):
                 inputs["json_schema"] = json.loads(options.json_schema)
             except json.JSONDecodeError as e:
                 await context.abort(wire.INVALID, f"json_schema is not JSON: {e}")
+        try:
+            encoded = await asyncio.to_thread(self.coordinator.encode, options.model, **prompt)
+        except Exception as e:  # noqa: BLE001
+            log.info("request failed: %s", e)
+            await _abort_request(context, e)
+            raise
+        # an answer held to a schema is that JSON alone, with no room for thinking before it
+        reasoning = encoded.reasoning() if "json_schema" not in inputs else None
         chunks = stream_generation(
             self.coordinator,
             options.model,
+            prompt=encoded,
             max_tokens=options.max_tokens or 256,
             sampling=wire.sampling_fields(options.sampling),
             stop=list(options.stop),
@@ -178,7 +198,7 @@ class ClusterService(pb_grpc.ClusterServicer):
                     p = pb.Progress(stage=item.stage, node=item.node, done=item.done, total=item.total)
                     yield pb.GenerateChunk(progress=p)
                 else:
-                    yield _chunk_to_pb(item, reader)
+                    yield _chunk_to_pb(item, reader, reasoning)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status the client maps to a type
             log.info("request failed: %s", e)
             await _abort_request(context, e)
