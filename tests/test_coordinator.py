@@ -33,7 +33,8 @@ def coordinator(tmp_path: Path):
 
 
 def tokens(c: Coordinator, model: str, **kwargs) -> list[int]:
-    *_, result = c.generate(model, prompt=PROMPT, raw=True, max_tokens=6, sampling={"temperature": 0}, **kwargs)
+    prompt = c.encode(model, prompt=PROMPT, raw=True)
+    *_, result = c.generate(model, prompt, max_tokens=6, sampling={"temperature": 0}, **kwargs)
     assert isinstance(result, GenerationResult)
     return result.tokens
 
