@@ -203,3 +203,23 @@ def test_a_chat_error_is_shown(cluster, page: Page):
     error = page.locator("#chat-output .msg.error")
     expect(error).to_contain_text("no-such-model", timeout=20_000)
     expect(page.locator("#chat-send")).to_be_enabled()
+
+
+def test_a_thinking_models_reasoning_is_folded_apart_from_its_answer(cluster, page: Page, tmp_path):
+    """The scripted thinking model (tests/scripted_model.py) answers with a <think> block, then text; the page
+    shows the block's text under "thinking", folded once the answer starts, and the answer alone as the message.
+    Reference: the script itself."""
+    from scripted_model import scripted
+
+    model = scripted(tmp_path / "thinker", ["<think>", "\nRivers run", " downhill.", "\n</think>", "\n\n", "Yes."])
+    page.goto(f"http://127.0.0.1:{cluster.api_port}/#key={TEST_TOKEN}")
+    expect(page.locator("tr[data-node]")).to_have_count(2)
+    page.fill("#chat-model", str(model))
+    page.fill("#chat-input", "Do rivers run downhill?")
+    page.click("#chat-send")
+    answer = page.locator("#chat-output .msg.assistant").last
+    expect(answer).to_have_attribute("data-done", "true", timeout=60_000)
+    expect(answer.locator(".text")).to_have_text("Yes.")
+    expect(answer.locator(".thinking .thought")).to_have_text("Rivers run downhill.")
+    assert answer.locator(".thinking").get_attribute("open") is None  # folded once the answer came
+    expect(answer.locator(".meta")).to_contain_text("finish: stop")
