@@ -12,9 +12,12 @@ from typing import Any, NoReturn
 
 import click
 
-from cluster.constraints import Constraint
+from cluster.constraints import Constraint, answer_constraint
 from cluster.generation import Conversation, TokenChunk, generate, generation_defaults
 from cluster.partition import format_bytes
+from cluster.reasoning import CLOSE as CLOSE_THINKING
+from cluster.reasoning import OPEN as OPEN_THINKING
+from cluster.reasoning import opened_by, thinking_tags
 from cluster.sampling import SamplingParams
 
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -231,6 +234,12 @@ def _fail(e: Exception) -> NoReturn:
     '\'{"type": "object"}\' takes any object.',
 )
 @click.option("--raw", is_flag=True, help="No chat template: encode PROMPT as is, with the tokenizer's special tokens.")
+@click.option(
+    "--no-thinking",
+    is_flag=True,
+    help="Thinking models whose chat template can turn it off (Qwen3): answer without a <think> block first "
+    "(the template's enable_thinking=false).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary.")
 @click.option("--logprobs", type=click.IntRange(min=0, max=20), default=0, help="With --json: the top K logprobs.")
 @_node_option
@@ -262,6 +271,7 @@ def run_cmd(
     stop: tuple[str, ...],
     json_schema: dict[str, Any] | None,
     raw: bool,
+    no_thinking: bool,
     as_json: bool,
     logprobs: int,
     node: str,
@@ -293,6 +303,9 @@ def run_cmd(
         "seed": seed,
     }
     sampling = {k: v for k, v in sampling.items() if v is not None}
+    if raw and no_thinking:
+        raise click.UsageError("--no-thinking switches a chat template; --raw uses none")
+    template_kwargs = {"enable_thinking": False} if no_thinking else {}
     bars = _Bars(enabled=sys.stderr.isatty() or not as_json)
     out = _Output(as_json, logprobs)
     if local:
@@ -304,6 +317,7 @@ def run_cmd(
             sampling,
             stop,
             json_schema,
+            template_kwargs,
             logprobs,
             out,
             bars,
@@ -322,7 +336,9 @@ def run_cmd(
         token, token_file = node_token, None
     client = _client(node, token, token_file)
     try:
-        turn = _ClusterTurns(client, model, raw, max_tokens, sampling, stop, json_schema, logprobs, out, bars)
+        turn = _ClusterTurns(
+            client, model, raw, max_tokens, sampling, stop, json_schema, template_kwargs, logprobs, out, bars
+        )
         if prompt is not None:
             turn(prompt)
         else:
@@ -371,10 +387,12 @@ def _start_own_node(
 
 
 class _Output:
-    """What `run` prints: text as it streams, or one JSON object per token and a summary (DESIGN's format)."""
+    """What `run` prints: text as it streams, or one JSON object per token and a summary (DESIGN's format).
+    On a terminal a thinking model's <think> block is dimmed (`color`: None asks click whether it is one)."""
 
-    def __init__(self, as_json: bool, logprobs: int):
-        self.as_json, self.logprobs = as_json, logprobs
+    def __init__(self, as_json: bool, logprobs: int, color: bool | None = None):
+        self.as_json, self.logprobs, self.color = as_json, logprobs, color
+        self._thinking = False  # inside a <think> block of the answer
 
     def token(self, token_id: int, text: str, logprob: float, top: list[tuple[int, float]]) -> None:
         if self.as_json:
@@ -383,13 +401,22 @@ class _Output:
                 obj["top"] = [[i, lp] for i, lp in top]
             click.echo(json.dumps(obj, ensure_ascii=False))
         else:
-            click.echo(text, nl=False)
+            click.echo(self._styled(text), nl=False, color=self.color)
             sys.stdout.flush()
+
+    def _styled(self, text: str) -> str:
+        if OPEN_THINKING in text:
+            self._thinking = True
+        shown = click.style(text, dim=True) if self._thinking else text
+        if CLOSE_THINKING in text:
+            self._thinking = False
+        return shown
 
     def summary(
         self, tokens: list[int], text: str, tail: str, finish: str, usage: dict[str, int], timing: dict[str, Any]
     ) -> None:
         shards = timing.get("shards", [])
+        self._thinking = False
         if self.as_json:
             summary = {
                 "done": True,
@@ -434,11 +461,13 @@ class _ClusterTurns:
         sampling: dict[str, Any],
         stop: tuple[str, ...],
         json_schema: dict[str, Any] | None,
+        template_kwargs: dict[str, Any],
         logprobs: int,
         out: _Output,
         bars: _Bars,
     ):
         self.client, self.model, self.raw, self.out, self.bars = client, model, raw, out, bars
+        self.template_kwargs = template_kwargs
         self.options = {"max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, **sampling}
         if json_schema is not None:
             self.options["json_schema"] = json_schema
@@ -452,7 +481,9 @@ class _ClusterTurns:
             chunks = self.client.generate(self.model, text, raw=True, on_progress=progress, **self.options)
         else:
             self.messages.append({"role": "user", "content": text})
-            chunks = self.client.chat(self.model, self.messages, on_progress=progress, **self.options)
+            chunks = self.client.chat(
+                self.model, self.messages, template_kwargs=self.template_kwargs, on_progress=progress, **self.options
+            )
         parts = []
         for chunk in chunks:
             if chunk.finish_reason is None:
@@ -487,6 +518,7 @@ def _run_local(
     sampling_options: dict[str, Any],
     stop: tuple[str, ...],
     json_schema: dict[str, Any] | None,
+    template_kwargs: dict[str, Any],
     logprobs: int,
     out: _Output,
     bars: _Bars,
@@ -515,7 +547,9 @@ def _run_local(
         engine = ShardEngine(model_dir, progress=bars, device=device, dtype=dtype, max_context=max_context)
         engine.warmup()
         bars.close()
-        session = _LocalTurns(engine, tokenizer, sampling, max_tokens, stop, json_schema, logprobs, out, raw)
+        session = _LocalTurns(
+            engine, tokenizer, sampling, max_tokens, stop, json_schema, template_kwargs, logprobs, out, raw
+        )
         if prompt is not None:
             session(prompt)
         else:
@@ -548,23 +582,29 @@ class _LocalTurns:
         max_tokens: int,
         stop: tuple[str, ...],
         json_schema: dict[str, Any] | None,
+        template_kwargs: dict[str, Any],
         logprobs: int,
         out: _Output,
         raw: bool,
     ):
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
-        self.json_schema = json_schema
+        self.json_schema, self.template_kwargs = json_schema, template_kwargs
         self.stop, self.logprobs, self.out, self.raw = stop, logprobs, out, raw
         self.context = int(engine.info()["max_context"])  # type: ignore[attr-defined]
         self.messages: list[dict[str, str]] = []
         self.conversation = Conversation()  # chat turns reuse the KV cache of the conversation so far
 
     def __call__(self, text: str) -> None:
+        tags, opened = None, False
         if self.raw:
             ids = self.tok.encode(text, add_special_tokens=True)
         else:
             self.messages.append({"role": "user", "content": text})
-            ids = self.tok.encode_chat(self.messages, add_generation_prompt=True)
+            prompt, ids = self.tok.render_chat(self.messages, add_generation_prompt=True, **self.template_kwargs)
+            tags, opened = thinking_tags(self.tok), opened_by(prompt)
+        vocab = self.engine.cfg.vocab_size
+        schema = self.json_schema
+        constraint = answer_constraint(self.tok, vocab, schema, tags, opened) if schema is not None else None
         for item in generate(
             [self.engine],
             self.tok,
@@ -575,9 +615,7 @@ class _LocalTurns:
             logprobs=self.logprobs,
             context_limit=self.context,
             conversation=self.conversation,
-            constraint=None
-            if self.json_schema is None
-            else Constraint(self.tok, self.engine.cfg.vocab_size, self.json_schema),
+            constraint=constraint,
         ):
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)

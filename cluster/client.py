@@ -270,6 +270,7 @@ class _Requests(Generic[Stream]):
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
         **options: Unpack[RequestOptions],
     ) -> Stream:
@@ -278,7 +279,8 @@ class _Requests(Generic[Stream]):
         then holds the calls read from the answer (`tool_calls`) and the text around them (`content`); messages
         may hold an assistant turn's `tool_calls` and a tool message's `tool_call_id`, in OpenAI's form. A thinking
         model's final chunk holds its reasoning apart (`reasoning`, and `content` without it); the streamed text
-        is the model's own, tags included."""
+        is the model's own, tags included. `template_kwargs`: extra variables for the chat template, such as
+        Qwen3's {"enable_thinking": False}."""
         request = pb.ChatRequest(options=_options(model, options), messages=[_message(m) for m in messages])
         if tools:
             request.tools = json.dumps(list(tools))
@@ -287,6 +289,8 @@ class _Requests(Generic[Stream]):
         elif tool_choice is not None:
             request.tool_choice = tool_choice
         request.one_tool_call = parallel_tool_calls is False
+        if template_kwargs:
+            request.template_kwargs = json.dumps(dict(template_kwargs))
         return self._stream("Chat", request, on_progress)
 
 

@@ -58,3 +58,50 @@ class Constraint:
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise ConstraintError(f"token {token} left the grammar: {self._matcher.get_error()}")
+
+
+class ThinkingFirst:
+    """A thinking model's answer held to a grammar: its <think> block is free, the answer after it follows the
+    grammar (as vLLM holds only a reasoning model's answer to one). The block may open the answer (its first token
+    may be <think>, beside what the grammar allows), or the prompt opened it already. While it thinks, the model
+    may write anything but EOS, so that an answer follows."""
+
+    def __init__(
+        self, constraint: Constraint, tags: tuple[int, int], eos_ids: frozenset[int], vocab_size: int, opened: bool
+    ) -> None:
+        """tags: the ids of <think> and </think>; opened: the prompt opened the block (Prompt.opened)."""
+        self._constraint, (self._open, self._close) = constraint, tags
+        self._state = "thinking" if opened else "start"
+        free = bytearray(b"\xff" * -(-vocab_size // 8))
+        for i in [*eos_ids, *range(vocab_size, len(free) * 8)]:
+            if i < len(free) * 8:
+                free[i // 8] &= ~(1 << (i % 8)) & 0xFF
+        self._free = bytes(free)
+
+    def allowed(self) -> bytes:
+        if self._state == "thinking":
+            return self._free
+        mask = self._constraint.allowed()
+        if self._state == "start":
+            opening = bytearray(mask)
+            opening[self._open // 8] |= 1 << (self._open % 8)
+            return bytes(opening)
+        return mask
+
+    def accept(self, token: int) -> None:
+        if self._state == "start" and token == self._open:
+            self._state = "thinking"
+        elif self._state == "thinking":
+            self._state = "answer" if token == self._close else "thinking"
+        else:
+            self._state = "answer"
+            self._constraint.accept(token)
+
+
+def answer_constraint(
+    tokenizer: Tokenizer, vocab_size: int, schema: dict[str, Any], tags: tuple[int, int] | None, opened: bool
+) -> Constraint | ThinkingFirst:
+    """What holds an answer to `schema`; a thinking model's (`tags`: reasoning.thinking_tags, `opened`: its prompt
+    opened the block) thinks freely first."""
+    constraint = Constraint(tokenizer, vocab_size, schema)
+    return ThinkingFirst(constraint, tags, tokenizer.eos_ids, vocab_size, opened) if tags else constraint

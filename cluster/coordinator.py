@@ -23,7 +23,7 @@ import numpy as np
 
 from cluster import auth
 from cluster.chain import Cancellation, Chain, ShardUnavailableError
-from cluster.constraints import Constraint
+from cluster.constraints import answer_constraint
 from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
@@ -32,7 +32,7 @@ from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_mod
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
 from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
-from cluster.reasoning import ReasoningSplitter, opened_by, thinks
+from cluster.reasoning import ReasoningSplitter, opened_by, thinking_tags
 from cluster.registry import REGISTRY, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -63,12 +63,13 @@ class Prompt:
     """A request's prompt as the model reads it (Coordinator.encode)."""
 
     ids: list[int]
-    thinks: bool = False  # rendered with a thinking model's chat template: its answer may hold reasoning
+    # rendered with a thinking model's chat template: the ids of its <think> and </think> (reasoning.thinking_tags)
+    tags: tuple[int, int] | None = None
     opened: bool = False  # the prompt itself opened the thinking block, so the answer starts inside it
 
     def reasoning(self) -> ReasoningSplitter | None:
         """What separates the answer's reasoning from its content (cluster/reasoning.py); None: no reasoning."""
-        return ReasoningSplitter(self.opened) if self.thinks else None
+        return ReasoningSplitter(self.opened) if self.tags else None
 
 
 @dataclass
@@ -592,7 +593,7 @@ class Coordinator:
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
         text, ids = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {}))
-        return Prompt(ids, thinks(tokenizer.template_for(tools)), opened_by(text))
+        return Prompt(ids, thinking_tags(tokenizer, tools), opened_by(text))
 
     def generate(
         self,
@@ -614,7 +615,10 @@ class Coordinator:
         params = SamplingParams(**{**ref.defaults, **(sampling or {})})
         if any(i >= ref.cfg.vocab_size for i, _ in params.logit_bias):
             raise ValueError(f"logit_bias: ids are below the vocabulary size of {ref.cfg.vocab_size}")
-        constraint = Constraint(ref.tokenizer, ref.cfg.vocab_size, json_schema) if json_schema is not None else None
+        constraint = None
+        if json_schema is not None:
+            vocab = ref.cfg.vocab_size
+            constraint = answer_constraint(ref.tokenizer, vocab, json_schema, prompt.tags, prompt.opened)
         current = [self.placement(ref, progress)]
 
         def replace(error: ShardUnavailableError) -> list[Any]:

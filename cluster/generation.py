@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cluster.constraints import Constraint
+from cluster.constraints import Constraint, ThinkingFirst
 from cluster.engine.shard import ShardTime, StepResult
 from cluster.sampling import SamplingParams
 from cluster.stop_strings import StopStringFilter
@@ -196,7 +196,7 @@ def generate(
     logprobs: int = 0,
     context_limit: int,
     conversation: Conversation | None = None,
-    constraint: Constraint | None = None,
+    constraint: Constraint | ThinkingFirst | None = None,
 ) -> Iterator[TokenChunk | GenerationResult]:
     """Yield a TokenChunk per generated token, then one GenerationResult.
 

@@ -9,12 +9,23 @@ Qwen3's thinking-only models); `opened_by` tells which from the prompt. An answe
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.tokenizer import Tokenizer
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
-def thinks(template: str | None) -> bool:
-    """Whether a chat template (the one a request is rendered with) is a thinking model's."""
-    return template is not None and CLOSE in template
+def thinking_tags(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[int, int] | None:
+    """The ids of <think> and </think> when the chat template a request with `tools` is rendered with is a thinking
+    model's (it knows the blocks, and each tag is one token, as in Qwen3, QwQ and DeepSeek-R1); else None."""
+    template = tokenizer.template_for(tools)
+    ids = tokenizer.token_to_id(OPEN), tokenizer.token_to_id(CLOSE)
+    if template is None or CLOSE not in template or ids[0] is None or ids[1] is None:
+        return None
+    return ids[0], ids[1]
 
 
 def opened_by(prompt: str) -> bool:

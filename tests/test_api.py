@@ -7,6 +7,8 @@ single-node engine; and the non-streamed answer for the streamed one."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -232,8 +234,8 @@ REASONING = "The user asks about the weather."
 SCRIPT = [
     "<think>",
     "\nThe user asks",
-    " about the weather.",
-    "\n</think>",
+    " about the weather.\n",
+    "</think>",
     "\n\n",
     "I will look that up.",
     "\n<tool_call>",
@@ -344,6 +346,13 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weath
     )
     assert quiet.usage.prompt_tokens == len(tokenizer.encode_chat(question, enable_thinking=False))
     assert quiet.usage.prompt_tokens > plain.usage.prompt_tokens
+    with pair[0].client() as sdk:  # the SDK's template_kwargs, and the CLI's --no-thinking, do the same
+        *_, last = sdk.chat(model, question, template_kwargs={"enable_thinking": False}, max_tokens=1)
+    assert last.usage["prompt_tokens"] == quiet.usage.prompt_tokens
+    cli = [sys.executable, "-m", "cluster.cli", "run", model, question[0]["content"], "--node", pair[0].address]
+    p = subprocess.run([*cli, "--no-thinking", "--json", "--max-tokens", "1"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["usage"]["prompt_tokens"] == quiet.usage.prompt_tokens
 
     # "none": the model is not told of the tools and its answer is text
     unoffered = chat(question, tools=TOOLS, tool_choice="none")
@@ -509,6 +518,17 @@ def test_a_thinking_models_reasoning_comes_apart_from_its_answer(client, pair, w
     cut = chat(max_tokens=2, extra_body={"chat_template_kwargs": {"open_thinking": True}})
     assert reasoning_of(cut.choices[0].message) == REASONING and cut.choices[0].message.content == ""
     assert cut.choices[0].finish_reason == "length"
+    # held to a schema, it thinks freely first, then its answer follows the schema (left to itself after </think>,
+    # the scripted model would write SCRIPT's text: the JSON is the constraint's doing)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Zürich", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    held = chat(response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert reasoning_of(held.choices[0].message) == REASONING
+    assert json.loads(held.choices[0].message.content)["city"] in ("Zürich", "Oslo")
     plain = client.completions.create(model=model, prompt="Hi", max_tokens=3, temperature=0)  # text completions
     assert not plain.choices[0].model_extra.get("reasoning_content")
 

@@ -268,3 +268,19 @@ def test_join_memory_limits_sessions_to_kv_caches_that_fit(tmp_path):
         assert "0/2 sessions" in out.stdout, out.stdout + out.stderr
     finally:
         node.stop()
+
+
+def test_a_thinking_block_is_dimmed_on_a_terminal(capsys):
+    """What `run` prints for a thinking model's answer on a terminal: the <think> block dim (ANSI 2), the answer as
+    is; every piece of the text stays. Without a terminal the text is plain (click strips the styles)."""
+    from cluster.cli import _Output
+
+    pieces = ["<think>", "\nIt asks", "\n</think>", "\n\n", "Yes."]
+    for color, want in (
+        (True, "\x1b[2m<think>\x1b[0m\x1b[2m\nIt asks\x1b[0m\x1b[2m\n</think>\x1b[0m\n\nYes."),
+        (False, "".join(pieces)),
+    ):
+        out = _Output(as_json=False, logprobs=0, color=color)
+        for i, piece in enumerate(pieces):
+            out.token(i, piece, 0.0, [])
+        assert capsys.readouterr().out == want

@@ -8,6 +8,7 @@ tokens as one (the mask goes to the last shard only)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -110,3 +111,39 @@ def test_bad_schemas_and_masks_are_refused(engines, tok):
                 engine.forward(sid, np.asarray([1, 2], np.int32), allowed=mask)
     finally:
         engine.end_session(sid)
+
+
+def test_a_thinking_model_thinks_freely_then_its_answer_follows_the_schema(tmp_path):
+    """ThinkingFirst: the first token may open <think> beside what the grammar allows; inside the block anything but
+    EOS may follow (so that an answer does); after </think> the grammar's own masks come back. Reference: a second,
+    plain walk of the grammar over the answer's tokens alone."""
+    from cluster.constraints import ThinkingFirst
+
+    src = Tokenizer.from_dir(FIXTURES / "qwen2")
+    backend = src.backend
+    backend.add_tokens(["<think>", "</think>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    shutil.copy(FIXTURES / "qwen2" / "tokenizer_config.json", tmp_path)  # its EOS
+    tok = Tokenizer.from_dir(tmp_path)
+    vocab = 512
+    tags = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    plain = Constraint(tok, vocab, SCHEMA)
+    thinking = ThinkingFirst(Constraint(tok, vocab, SCHEMA), tags, tok.eos_ids, vocab, opened=False)
+
+    first = bits(thinking.allowed(), vocab)
+    assert first[tags[0]] and (first ^ bits(plain.allowed(), vocab)).sum() == 1  # the grammar's ids and <think>
+    thinking.accept(tags[0])
+    for token in tok.encode("The user wants JSON.", add_special_tokens=False):
+        free = bits(thinking.allowed(), vocab)
+        assert free.sum() == vocab - len(tok.eos_ids) and not any(free[i] for i in tok.eos_ids)
+        thinking.accept(token)
+    thinking.accept(tags[1])
+    for token in tok.encode(json.dumps({"river": "Rhine", "navigable": True, "bridges": 7}), add_special_tokens=False):
+        assert thinking.allowed() == plain.allowed()  # the answer alone walks the grammar
+        thinking.accept(token)
+        plain.accept(token)
+    with pytest.raises(ConstraintError):  # and is held to it
+        thinking.accept(tags[0])
+
+    opened = ThinkingFirst(Constraint(tok, vocab, SCHEMA), tags, tok.eos_ids, vocab, opened=True)
+    assert bits(opened.allowed(), vocab).sum() == vocab - len(tok.eos_ids)  # the prompt opened it: free at once

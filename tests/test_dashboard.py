@@ -211,7 +211,7 @@ def test_a_thinking_models_reasoning_is_folded_apart_from_its_answer(cluster, pa
     Reference: the script itself."""
     from scripted_model import scripted
 
-    model = scripted(tmp_path / "thinker", ["<think>", "\nRivers run", " downhill.", "\n</think>", "\n\n", "Yes."])
+    model = scripted(tmp_path / "thinker", ["<think>", "\nRivers run", " downhill.\n", "</think>", "\n\n", "Yes."])
     page.goto(f"http://127.0.0.1:{cluster.api_port}/#key={TEST_TOKEN}")
     expect(page.locator("tr[data-node]")).to_have_count(2)
     page.fill("#chat-model", str(model))

@@ -7,8 +7,11 @@ answer); and the whole text split at once, for the same text fed in pieces."""
 from __future__ import annotations
 
 import pytest
+import tokenizers
+from conftest import FIXTURES
+from scripted_model import HERMES_TEMPLATE
 
-from cluster.reasoning import ReasoningSplitter, opened_by, split_reasoning, thinks
+from cluster.reasoning import ReasoningSplitter, opened_by, split_reasoning, thinking_tags
 from cluster.tokenizer import Tokenizer
 
 CASES = [
@@ -60,16 +63,22 @@ def test_reasoning_streams_before_the_block_closes():
     assert splitter.finish() == ("", "")
 
 
-def test_which_templates_and_prompts_think():
-    assert thinks("{{ content.split('</think>')[-1] }}") and not thinks("{{ messages }}") and not thinks(None)
+def test_which_prompts_open_the_block():
     assert opened_by("<|im_start|>assistant\n<think>\n") and not opened_by("<|im_start|>assistant\n")
     assert not opened_by("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_a_tokenizers_template_tells():
-    """The Qwen3-style template of tests/scripted_model.py thinks; the Llama 3.2 fixture's template does not."""
-    from conftest import FIXTURES
-    from scripted_model import HERMES_TEMPLATE
+def _tokenizer(template: str, tags: list[str]) -> Tokenizer:
+    tok = tokenizers.Tokenizer.from_file(str(FIXTURES / "qwen2" / "tokenizer.json"))
+    tok.add_tokens(tags)
+    return Tokenizer(tok, chat_templates={"default": template})
 
-    assert thinks(HERMES_TEMPLATE)
-    assert not thinks(Tokenizer.from_dir(FIXTURES / "llama32").template_for())
+
+def test_a_thinking_model_is_told_by_its_template_and_its_tags():
+    """A thinking model: the template knows </think> (the Qwen3-style one of tests/scripted_model.py), and each tag
+    is one token. The Llama 3.2 fixture's template does not think; tags that are several tokens are not used."""
+    tags = _tokenizer(HERMES_TEMPLATE, ["<think>", "</think>"])
+    assert thinking_tags(tags) == (tags.token_to_id("<think>"), tags.token_to_id("</think>"))
+    assert thinking_tags(_tokenizer(HERMES_TEMPLATE, [])) is None
+    assert thinking_tags(_tokenizer("{{ messages }}", ["<think>", "</think>"])) is None
+    assert thinking_tags(Tokenizer.from_dir(FIXTURES / "llama32")) is None

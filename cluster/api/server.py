@@ -161,17 +161,7 @@ def create_app(
         }
         json_schema = use.json_schema or body.json_schema
         request = _request(body, json_schema=json_schema, logprobs=body.top_logprobs or (1 if body.logprobs else 0))
-        # an answer held to a schema is that JSON alone, with no room for thinking before it
-        respond = _respond(
-            body.model,
-            body.stream,
-            body.include_usage,
-            "chat.completion",
-            prompt,
-            request,
-            use.reader,
-            json_schema is None,
-        )
+        respond = _respond(body.model, body.stream, body.include_usage, "chat.completion", prompt, request, use.reader)
         return await _while_connected(http, respond)
 
     async def _tool_template(model: str) -> str | None:
@@ -201,10 +191,8 @@ def create_app(
         prompt: dict[str, Any],
         request: dict[str, Any],
         calls: ToolCallFormat | None = None,
-        reasoning: bool = False,
     ) -> Any:
-        """calls: how tool calls are read from the answer; reasoning: whether a thinking model's reasoning is
-        separated from it."""
+        """calls: how tool calls are read from the answer (after a thinking model's reasoning is parted from it)."""
         try:  # errors before the first token become a proper status code
             encoded = await asyncio.to_thread(coordinator.encode, model, **prompt)
         except Exception as e:  # noqa: BLE001
@@ -212,7 +200,7 @@ def create_app(
         chunks = _generation(model, encoded, request)
         first = await _first(chunks)
         tokenizer = coordinator.resolve(model).tokenizer
-        splitter = _Answer(encoded.reasoning() if reasoning else None, calls.splitter() if calls else None)
+        splitter = _Answer(encoded.reasoning(), calls.splitter() if calls else None)
         if stream:
             return StreamingResponse(
                 _sse(model, kind, first, chunks, tokenizer, include_usage, splitter), media_type="text/event-stream"

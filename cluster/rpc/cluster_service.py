@@ -152,7 +152,13 @@ class ClusterService(pb_grpc.ClusterServicer):
         inputs: dict[str, Any] = {}
         if use.json_schema is not None:
             inputs["json_schema"] = use.json_schema
-        prompt = {"messages": messages, "tools": use.offered}
+        try:
+            template_kwargs = json.loads(request.template_kwargs or "{}")
+        except json.JSONDecodeError as e:
+            await context.abort(wire.INVALID, f"template_kwargs is not JSON: {e}")
+        if not isinstance(template_kwargs, dict):
+            await context.abort(wire.INVALID, "template_kwargs: a JSON object of chat template variables")
+        prompt = {"messages": messages, "tools": use.offered, "template_kwargs": template_kwargs}
         async for chunk in self._run(request.options, context, prompt, use.reader, **inputs):
             yield chunk
 
@@ -180,8 +186,7 @@ class ClusterService(pb_grpc.ClusterServicer):
             log.info("request failed: %s", e)
             await _abort_request(context, e)
             raise
-        # an answer held to a schema is that JSON alone, with no room for thinking before it
-        reasoning = encoded.reasoning() if "json_schema" not in inputs else None
+        reasoning = encoded.reasoning()
         chunks = stream_generation(
             self.coordinator,
             options.model,
