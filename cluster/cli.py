@@ -91,8 +91,9 @@ def _node_option(f: Any) -> Any:
 
 
 def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> Callable[[Any], Any]:
-    """--device, --dtype, --max-context, --cpu-threads and --models-dir, for `join` and for `run` (the node or the
-    local engine it starts). envvars: also read from CLUSTERCTL_* environment variables, as `join` does."""
+    """--device, --dtype, --max-context, --prefill-chunks, --cpu-threads and --models-dir, for `join` and for `run`
+    (the node or the local engine it starts). envvars: also read from CLUSTERCTL_* environment variables, as `join`
+    does."""
 
     def env(name: str) -> dict[str, Any]:
         return {"envvar": f"CLUSTERCTL_{name}", "show_envvar": True} if envvars else {}
@@ -109,6 +110,16 @@ def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> 
         ),
         click.option(
             "--max-context", **env("MAX_CONTEXT"), type=click.IntRange(min=16), default=4096, show_default=True
+        ),
+        click.option(
+            "--prefill-chunks",
+            **env("PREFILL_CHUNKS"),
+            callback=lambda ctx, param, value: _chunk_sizes(value),
+            default="16,64",
+            show_default=True,
+            metavar="N,N,...",
+            help="Prompt chunk sizes each shard compiles while it warms up; a prompt is prefilled in chunks of the "
+            "largest. Each size costs seconds of warm-up on a slow CPU: one size starts faster.",
         ),
         click.option(
             "--cpu-threads",
@@ -283,6 +294,7 @@ def run_cmd(
     device: str | None,
     dtype: str | None,
     max_context: int,
+    prefill_chunks: tuple[int, ...],
     cpu_threads: int | None,
     models_dir: Path | None,
 ) -> None:
@@ -324,6 +336,7 @@ def run_cmd(
             device,
             dtype,
             max_context,
+            prefill_chunks,
             models_dir,
         )
         return
@@ -332,7 +345,7 @@ def run_cmd(
     own = None
     if not _listening(node):
         node_token = _token_for_node(token, token_file)
-        own = _start_own_node(node, node_token, no_mdns, peers, device, dtype, max_context, models_dir)
+        own = _start_own_node(node, node_token, no_mdns, peers, device, dtype, max_context, prefill_chunks, models_dir)
         token, token_file = node_token, None
     client = _client(node, token, token_file)
     try:
@@ -360,6 +373,7 @@ def _start_own_node(
     device: str | None,
     dtype: str | None,
     max_context: int,
+    prefill_chunks: tuple[int, ...],
     models_dir: Path | None,
 ) -> Any:
     from cluster.node import NodeSettings, NodeThread
@@ -375,6 +389,7 @@ def _start_own_node(
         "mdns": not no_mdns,
         "peers": peers,
         "max_context": max_context,
+        "prefill_buckets": prefill_chunks,
         "token": token,
         "api_port": None,  # a node that lives as long as this command serves no API
     }
@@ -525,6 +540,7 @@ def _run_local(
     device: str | None,
     dtype: str | None,
     max_context: int,
+    prefill_chunks: tuple[int, ...],
     models_dir: Path | None,
 ) -> None:
     """The whole model in this process: no node, no network."""
@@ -544,7 +560,14 @@ def _run_local(
         sampling = SamplingParams(**{**generation_defaults(model_dir), **sampling_options})
         if not raw and not tokenizer.has_chat_template:
             raise TokenizerError(f"{model_dir} has no chat template; use --raw to send the prompt as plain text")
-        engine = ShardEngine(model_dir, progress=bars, device=device, dtype=dtype, max_context=max_context)
+        engine = ShardEngine(
+            model_dir,
+            progress=bars,
+            device=device,
+            dtype=dtype,
+            max_context=max_context,
+            prefill_buckets=prefill_chunks,
+        )
         engine.warmup()
         bars.close()
         session = _LocalTurns(
@@ -557,6 +580,17 @@ def _run_local(
             session.conversation.close([engine])
     except user_errors as e:
         _fail(e)
+
+
+def _chunk_sizes(value: str) -> tuple[int, ...]:
+    """--prefill-chunks: comma-separated sizes of at least 2."""
+    try:
+        sizes = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        sizes = ()
+    if not sizes or sizes[0] < 2:
+        raise click.BadParameter(f"{value!r}: comma-separated chunk sizes of at least 2 tokens, such as 16,64")
+    return sizes
 
 
 def _json_schema(value: str | None) -> dict[str, Any] | None:
@@ -743,6 +777,7 @@ def join_cmd(
     memory: float | None,
     max_sessions: int,
     session_wait: float,
+    prefill_chunks: tuple[int, ...],
     models_dir: Path | None,
     peers: tuple[str, ...],
     no_mdns: bool,
@@ -775,6 +810,7 @@ def join_cmd(
         "max_context": max_context,
         "max_sessions": max_sessions,
         "session_wait": session_wait,
+        "prefill_buckets": prefill_chunks,
         "token": _token_for_node(token, token_file),
         "api_port": None if no_api else api_port,
     }

@@ -17,6 +17,9 @@ import pytest
 # The suite runs on tinygrad's CPU backend (the OpenCL tests name their device): with an OpenCL platform
 # installed (pocl, for tests/test_opencl.py), tinygrad would otherwise default to it. Child processes inherit this.
 os.environ.setdefault("DEV", "CPU")
+# Nodes the tests start (`clusterctl join`) compile one prompt chunk size, the largest of the default, so that a KV
+# cache is as long as in use: each size costs seconds of warm-up per shard here, and the engine tests cover several.
+os.environ.setdefault("CLUSTERCTL_PREFILL_CHUNKS", "64")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FLOAT_MODELS = ["llama32", "mistral", "qwen2", "qwen3"]

@@ -19,9 +19,12 @@ CLI = [sys.executable, "-m", "cluster.cli"]
 
 
 def clusterctl(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
-    """Run the CLI. `run` without --local starts its own node: keep it off mDNS and on a port of its own."""
+    """Run the CLI. `run` without --local starts its own node: keep it off mDNS and on a port of its own. Its engine
+    compiles one prompt chunk size, as the suite's nodes do (tests/conftest.py)."""
     if args[0] == "run" and "--local" not in args and "--node" not in args:
         args = (*args, "--no-mdns", "--node", f"127.0.0.1:{free_port()}")
+    if args[0] == "run" and "--prefill-chunks" not in args:
+        args = (*args, "--prefill-chunks", os.environ["CLUSTERCTL_PREFILL_CHUNKS"])
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [*CLI, *args],
@@ -151,6 +154,17 @@ def test_clear_errors_without_a_traceback(tmp_path):
     assert p.returncode != 0 and "gemma2" in p.stderr and "Traceback" not in p.stderr
     p = clusterctl("run", str(FIXTURES / "llama32"), "hi", "--top-p", "0")
     assert p.returncode == 2 and "top-p" in p.stderr
+
+    from click.testing import CliRunner
+
+    from cluster.cli import main
+
+    # refused before anything starts (in this process: nothing would load)
+    r = CliRunner().invoke(main, ["run", str(FIXTURES / "llama32"), "hi", "--raw", "--no-thinking"])
+    assert r.exit_code == 2 and "--no-thinking" in r.output
+    for chunks in ("1", "16,x", ""):  # the suite's nodes run with --prefill-chunks 64 (tests/conftest.py)
+        r = CliRunner().invoke(main, ["join", "--no-mdns", "--prefill-chunks", chunks])
+        assert r.exit_code == 2 and "--prefill-chunks" in r.output, r.output
 
 
 def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(monkeypatch):
