@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import BUCKETS, FIXTURES, TEST_TOKEN
+from conftest import CHUNK, FIXTURES, TEST_TOKEN
 
 from cluster.chain import Cancellation, RequestCancelled
 from cluster.coordinator import Coordinator, LocalShard
@@ -22,7 +22,8 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture
 def coordinator(tmp_path: Path):
-    host = ShardHost(tmp_path / "models", token=TEST_TOKEN, prefill_buckets=BUCKETS, max_sessions=2)
+    # one prompt chunk size: each costs seconds of warm-up per engine process (the engine tests cover several)
+    host = ShardHost(tmp_path / "models", token=TEST_TOKEN, prefill_buckets=(CHUNK,), max_sessions=2)
     for name in ("llama32", "qwen3"):
         host.register_model(name, FIXTURES / name)
     me = Peer("self", "solo", "127.0.0.1", 1, 1, "CPU", "cpu", 8 << 30, 8 << 30, source="self")
