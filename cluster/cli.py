@@ -17,7 +17,7 @@ from cluster.generation import Conversation, TokenChunk, generate, generation_de
 from cluster.partition import format_bytes
 from cluster.reasoning import CLOSE as CLOSE_THINKING
 from cluster.reasoning import OPEN as OPEN_THINKING
-from cluster.reasoning import opened_by, thinking_tags
+from cluster.reasoning import opened_by, split_reasoning, thinking_tags
 from cluster.sampling import SamplingParams
 
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -428,15 +428,24 @@ class _Output:
         return shown
 
     def summary(
-        self, tokens: list[int], text: str, tail: str, finish: str, usage: dict[str, int], timing: dict[str, Any]
+        self,
+        tokens: list[int],
+        text: str,
+        tail: str,
+        finish: str,
+        usage: dict[str, int],
+        timing: dict[str, Any],
+        reasoning: tuple[str, str] | None = None,
     ) -> None:
+        """reasoning: a thinking model's (reasoning, content), parted as the HTTP API parts them."""
         shards = timing.get("shards", [])
         self._thinking = False
         if self.as_json:
-            summary = {
+            summary: dict[str, Any] = {
                 "done": True,
                 "tokens": tokens,
                 "text": text,
+                **({"reasoning": reasoning[0], "content": reasoning[1]} if reasoning and reasoning[0] else {}),
                 "finish_reason": finish,
                 "usage": usage,
                 "timing": {
@@ -508,7 +517,10 @@ class _ClusterTurns:
             else:
                 parts.append(chunk.text)
                 answer = "".join(parts)
-                self.out.summary(chunk.tokens, answer, chunk.text, chunk.finish_reason, chunk.usage, chunk.timing)
+                split = (chunk.reasoning, chunk.content or "") if chunk.reasoning is not None else None
+                self.out.summary(
+                    chunk.tokens, answer, chunk.text, chunk.finish_reason, chunk.usage, chunk.timing, split
+                )
                 if not self.raw:
                     self.messages.append({"role": "assistant", "content": answer})
 
@@ -654,7 +666,10 @@ class _LocalTurns:
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)
             else:
-                self.out.summary(item.tokens, item.text, item.tail, item.finish_reason, item.usage(), item.timing())
+                parts = split_reasoning(item.text, opened) if tags else None
+                self.out.summary(
+                    item.tokens, item.text, item.tail, item.finish_reason, item.usage(), item.timing(), parts
+                )
                 if not self.raw:
                     self.messages.append({"role": "assistant", "content": item.text})
 

@@ -353,6 +353,9 @@ def test_tool_calls_are_read_from_the_answer_streamed_or_not(client, pair, weath
     p = subprocess.run([*cli, "--no-thinking", "--json", "--max-tokens", "1"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.splitlines()[-1])["usage"]["prompt_tokens"] == quiet.usage.prompt_tokens
+    p = subprocess.run([*cli, "--json", "--max-tokens", "40"], capture_output=True, text=True)
+    summary = json.loads(p.stdout.splitlines()[-1])  # run --json parts the answer as the API does
+    assert (summary["reasoning"], summary["content"], summary["text"]) == (REASONING, ANSWER, "".join(SCRIPT))
 
     # "none": the model is not told of the tools and its answer is text
     unoffered = chat(question, tools=TOOLS, tool_choice="none")
