@@ -300,8 +300,7 @@ class Tokenizer:
 
     def tool_template(self) -> str | None:
         """The chat template used when tools are given, if it has a place for them; else None."""
-        name = _TOOL_TEMPLATE if _TOOL_TEMPLATE in self._templates else _DEFAULT_TEMPLATE
-        source = self._templates.get(name)
+        source = self._templates.get(self._template_name(with_tools=True))
         if source is None:
             return None
         try:
@@ -317,21 +316,20 @@ class Tokenizer:
 
     def template_for(self, tools: Sequence[Mapping[str, Any]] | None = None) -> str | None:
         """The source of the chat template a request with `tools` is rendered with (None: no such template)."""
-        name = _TOOL_TEMPLATE if tools and _TOOL_TEMPLATE in self._templates else _DEFAULT_TEMPLATE
-        return self._templates.get(name)
+        return self._templates.get(self._template_name(with_tools=bool(tools)))
+
+    def _template_name(self, with_tools: bool) -> str:
+        # Same choice as transformers: "tool_use" when tools are given and it exists, else "default".
+        return _TOOL_TEMPLATE if with_tools and _TOOL_TEMPLATE in self._templates else _DEFAULT_TEMPLATE
 
     def _template(self, tools: Sequence[Mapping[str, Any]] | None) -> jinja2.Template:
-        # Same choice as transformers: "tool_use" when tools are given and it exists, else "default".
         if not self._templates:
             raise TokenizerError("this model has no chat template; use raw mode (--raw) and pass the prompt text as is")
         if tools and self.tool_template() is None:
             # rendered without them, the model would never see the tools it was given
             raise TokenizerError("this model's chat template has no place for tools")
-        if tools and _TOOL_TEMPLATE in self._templates:
-            name = _TOOL_TEMPLATE
-        elif _DEFAULT_TEMPLATE in self._templates:
-            name = _DEFAULT_TEMPLATE
-        else:
+        name = self._template_name(with_tools=bool(tools))
+        if name not in self._templates:
             raise TokenizerError(f"no 'default' chat template among {sorted(self._templates)}; use raw mode (--raw)")
         if name not in self._compiled:
             try:
