@@ -14,6 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+import numpy as np
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -72,11 +73,9 @@ class ThinkingFirst:
         """tags: the ids of <think> and </think>; opened: the prompt opened the block (Prompt.opened)."""
         self._constraint, (self._open, self._close) = constraint, tags
         self._state = "thinking" if opened else "start"
-        free = bytearray(b"\xff" * -(-vocab_size // 8))
-        for i in [*eos_ids, *range(vocab_size, len(free) * 8)]:
-            if i < len(free) * 8:
-                free[i // 8] &= ~(1 << (i % 8)) & 0xFF
-        self._free = bytes(free)
+        free = np.ones(vocab_size, bool)
+        free[[i for i in eos_ids if i < vocab_size]] = False
+        self._free = np.packbits(free, bitorder="little").tobytes()  # the bits past the vocabulary are 0
 
     def allowed(self) -> bytes:
         if self._state == "thinking":
