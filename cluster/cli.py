@@ -13,11 +13,10 @@ from typing import Any, NoReturn
 import click
 
 from cluster.constraints import Constraint, answer_constraint
-from cluster.generation import Conversation, TokenChunk, generate, generation_defaults
+from cluster.generation import Conversation, TokenChunk, encode_prompt, generate, generation_defaults
 from cluster.partition import format_bytes
 from cluster.reasoning import CLOSE as CLOSE_THINKING
 from cluster.reasoning import OPEN as OPEN_THINKING
-from cluster.reasoning import opened_by, split_reasoning, thinking_tags
 from cluster.sampling import SamplingParams
 
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -641,20 +640,19 @@ class _LocalTurns:
         self.conversation = Conversation()  # chat turns reuse the KV cache of the conversation so far
 
     def __call__(self, text: str) -> None:
-        tags, opened = None, False
         if self.raw:
-            ids = self.tok.encode(text, add_special_tokens=True)
+            prompt = encode_prompt(self.tok, prompt=text, raw=True)
         else:
             self.messages.append({"role": "user", "content": text})
-            prompt, ids = self.tok.render_chat(self.messages, add_generation_prompt=True, **self.template_kwargs)
-            tags, opened = thinking_tags(self.tok), opened_by(prompt)
-        vocab = self.engine.cfg.vocab_size
-        schema = self.json_schema
-        constraint = answer_constraint(self.tok, vocab, schema, tags, opened) if schema is not None else None
+            prompt = encode_prompt(self.tok, messages=self.messages, template_kwargs=self.template_kwargs)
+        vocab, schema = self.engine.cfg.vocab_size, self.json_schema
+        constraint = None
+        if schema is not None:
+            constraint = answer_constraint(self.tok, vocab, schema, prompt.tags, prompt.opened)
         for item in generate(
             [self.engine],
             self.tok,
-            ids,
+            prompt.ids,
             max_tokens=self.max_tokens,
             sampling=self.sampling,
             stop=self.stop,
@@ -666,7 +664,8 @@ class _LocalTurns:
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)
             else:
-                parts = split_reasoning(item.text, opened) if tags else None
+                splitter = prompt.reasoning()
+                parts = splitter.close(item.text) if splitter else None
                 self.out.summary(
                     item.tokens, item.text, item.tail, item.finish_reason, item.usage(), item.timing(), parts
                 )

@@ -27,12 +27,19 @@ from cluster.constraints import answer_constraint
 from cluster.discovery import Peer
 from cluster.engine.runner import RunnerError
 from cluster.engine.shard import ContextFullError, EngineError, StepResult
-from cluster.generation import GenerationResult, TokenChunk, generate, generation_defaults, shard_times_dicts
+from cluster.generation import (
+    GenerationResult,
+    Prompt,
+    TokenChunk,
+    encode_prompt,
+    generate,
+    generation_defaults,
+    shard_times_dicts,
+)
 from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_model_id
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
 from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
-from cluster.reasoning import ReasoningSplitter, opened_by, thinking_tags
 from cluster.registry import REGISTRY, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -56,20 +63,6 @@ class ModelRef:
     tokenizer: Tokenizer
     costs: ModelCosts
     defaults: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A request's prompt as the model reads it (Coordinator.encode)."""
-
-    ids: list[int]
-    # rendered with a thinking model's chat template: the ids of its <think> and </think> (reasoning.thinking_tags)
-    tags: tuple[int, int] | None = None
-    opened: bool = False  # the prompt itself opened the thinking block, so the answer starts inside it
-
-    def reasoning(self) -> ReasoningSplitter | None:
-        """What separates the answer's reasoning from its content (cluster/reasoning.py); None: no reasoning."""
-        return ReasoningSplitter(self.opened) if self.tags else None
 
 
 @dataclass
@@ -584,16 +577,11 @@ class Coordinator:
         template_kwargs: dict[str, Any] | None = None,
         raw: bool = False,
     ) -> Prompt:
-        """The prompt of a request: `messages` through the model's chat template (with `tools` and
-        `template_kwargs`, extra variables such as Qwen3's `enable_thinking`), or `prompt` as one user message, or
-        with `raw` as the text itself."""
+        """The prompt of a request, with MODEL's tokenizer (generation.encode_prompt)."""
         tokenizer = self.resolve(model).tokenizer
-        if raw:
-            return Prompt(tokenizer.encode(prompt or "", add_special_tokens=True))
-        if messages is None:
-            messages = [{"role": "user", "content": prompt or ""}]
-        text, ids = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {}))
-        return Prompt(ids, thinking_tags(tokenizer, tools), opened_by(text))
+        return encode_prompt(
+            tokenizer, prompt=prompt, messages=messages, tools=tools, template_kwargs=template_kwargs, raw=raw
+        )
 
     def generate(
         self,

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -21,6 +21,7 @@ import numpy as np
 
 from cluster.constraints import Constraint, ThinkingFirst
 from cluster.engine.shard import ShardTime, StepResult
+from cluster.reasoning import ReasoningSplitter, opened_by, thinking_tags
 from cluster.sampling import SamplingParams
 from cluster.stop_strings import StopStringFilter
 from cluster.tokenizer import StreamingDetokenizer, Tokenizer
@@ -61,6 +62,39 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
 
 class PromptTooLongError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt as the model reads it (encode_prompt)."""
+
+    ids: list[int]
+    # rendered with a thinking model's chat template: the ids of its <think> and </think> (reasoning.thinking_tags)
+    tags: tuple[int, int] | None = None
+    opened: bool = False  # the prompt itself opened the thinking block, so the answer starts inside it
+
+    def reasoning(self) -> ReasoningSplitter | None:
+        """What separates the answer's reasoning from its content (cluster/reasoning.py); None: no reasoning."""
+        return ReasoningSplitter(self.opened) if self.tags else None
+
+
+def encode_prompt(
+    tokenizer: Tokenizer,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+    raw: bool = False,
+) -> Prompt:
+    """`messages` through the model's chat template (with `tools` and `template_kwargs`, extra variables such as
+    Qwen3's `enable_thinking`), or `prompt` as one user message, or with `raw` as the text itself."""
+    if raw:
+        return Prompt(tokenizer.encode(prompt or "", add_special_tokens=True))
+    if messages is None:
+        messages = [{"role": "user", "content": prompt or ""}]
+    text, ids = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {}))
+    return Prompt(ids, thinking_tags(tokenizer, tools), opened_by(text))
 
 
 @dataclass

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.reasoning import ReasoningSplitter
+
 _DECODER = json.JSONDecoder()
 _ALPHANUMERIC = string.ascii_letters + string.digits
 # (name, arguments) pairs and the text around them, or None when the calls do not parse
@@ -264,9 +266,23 @@ def template_calls(calls: list[tuple[str, str, str]], call_id: Callable[[str], s
     return out
 
 
-def read_calls(reader: ToolCallFormat | None, text: str) -> tuple[str, list[ToolCall]]:
-    """A whole answer's text around its calls, and the calls (none without a reader)."""
-    return reader.splitter().close(text) if reader else (text, [])
+class AnswerSplitter:
+    """A chat answer's text as it arrives, parted into a thinking model's reasoning, the content, and the calls read
+    from that content (without `reasoning` or `calls`, that part is left alone)."""
+
+    def __init__(self, reasoning: ReasoningSplitter | None, calls: ToolCallFormat | None):
+        self.reasoning, self.calls = reasoning, calls.splitter() if calls else None
+
+    def push(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) that can be shown now."""
+        reasoning, content = self.reasoning.push(text) if self.reasoning else ("", text)
+        return reasoning, self.calls.push(content) if self.calls else content
+
+    def close(self, text: str) -> tuple[str, str, list[ToolCall]]:
+        """The answer's last text (or all of it): the reasoning and content left to show, and the calls."""
+        reasoning, content = self.reasoning.close(text) if self.reasoning else ("", text)
+        content, calls = self.calls.close(content) if self.calls else (content, [])
+        return reasoning, content, calls
 
 
 def finish_reason(finish: str | None, calls: Sequence[ToolCall]) -> str | None:

@@ -25,15 +25,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.api.schemas import ChatCompletionRequest, CompletionRequest, sampling_of
 from cluster.chain import ShardUnavailableError
-from cluster.coordinator import Coordinator, Prompt
-from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
+from cluster.coordinator import Coordinator
+from cluster.generation import GenerationResult, Prompt, PromptTooLongError, TokenChunk
 from cluster.host import ShardBusyError
 from cluster.partition import PlanError
-from cluster.reasoning import ReasoningSplitter
 from cluster.registry import REGISTRY, ModelNotFoundError
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import Tokenizer, TokenizerError
-from cluster.tool_calls import ToolCall, ToolCallFormat, ToolCallSplitter, ToolError, finish_reason, tool_use
+from cluster.tool_calls import AnswerSplitter, ToolCall, ToolCallFormat, ToolError, finish_reason, tool_use
 
 log = logging.getLogger(__name__)
 # No max_tokens: the answer ends at EOS, a stop string or the end of the context, as OpenAI's do
@@ -200,7 +199,7 @@ def create_app(
         chunks = _generation(model, encoded, request)
         first = await _first(chunks)
         tokenizer = coordinator.resolve(model).tokenizer
-        splitter = _Answer(encoded.reasoning(), calls.splitter() if calls else None)
+        splitter = AnswerSplitter(encoded.reasoning(), calls)
         if stream:
             return StreamingResponse(
                 _sse(model, kind, first, chunks, tokenizer, include_usage, splitter), media_type="text/event-stream"
@@ -264,25 +263,6 @@ def _logprob_entry(tokenizer: Tokenizer, chunk: TokenChunk, chat: bool) -> dict[
     return {"token": text, "logprob": chunk.logprob, "top": {t["token"]: t["logprob"] for t in top}}
 
 
-class _Answer:
-    """A chat answer's text as it arrives, parted into a thinking model's reasoning, the content, and the tool
-    calls read from that content."""
-
-    def __init__(self, reasoning: ReasoningSplitter | None, calls: ToolCallSplitter | None):
-        self.reasoning, self.calls = reasoning, calls
-
-    def push(self, text: str) -> tuple[str, str]:
-        """(reasoning, content) that can be shown now."""
-        reasoning, content = self.reasoning.push(text) if self.reasoning else ("", text)
-        return reasoning, self.calls.push(content) if self.calls else content
-
-    def close(self, text: str) -> tuple[str, str, list[ToolCall]]:
-        """The answer's last text: the reasoning and content left to show, and the calls."""
-        reasoning, content = self.reasoning.close(text) if self.reasoning else ("", text)
-        content, calls = self.calls.close(content) if self.calls else (content, [])
-        return reasoning, content, calls
-
-
 def _choice(
     kind: str,
     text: str,
@@ -322,7 +302,7 @@ async def _whole(
     first: TokenChunk | GenerationResult,
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
-    answer: _Answer,
+    answer: AnswerSplitter,
 ) -> dict[str, Any]:
     chat = kind.startswith("chat")
     entries: list[dict[str, Any]] = []
@@ -359,7 +339,7 @@ async def _sse(
     chunks: AsyncIterator[TokenChunk | GenerationResult],
     tokenizer: Tokenizer,
     include_usage: bool,
-    answer: _Answer,
+    answer: AnswerSplitter,
 ) -> AsyncIterator[str]:
     chat = kind.startswith("chat")
     base = {

@@ -20,7 +20,6 @@ from cluster.chain import ShardUnavailableError
 from cluster.coordinator import Coordinator
 from cluster.generation import GenerationResult, PromptTooLongError, TokenChunk
 from cluster.partition import PlanError
-from cluster.reasoning import ReasoningSplitter
 from cluster.registry import ModelNotFoundError
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
@@ -28,7 +27,7 @@ from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
 from cluster.rpc.worker import abort_with
 from cluster.streaming import Progress, stream_generation
 from cluster.tokenizer import TokenizerError
-from cluster.tool_calls import ToolCallFormat, ToolError, finish_reason, read_calls, template_calls, tool_use
+from cluster.tool_calls import AnswerSplitter, ToolCallFormat, ToolError, finish_reason, template_calls, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,14 @@ def _message(m: pb.ChatMessage, call_id: Callable[[str], str]) -> dict[str, Any]
     return out
 
 
-def _chunk_to_pb(
-    item: TokenChunk | GenerationResult, reader: ToolCallFormat | None, reasoning: ReasoningSplitter | None
-) -> pb.GenerateChunk:
-    """A token, or the final Done; Done also holds the calls read from the answer (with `reader`) and a thinking
-    model's reasoning (with `reasoning`), each apart from the content."""
+def _chunk_to_pb(item: TokenChunk | GenerationResult, answer: AnswerSplitter) -> pb.GenerateChunk:
+    """A token, or the final Done; Done also holds what `answer` parts the whole answer into: a thinking model's
+    reasoning, the content and the calls read from it."""
     if isinstance(item, TokenChunk):
         top = [pb.TopLogprob(id=i, logprob=lp) for i, lp in item.top]
         return pb.GenerateChunk(token=pb.Token(id=item.id, text=item.text, logprob=item.logprob, top=top))
     usage = item.usage()
-    thinking, content = reasoning.close(item.text) if reasoning else ("", item.text)
-    content, calls = read_calls(reader, content)
+    thinking, content, calls = answer.close(item.text)
     return pb.GenerateChunk(
         done=pb.Done(
             tokens=item.tokens,
@@ -186,7 +182,7 @@ class ClusterService(pb_grpc.ClusterServicer):
             log.info("request failed: %s", e)
             await _abort_request(context, e)
             raise
-        reasoning = encoded.reasoning()
+        answer = AnswerSplitter(encoded.reasoning(), reader)
         chunks = stream_generation(
             self.coordinator,
             options.model,
@@ -203,7 +199,7 @@ class ClusterService(pb_grpc.ClusterServicer):
                     p = pb.Progress(stage=item.stage, node=item.node, done=item.done, total=item.total)
                     yield pb.GenerateChunk(progress=p)
                 else:
-                    yield _chunk_to_pb(item, reader, reasoning)
+                    yield _chunk_to_pb(item, answer)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status the client maps to a type
             log.info("request failed: %s", e)
             await _abort_request(context, e)
