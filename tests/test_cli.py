@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,9 @@ def test_interactive_chat_reads_turns_until_an_empty_line():
     assert p.stderr.count("tokens, length") == 2  # one summary per turn
     assert "TTFT" in p.stderr and "tok/s" in p.stderr
     assert p.stderr.count(" layers 0-4 ") == 2 and "(engine " in p.stderr  # where each turn's decode steps went
+    # the warm-up compiled what --prefill-chunks 64 asks (clusterctl() adds it): one chunk size, decode and the
+    # sampler, each called twice (the default 16,64 makes it 8 steps)
+    assert re.search(r"compiling on [^:\n]+:.*?\| *\d+/6 \[", p.stderr), p.stderr
 
 
 def test_clear_errors_without_a_traceback(tmp_path):
