@@ -27,9 +27,10 @@ from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, UOp, dtyp
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType, _to_np_dtype
 from tinygrad.helpers import DEV, NUM_CPU_THREADS
+from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, launch_graph
+from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, graph_cache, launch_graph
 from cluster.engine.jit_replay import Replayer
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
@@ -285,6 +286,8 @@ class ShardEngine:
         self._replay = Replayer()
         self.sessions: dict[str, _Session] = {}
         self.ready = False
+        self.warmup_s: float | None = None
+        self.graphs_from_cache = False  # whether warm-up read its graphs from graph_cache's files
 
     # ------------------------------------------------------------------------------------ loading
     def kv_bytes_per_session(self) -> int:
@@ -338,6 +341,8 @@ class ShardEngine:
             "quantized": self.cfg.quantization is not None,
             "cpu_threads": NUM_CPU_THREADS.value if self.on_cpu else None,
             "ready": self.ready,
+            "warmup_s": self.warmup_s,
+            "graphs_from_cache": self.graphs_from_cache,
         }
 
     # ------------------------------------------------------------------------------------ graphs
@@ -585,11 +590,42 @@ class ShardEngine:
 
     # ------------------------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
-        """Compile every graph (prefill, decode, both samplers) before the engine reports ready."""
-        D = self.cfg.hidden_size
-        steps = 2  # call 1 captures (and runs), call 2 replays the captured graph
-        total, done = (len(self.buckets) + 2) * steps, 0
+        """Compile every graph (prefill, decode, both samplers) before the engine reports ready. Graphs a
+        previous start of the same shard captured are read from graph_cache's files instead, and checked by
+        the same warm-up calls; if they fail there, they are captured anew."""
         t0 = time.perf_counter()
+        path, tensors = self._graph_file()
+        cached = graph_cache.load(path, tensors) if path is not None else None
+        total = 0
+        if cached is not None and self._install_graphs(cached):
+            try:
+                total = self._warm_calls()
+                self.graphs_from_cache = True
+            except Exception as e:  # noqa: BLE001 - a cached graph that fails is captured again below
+                log.warning(
+                    "cached graphs of shard [%d, %d) failed (%s: %s); capturing them again",
+                    self.start,
+                    self.end,
+                    type(e).__name__,
+                    e,
+                )
+                self._reset_graphs()
+        if not self.graphs_from_cache:
+            total = self._warm_calls()
+            if path is not None:
+                self._save_graphs(path, tensors)
+        self._progress("warmup", total, total)
+        self.ready = True
+        self.warmup_s = time.perf_counter() - t0
+        how = "graphs read from the cache" if self.graphs_from_cache else "graphs captured"
+        log.info("shard [%d, %d) warm in %.1fs (%s)", self.start, self.end, self.warmup_s, how)
+
+    def _warm_calls(self) -> int:
+        """Run every graph twice: call 1 captures (and runs) it, call 2 replays the captured graph. Returns the
+        number of calls (the progress steps)."""
+        D = self.cfg.hidden_size
+        steps = 2
+        total, done = (len(self.buckets) + 2) * steps, 0
 
         def make(n: int) -> np.ndarray:  # what _check_inputs gives: ids, or hidden states in the compute dtype
             return self._check_inputs(np.zeros(n, np.int32) if self.is_first else np.zeros((n, D), np.float32))
@@ -618,6 +654,64 @@ class ShardEngine:
                     self._progress("warmup", done, total)
         finally:
             self.end_session(sid)
-        self._progress("warmup", total, total)
-        self.ready = True
-        log.info("shard [%d, %d) warm in %.1fs", self.start, self.end, time.perf_counter() - t0)
+        return total
+
+    # ------------------------------------------------------------------------------------ graph files
+    def _jits(self) -> dict[str, Any]:
+        """This shard's TinyJits by name (the samplers only on the last shard, the only one calling them)."""
+        jits = {"decode": self._decode_jit, **{f"prefill{b}": jit for b, jit in self._prefill_jits.items()}}
+        if self.is_last:
+            jits.update(greedy=self._greedy_jit, sample=self._sample_jit)
+        return jits
+
+    def _graph_tensors(self) -> dict[str, Tensor]:
+        """Every long-lived tensor a graph may read or write, by a name that is the same in every process."""
+        named = {f"model.{k}": t for k, t in get_state_dict(self.model).items()}
+        for name in ("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"):
+            named[name] = getattr(self, name)
+        for name in ("no_seen", "no_bias", "bias", "all_allowed", "allowed"):
+            named[name] = getattr(self, name)
+        named.update({f"inputs{rows}": t for rows, t in self.inputs.items()})
+        return named
+
+    def _graph_file(self) -> tuple[Path | None, dict[str, Tensor]]:
+        directory = graph_cache.cache_dir()
+        if directory is None:
+            return None, {}
+        tensors = self._graph_tensors()
+        shard = {
+            "config": self.cfg,
+            "layers": (self.start, self.end),
+            "dtype": dtype_name(self.dtype),
+            "max_context": self.max_context,
+            "positions": self.positions,
+            "buckets": self.buckets,
+            "graphs": self.jit_graphs,
+        }
+        return directory / f"{graph_cache.graph_key(self.device, shard, tensors)}.graphs", tensors
+
+    def _install_graphs(self, graphs: dict[str, Any]) -> bool:
+        jits = self._jits()
+        if set(graphs) != set(jits):
+            return False
+        for name, jit in jits.items():
+            jit.captured, jit.cnt = graphs[name], 2  # replay from the first call
+        return True
+
+    def _reset_graphs(self) -> None:
+        for jit in self._jits().values():
+            jit.reset()
+            self._replay.forget(jit)
+            jit.cnt = 1  # capture on the next call, as in __init__
+
+    def _save_graphs(self, path: Path, tensors: dict[str, Tensor]) -> None:
+        graphs = {name: jit.captured for name, jit in self._jits().items()}
+        if any(g is None for g in graphs.values()):
+            return
+        try:
+            size = graph_cache.save(path, graphs, tensors)
+            log.info("saved the graphs of shard [%d, %d) to %s (%s)", self.start, self.end, path, _size(size))
+        except Exception as e:  # noqa: BLE001 - the cache only saves time: a shard that cannot write it still serves
+            log.warning(
+                "could not save the graphs of shard [%d, %d) (%s: %s)", self.start, self.end, type(e).__name__, e
+            )
