@@ -124,11 +124,14 @@ TEST_TOKEN = f"clusterctl-test-{secrets.token_hex(8)}"
 
 @pytest.fixture(scope="session", autouse=True)
 def cluster_token(tmp_path_factory):
-    """One cluster token for every node and client of the run (child processes inherit it); the user's own
-    ~/.config/clusterctl is never read or written."""
+    """One cluster token and one graph cache for every node and client of the run (child processes inherit
+    them); the user's own ~/.config/clusterctl and ~/.cache/clusterctl/graphs are never read or written."""
     patch = pytest.MonkeyPatch()
     patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
     patch.setenv("CLUSTERCTL_TOKEN", TEST_TOKEN)
+    # the run's own graph cache: its first shard of each kind captures graphs, later ones (other modules'
+    # nodes included) read them; the user's ~/.cache is never touched and every run starts cold
+    patch.setenv("CLUSTERCTL_GRAPH_CACHE", str(tmp_path_factory.mktemp("graphs")))
     yield TEST_TOKEN
     patch.undo()
 

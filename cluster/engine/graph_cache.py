@@ -75,6 +75,12 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
+def engine_env() -> dict[str, str | None]:
+    """The environment's switches that change a shard's kernels, as they are now (an engine reads them when
+    it is built)."""
+    return {k: os.environ.get(k) for k in _ENGINE_ENV}
+
+
 def _cpu_identity() -> str:
     """What a CPU's compiled programs depend on (tinygrad compiles for -march=native): model and flags."""
     try:
@@ -87,14 +93,14 @@ def _cpu_identity() -> str:
 
 
 def graph_key(device: str, description: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> str:
-    """The file name of a shard's graphs: a digest of everything that shapes them (see the module's note)."""
+    """The file name of a shard's graphs: a digest of everything that shapes them (see the module's note).
+    description: the shard's own choices (layers, dtype, context, chunk sizes, engine_env() when it was built)."""
     renderer = Device[device].renderer
     parts = {
         "format": FORMAT,
         "code": _code_digest(),
         "tinygrad": version("tinygrad"),
         "settings": {k: repr(v.value) for k, v in sorted(ContextVar._cache.items()) if k not in _DIAGNOSTIC},
-        "env": {k: os.environ.get(k) for k in _ENGINE_ENV},
         "device": device,
         "target": repr(getattr(renderer, "target", type(renderer).__name__)),
         "host": _cpu_identity() if device.split(":")[0] == "CPU" else "",

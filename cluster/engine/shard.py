@@ -26,6 +26,7 @@ import psutil
 from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType, _to_np_dtype
+from tinygrad.engine.jit import JitError
 from tinygrad.helpers import DEV, NUM_CPU_THREADS
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
@@ -206,6 +207,7 @@ class ShardEngine:
         narrow_block = CPU_ROW_BLOCK
         # replays of a device tinygrad has no graph for (CPU, OpenCL) through ours; 0: its executor, for comparison
         replay_graph = os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0"
+        self._env = graph_cache.engine_env()  # the switches read here: part of the graph files' key
         if self.on_cpu:
             cpu_threads.enable()
             if replay_graph:
@@ -373,6 +375,8 @@ class ShardEngine:
         try:
             with self._no_graphs():
                 return self._replay(jit, *args)
+        except JitError:
+            raise  # inputs that do not fit the captured graph (a stale cached one): no fault of the device's
         except Exception as e:
             if not uses_graphs(jit):
                 raise
@@ -687,6 +691,7 @@ class ShardEngine:
             "positions": self.positions,
             "buckets": self.buckets,
             "graphs": self.jit_graphs,
+            "env": self._env,
         }
         return directory / f"{graph_cache.graph_key(self.device, shard, tensors)}.graphs", tensors
 
