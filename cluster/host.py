@@ -183,6 +183,8 @@ class HostedShard:
             sessions=len(self.sessions),
             max_sessions=self.max_sessions,
             holders=len(self.holders),
+            warmup_s=float(self.info.get("warmup_s") or 0.0),
+            graphs_from_cache=bool(self.info.get("graphs_from_cache")),
         )
 
 

@@ -55,7 +55,7 @@ def test_a_second_start_reads_the_graphs_and_answers_the_same(cache, caplog) -> 
     with EngineProcess(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=128) as second:
         second.warmup()
         info = second.info()
-        assert info["graphs_from_cache"] is True
+        assert info["graphs_from_cache"] is True, "the second start should read the first start's graphs"
         assert info["warmup_s"] < first.warmup_s / 2
         got = greedy_run(second, PROMPTS[0], 8), two_sessions(second, PROMPTS, 6)
     assert got == want
@@ -92,13 +92,22 @@ def test_the_key_changes_with_what_shapes_a_graph(monkeypatch) -> None:
     w = Tensor.zeros(4, 4).contiguous().realize()
     shard = {"layers": (0, 2), "dtype": "float32", "env": graph_cache.engine_env()}
     key = graph_cache.graph_key("CPU", shard, {"w": w})
+
+    def graph_key_now() -> str:
+        return graph_cache.graph_key("CPU", {**shard, "env": graph_cache.engine_env()}, {"w": w})
+
     assert key == graph_cache.graph_key("CPU", dict(shard), {"w": w})
     assert key != graph_cache.graph_key("CPU", {**shard, "layers": (0, 3)}, {"w": w})
     assert key != graph_cache.graph_key("CPU", shard, {"w": w.cast(dtypes.float16).realize()})
     assert key != graph_cache.graph_key("CPU", shard, {"w": Tensor.zeros(4, 5).contiguous().realize()})
     assert key != graph_cache.graph_key("CPU", shard, {"v": w})
+    monkeypatch.setenv("DEV", "CPU")  # a node sets it for its engine processes: the device is keyed as itself
+    assert key == graph_key_now()
+    monkeypatch.setenv("BEAM", "2")  # a kernel search finds other kernels
+    assert key != graph_key_now()
+    monkeypatch.delenv("BEAM")
     monkeypatch.setenv("CLUSTERCTL_GPU_MATVEC", "0")
-    assert key != graph_cache.graph_key("CPU", {**shard, "env": graph_cache.engine_env()}, {"w": w})
+    assert key != graph_key_now()
 
 
 def test_where_the_cache_lives(monkeypatch, tmp_path) -> None:

@@ -32,6 +32,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import tinygrad.helpers
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.device import Buffer
 from tinygrad.engine.jit import CapturedJit
@@ -42,8 +43,18 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 KEEP = 32  # files kept in the directory, the most recently used first
-# tinygrad settings that only change what it prints or records, not the graphs it builds
-_DIAGNOSTIC = {"DEBUG", "VIZ", "PROFILE", "NO_COLOR", "TRACEMETA", "TRACK_MATCH_STATS", "CAPTURE_PROCESS_REPLAY"}
+# tinygrad settings that do not shape a graph: what it prints or records, and DEV (the device, keyed as itself;
+# a node sets DEV for its engine processes, and a process that set it after importing tinygrad reads it unchanged)
+_NOT_SHAPING = {
+    "DEBUG",
+    "VIZ",
+    "PROFILE",
+    "NO_COLOR",
+    "TRACEMETA",
+    "TRACK_MATCH_STATS",
+    "CAPTURE_PROCESS_REPLAY",
+    "DEV",
+}
 # this package's switches that change which kernels or graph runners a shard uses
 _ENGINE_ENV = (
     "CLUSTERCTL_REPLAY_GRAPH",
@@ -81,6 +92,15 @@ def engine_env() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in _ENGINE_ENV}
 
 
+def _settings() -> dict[str, str]:
+    """tinygrad's settings that may shape kernels: those tinygrad.helpers defines, as they are now, and any other
+    given in the environment. (Which settings exist depends on the modules a process has imported, so the ones
+    other modules define count only when set: two processes must agree on the same shard's key.)"""
+    settings = {v.key: repr(v.value) for v in vars(tinygrad.helpers).values() if isinstance(v, ContextVar)}
+    settings.update({k: repr(os.environ[k]) for k in list(ContextVar._cache) if k in os.environ})
+    return {k: v for k, v in sorted(settings.items()) if k not in _NOT_SHAPING}
+
+
 def _cpu_identity() -> str:
     """What a CPU's compiled programs depend on (tinygrad compiles for -march=native): model and flags."""
     try:
@@ -100,7 +120,7 @@ def graph_key(device: str, description: Mapping[str, Any], tensors: Mapping[str,
         "format": FORMAT,
         "code": _code_digest(),
         "tinygrad": version("tinygrad"),
-        "settings": {k: repr(v.value) for k, v in sorted(ContextVar._cache.items()) if k not in _DIAGNOSTIC},
+        "settings": _settings(),
         "device": device,
         "target": repr(getattr(renderer, "target", type(renderer).__name__)),
         "host": _cpu_identity() if device.split(":")[0] == "CPU" else "",

@@ -131,6 +131,8 @@ def node_info_dict(n: pb.NodeInfo) -> dict[str, Any]:
             "sessions": s.sessions,
             "max_sessions": s.max_sessions,
             "memory_used": s.memory_used,
+            "warmup_s": round(s.warmup_s, 2),
+            "graphs_from_cache": s.graphs_from_cache,
         }
         for s in n.shards
     ]
