@@ -733,6 +733,7 @@ class Driver:
         self.built: dict[int, Path | str] = {}  # bits -> checkpoint directory, or why it is missing
         self.cache_dir = Path(args.cache_dir)
         self.cachedb = self.cache_dir / "tinygrad-cache.db"
+        self.graphs = self.cache_dir / "graphs"  # clusterctl's graph cache: a second start reads its graphs
 
     def say(self, msg: str) -> None:
         print(msg, flush=True)
@@ -741,6 +742,7 @@ class Driver:
 
     def env(self, beam: bool) -> dict[str, str]:
         env = {**os.environ, "DEV": self.device, "CACHEDB": str(self.cachedb), "PYTHONUNBUFFERED": "1"}
+        env["CLUSTERCTL_GRAPH_CACHE"] = str(self.graphs)
         for key in ("JIT", "BEAM", "JITBEAM", *self.cfg["beam_env"]):
             env.pop(key, None)  # every step starts from tinygrad's defaults
         return env | (self.cfg["beam_env"] if beam else {})
@@ -1016,7 +1018,8 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
         f"session's {cfg['prompt_len']}-token prompt, prefill plus the first token, median of 3. Sampled: "
         f"{SAMPLED_TOKENS} tokens at temperature 0.6, top-p 0.9 (as instruct models ship). Kernels/step: the "
         "decode + greedy JITs' kernels (graph batches expanded); launches as GlobalCounters counted them. Compiles: "
-        "kernels lowered + programs loaded after warm-up. A second start is a new process on the same CACHEDB.",
+        "kernels lowered + programs loaded after warm-up. A second start is a new process on the same CACHEDB "
+        "and graph cache.",
         "",
     ]
 
@@ -1179,7 +1182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, help="seconds for every step together")
     ap.add_argument("--only", help="comma-separated step labels to run (default: all)")
     ap.add_argument("--cache-dir", default=str(BENCH_DIR / ".cache"), help="checkpoints and tinygrad's CACHEDB")
-    ap.add_argument("--fresh-cache", action="store_true", help="delete the CACHEDB first: a cold first start")
+    ap.add_argument("--fresh-cache", action="store_true", help="delete the CACHEDB and graph cache first: a cold start")
     ap.add_argument("--correctness-dtypes", help="comma-separated compute dtypes of the correctness step")
     ap.add_argument("--ref-python", help="a Python with torch + transformers (default: this one on the GPU)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
@@ -1204,6 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Driver(args, cfg)
     if args.fresh_cache:
         d.cachedb.unlink(missing_ok=True)
+        shutil.rmtree(d.graphs, ignore_errors=True)
     d.say(f"bench_gpu: {'dry run on ' if args.dry_run else ''}{d.device}, budget {args.budget:.0f}s, out {d.out}")
     d.say(f"CACHEDB {d.cachedb} ({'exists' if d.cachedb.exists() else 'new'}); checkpoints in {d.cache_dir}")
     d.start_builds()

@@ -355,7 +355,9 @@ class _FailingGraph(GraphRunner):
 
 
 @pytest.mark.parametrize("fail_after", [0, 5], ids=["fails-when-built", "fails-at-replay"])
-def test_a_failing_device_graph_falls_back_to_plain_kernels(engines, monkeypatch, caplog, fail_after):
+def test_a_failing_device_graph_falls_back_to_plain_kernels(engines, monkeypatch, caplog, fail_after, tmp_path):
+    # a graph cache of its own: the run's shared one may hold this shard's graphs, which would not be captured
+    monkeypatch.setenv("CLUSTERCTL_GRAPH_CACHE", str(tmp_path))
     ref = reference("llama32")
     sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
     plain = engines.get("llama32")  # built before the patch: no graphs

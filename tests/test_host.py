@@ -61,6 +61,8 @@ def test_a_shard_whose_engine_died_is_not_shared_again(host: ShardHost) -> None:
     assert host.live_shards() == []
     fresh = host.load("llama32", 0, 2, max_context=32)
     assert fresh is not dead and fresh.engine.alive and fresh.holders == [""]
+    # the new engine process read the graphs the dead one (or an earlier one) saved: no capture again
+    assert fresh.to_pb().graphs_from_cache and 0 < fresh.to_pb().warmup_s
     host.unload(dead.shard_id)  # its placement lets go of the dead one
     assert host.live_shards() == [fresh] and list(host.shards) == [fresh.shard_id]
 

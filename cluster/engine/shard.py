@@ -600,11 +600,11 @@ class ShardEngine:
         t0 = time.perf_counter()
         path, tensors = self._graph_file()
         cached = graph_cache.load(path, tensors) if path is not None else None
+        loaded = cached is not None and self._install_graphs(cached)
         total = 0
-        if cached is not None and self._install_graphs(cached):
+        if loaded:
             try:
                 total = self._warm_calls()
-                self.graphs_from_cache = True
             except Exception as e:  # noqa: BLE001 - a cached graph that fails is captured again below
                 log.warning(
                     "cached graphs of shard [%d, %d) failed (%s: %s); capturing them again",
@@ -614,10 +614,15 @@ class ShardEngine:
                     e,
                 )
                 self._reset_graphs()
-        if not self.graphs_from_cache:
+                loaded = False
+        if not loaded:
             total = self._warm_calls()
-            if path is not None:
-                self._save_graphs(path, tensors)
+        # a cached device graph that failed was captured again without device graphs (_call_jit): save that
+        self.graphs_from_cache = loaded and all(
+            cached is not None and jit.captured is cached[name] for name, jit in self._jits().items()
+        )
+        if path is not None and not self.graphs_from_cache:
+            self._save_graphs(path, tensors)
         self._progress("warmup", total, total)
         self.ready = True
         self.warmup_s = time.perf_counter() - t0
