@@ -604,7 +604,7 @@ class ShardEngine:
         total = 0
         if loaded:
             try:
-                total = self._warm_calls()
+                total = self._warm_calls(cached=True)
             except Exception as e:  # noqa: BLE001 - a cached graph that fails is captured again below
                 log.warning(
                     "cached graphs of shard [%d, %d) failed (%s: %s); capturing them again",
@@ -629,12 +629,13 @@ class ShardEngine:
         how = "graphs read from the cache" if self.graphs_from_cache else "graphs captured"
         log.info("shard [%d, %d) warm in %.1fs (%s)", self.start, self.end, self.warmup_s, how)
 
-    def _warm_calls(self) -> int:
-        """Run every graph twice: call 1 captures (and runs) it, call 2 replays the captured graph. Returns the
-        number of calls (the progress steps)."""
+    def _warm_calls(self, cached: bool = False) -> int:
+        """Run every graph twice: call 1 captures (and runs) it, call 2 replays the captured graph. Graphs read
+        from the cache are replayed from their first call, so once is enough. Returns the progress steps' total
+        (the same either way)."""
         D = self.cfg.hidden_size
-        steps = 2
-        total, done = (len(self.buckets) + 2) * steps, 0
+        steps, each = (1, 2) if cached else (2, 1)  # calls per graph; progress steps per call
+        total, done = (len(self.buckets) + 2) * 2, 0
 
         def make(n: int) -> np.ndarray:  # what _check_inputs gives: ids, or hidden states in the compute dtype
             return self._check_inputs(np.zeros(n, np.int32) if self.is_first else np.zeros((n, D), np.float32))
@@ -646,12 +647,12 @@ class ShardEngine:
                 for n in (bucket, 2)[:steps]:  # different real lengths, one graph
                     session.length = 0  # positions do not matter here; stay inside a small context
                     self._run_chunk(session, make(n), bucket)
-                    done += 1
+                    done += each
                     self._progress("warmup", done, total)
             for _ in range(steps):
                 session.length = 0
                 self.forward(sid, make(1), token_ids=[0])
-                done += 1
+                done += each
                 self._progress("warmup", done, total)
             if self.is_last:
                 warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
@@ -659,7 +660,7 @@ class ShardEngine:
                 for _ in range(steps):
                     session.length = 0
                     self.forward(sid, make(1), sampling=warm, token_ids=[0])
-                    done += 1
+                    done += each
                     self._progress("warmup", done, total)
         finally:
             self.end_session(sid)
