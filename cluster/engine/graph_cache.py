@@ -4,11 +4,11 @@ Capturing a graph costs seconds of tinygrad's Python for every graph a shard com
 rewrites, lowering; the compiler's own output is already cached by tinygrad), paid again by every process. A
 captured graph is a tree of UOps holding its compiled programs, and tinygrad can pickle it. What it must not
 carry is the shard's weights: those are pickled as names and tied to the new process's tensors of the same
-name, shape and dtype when the graph is read back. The memory planner's scratch arena (int8 buffers) is
+names when the graph is read back (the key holds every name's shape and dtype). The memory planner's scratch arena (int8 buffers) is
 recreated empty; any other buffer a graph holds keeps its contents.
 
 The key covers everything that shapes a graph: the code of this package, tinygrad's version and settings, the
-device and what its compiler targets, the model's config, the shard's layers, dtype, context and chunk sizes,
+device and what its compiler targets, the host's CPU, the model's config, the shard's layers, dtype, context and chunk sizes,
 and the name, shape and dtype of every tensor the graphs may read. A file that fails to load is dropped and
 the graphs are captured again.
 
@@ -123,7 +123,7 @@ def graph_key(device: str, description: Mapping[str, Any], tensors: Mapping[str,
         "settings": _settings(),
         "device": device,
         "target": repr(getattr(renderer, "target", type(renderer).__name__)),
-        "host": _cpu_identity() if device.split(":")[0] == "CPU" else "",
+        "host": _cpu_identity(),  # CPU programs (and pocl's) are compiled for this CPU; harmless elsewhere
         "shard": {k: repr(v) for k, v in description.items()},
         "tensors": {name: [str(t.dtype), list(t.shape), str(t.device)] for name, t in sorted(tensors.items())},
     }

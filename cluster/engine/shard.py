@@ -384,9 +384,7 @@ class ShardEngine:
                 why = f"{type(e).__name__}: {e}"
                 log.warning("device graph failed on %s (%s); running kernels without graphs", self.device, why)
                 self.jit_graphs = False
-            jit.reset()
-            self._replay.forget(jit)
-            jit.cnt = 1  # capture on the next call, as in __init__
+            self._reset_jit(jit)
             with self._no_graphs():
                 return self._replay(jit, *args)
 
@@ -677,9 +675,10 @@ class ShardEngine:
     def _graph_tensors(self) -> dict[str, Tensor]:
         """Every long-lived tensor a graph may read or write, by a name that is the same in every process."""
         named = {f"model.{k}": t for k, t in get_state_dict(self.model).items()}
-        for name in ("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"):
-            named[name] = getattr(self, name)
-        for name in ("no_seen", "no_bias", "bias", "all_allowed", "allowed"):
+        for name in (
+            *("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"),
+            *("no_seen", "no_bias", "bias", "all_allowed", "allowed"),
+        ):
             named[name] = getattr(self, name)
         named.update({f"inputs{rows}": t for rows, t in self.inputs.items()})
         return named
@@ -711,9 +710,12 @@ class ShardEngine:
 
     def _reset_graphs(self) -> None:
         for jit in self._jits().values():
-            jit.reset()
-            self._replay.forget(jit)
-            jit.cnt = 1  # capture on the next call, as in __init__
+            self._reset_jit(jit)
+
+    def _reset_jit(self, jit: Any) -> None:
+        jit.reset()
+        self._replay.forget(jit)
+        jit.cnt = 1  # capture on the next call, as in __init__
 
     def _save_graphs(self, path: Path, tensors: dict[str, Tensor]) -> None:
         graphs = {name: jit.captured for name, jit in self._jits().items()}
