@@ -4,13 +4,13 @@ Capturing a graph costs seconds of tinygrad's Python for every graph a shard com
 rewrites, lowering; the compiler's own output is already cached by tinygrad), paid again by every process. A
 captured graph is a tree of UOps holding its compiled programs, and tinygrad can pickle it. What it must not
 carry is the shard's weights: those are pickled as names and tied to the new process's tensors of the same
-names when the graph is read back (the key holds every name's shape and dtype). The memory planner's scratch arena (int8 buffers) is
-recreated empty; any other buffer a graph holds keeps its contents.
+names when the graph is read back (the key holds every name's shape and dtype). The memory planner's scratch
+arena (int8 buffers) is recreated empty; any other buffer a graph holds keeps its contents.
 
 The key covers everything that shapes a graph: the code of this package, tinygrad's version and settings, the
-device and what its compiler targets, the host's CPU, the model's config, the shard's layers, dtype, context and chunk sizes,
-and the name, shape and dtype of every tensor the graphs may read. A file that fails to load is dropped and
-the graphs are captured again.
+device and what its compiler targets, the host's CPU, the model's config, the shard's layers, dtype, context
+and chunk sizes, and the name, shape and dtype of every tensor the graphs may read. A file that fails to load
+is dropped and the graphs are captured again.
 
 The files are pickles, read back only from the user's own cache directory (as tinygrad's own cache is):
 `$CLUSTERCTL_GRAPH_CACHE`, or `$XDG_CACHE_HOME/clusterctl/graphs` (default `~/.cache/...`); `off` disables it.
