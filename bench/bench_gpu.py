@@ -334,7 +334,7 @@ def w_speed(a: dict[str, Any]) -> None:
     emit(load_s=time.perf_counter() - t0, dtype=dtype_name(eng.dtype), resident_bytes=resident_bytes(eng))
     t0 = time.perf_counter()
     eng.warmup()
-    emit(warmup_s=time.perf_counter() - t0, graphs=graph_state(eng))
+    emit(warmup_s=time.perf_counter() - t0, graphs=graph_state(eng), graphs_from_cache=eng.graphs_from_cache)
     compiled = compile_count()
 
     vocab = eng.cfg.vocab_size
@@ -1046,6 +1046,7 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
             w1, w2 = first["warmup_s"], second["warmup_s"]
             name = f"{label.removesuffix(SECOND)}: a second start warms up in half the time ({w1:.1f} -> {w2:.1f} s)"
             targets.append((name, w2 < 0.5 * w1))
+            targets.append((f"{label}: graphs read from the graph cache", second.get("graphs_from_cache")))
     return out, targets
 
 
