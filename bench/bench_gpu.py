@@ -1212,7 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
     d.say(f"bench_gpu: {'dry run on ' if args.dry_run else ''}{d.device}, budget {args.budget:.0f}s, out {d.out}")
     d.say(f"CACHEDB {d.cachedb} ({'exists' if d.cachedb.exists() else 'new'}); checkpoints in {d.cache_dir}")
     d.start_builds()
-    only = set(args.only.split(",")) if args.only else None
+    # labels are comma-separated, but a second start's label has a comma of its own
+    only = {x.strip() for x in re.split(f",(?!{SECOND[1:]})", args.only)} if args.only else None
     t0 = time.monotonic()
     for label, kind, timeout, step_args in PLAN:
         label = label.format(beam=cfg["beam_label"])
