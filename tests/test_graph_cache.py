@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import BUCKETS, FIXTURES, two_sessions
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, TinyJit, dtypes
 
 from cluster.engine import graph_cache
 from cluster.engine.process import EngineProcess
@@ -138,3 +138,30 @@ def test_the_cache_off_writes_nothing(monkeypatch, tmp_path) -> None:
     engine = ShardEngine(FIXTURES / "llama32", 0, 1, prefill_buckets=BUCKETS, max_context=32)
     assert engine._graph_file() == (None, {})
     assert not list(tmp_path.rglob("*"))
+
+
+def test_weights_are_tied_by_name_not_saved(tmp_path, caplog) -> None:
+    # reference: numpy. A graph saved beside one weight and read back beside another of the same name computes
+    # with the new one, and the file holds no copy of the weight.
+    w = Tensor(np.full(65536, 1.0, np.float32)).contiguous().realize()
+
+    @TinyJit
+    def scale(x: Tensor) -> Tensor:
+        return (x * w).sum().realize()
+
+    x = Tensor(np.arange(65536, dtype=np.float32) / 65536).contiguous().realize()
+    for _ in range(3):  # runs, captures, replays
+        scale(x)
+    path = tmp_path / "scale.graphs"
+    size = graph_cache.save(path, {"scale": scale.captured}, {"w": w})
+    assert size < w.nbytes() / 2
+
+    other = Tensor(np.full(65536, 3.0, np.float32)).contiguous().realize()
+    graphs = graph_cache.load(path, {"w": other})
+    assert graphs is not None
+    replay = type(scale)(None, graphs["scale"])  # a TinyJit with a captured graph and no function
+    np.testing.assert_allclose(replay(x).item(), 3.0 * x.numpy().sum(), rtol=1e-5)
+
+    with caplog.at_level(logging.WARNING, logger="cluster.engine.graph_cache"):
+        assert graph_cache.load(path, {"w": Tensor.ones(65536) * 2}) is None  # lazy: no buffer to tie
+    assert "no buffer" in caplog.text

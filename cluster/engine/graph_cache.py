@@ -164,7 +164,10 @@ class _Loader(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> UOp:
         if pid[0] == "tensor":
-            return self.tensors[pid[1]].uop.base
+            base = self.tensors[pid[1]].uop.base
+            if base.op is not Ops.BUFFER or buffers.get(base) is None:  # not (yet) realized here: no buffer to tie
+                raise pickle.UnpicklingError(f"tensor {pid[1]!r} has no buffer in this shard")
+            return base
         _, slot, device, size, dtype, contents = pid
         if slot not in self.scratch:
             # a new slot number: the saved one may belong to an unrelated buffer of this process
