@@ -90,9 +90,9 @@ def _node_option(f: Any) -> Any:
 
 
 def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> Callable[[Any], Any]:
-    """--device, --dtype, --max-context, --prefill-chunks, --cpu-threads and --models-dir, for `join` and for `run`
-    (the node or the local engine it starts). envvars: also read from CLUSTERCTL_* environment variables, as `join`
-    does."""
+    """--device, --dtype, --max-context, --prefill-chunks, --cpu-threads, --graph-cache and --models-dir, for `join`
+    and for `run` (the node or the local engine it starts). envvars: also read from CLUSTERCTL_* environment
+    variables, as `join` does (--graph-cache always is: the engine reads that variable itself)."""
 
     def env(name: str) -> dict[str, Any]:
         return {"envvar": f"CLUSTERCTL_{name}", "show_envvar": True} if envvars else {}
@@ -128,6 +128,16 @@ def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> 
             help="CPU cores a CPU engine computes on (tinygrad's NUM_CPU_THREADS). Default: all of them.",
         ),
         click.option(
+            "--graph-cache",
+            envvar="CLUSTERCTL_GRAPH_CACHE",
+            show_envvar=True,
+            expose_value=False,
+            callback=_use_graph_cache,
+            metavar="DIR|off",
+            help="Where shards keep the graphs they compiled, so that their next start skips most of the warm-up; "
+            "off: compile at every start. Default: ~/.cache/clusterctl/graphs.",
+        ),
+        click.option(
             "--models-dir",
             **env("MODELS_DIR"),
             type=click.Path(file_okay=False, path_type=Path),
@@ -154,6 +164,13 @@ def _limit_cpu_threads(threads: int | None) -> None:
         from tinygrad.helpers import NUM_CPU_THREADS
 
         NUM_CPU_THREADS.value = threads
+
+
+def _use_graph_cache(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--graph-cache: the engine reads CLUSTERCTL_GRAPH_CACHE, here and in the engine processes (which inherit the
+    environment)."""
+    if value:
+        os.environ["CLUSTERCTL_GRAPH_CACHE"] = value
 
 
 def _resolve_token(token: str | None, token_file: Path | None) -> str | None:

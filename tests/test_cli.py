@@ -75,7 +75,7 @@ def test_run_raw_json_gives_the_reference_tokens():
     assert "WARNING" not in p.stderr and "plan for" not in p.stderr, p.stderr
 
 
-def test_run_chat_with_logprobs_in_process():
+def test_run_chat_with_logprobs_in_process(tmp_path):
     ref = reference("qwen3")
     p = clusterctl(
         "run",
@@ -89,8 +89,11 @@ def test_run_chat_with_logprobs_in_process():
         "--temperature",
         "0",
         "--local",
+        "--graph-cache",
+        str(tmp_path / "graphs"),
     )
     assert p.returncode == 0, p.stderr
+    assert len(list((tmp_path / "graphs").glob("*.graphs"))) == 1  # the engine saved its graphs where it was told
     tokens, summary = json_lines(p.stdout)
     assert summary["usage"]["prompt_tokens"] == len(ref["chat_prompt_ids"])  # the chat template was applied
     for t in tokens:
