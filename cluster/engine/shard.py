@@ -11,7 +11,6 @@ preallocated buffers, so nothing compiles after `warmup()`.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -205,9 +204,10 @@ class ShardEngine:
         self.on_cpu = self.device.split(":")[0] == "CPU"  # tinygrad's CPU device, whichever renderer
         # blocks of 8 rows pay only with cpu_matmul's options; tinygrad alone computes 4 rows at once
         narrow_block = CPU_ROW_BLOCK
+        # the environment's switches, read once: what is read here is what the graph files' key holds
+        self._env = graph_cache.engine_env()
         # replays of a device tinygrad has no graph for (CPU, OpenCL) through ours; 0: its executor, for comparison
-        replay_graph = os.environ.get("CLUSTERCTL_REPLAY_GRAPH", "1") != "0"
-        self._env = graph_cache.engine_env()  # the switches read here: part of the graph files' key
+        replay_graph = self._env["CLUSTERCTL_REPLAY_GRAPH"] != "0"
         if self.on_cpu:
             cpu_threads.enable()
             if replay_graph:
@@ -215,11 +215,11 @@ class ShardEngine:
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
         else:
-            if os.environ.get("CLUSTERCTL_GPU_MATVEC", "1") != "0":  # 0: tinygrad's own options, for comparison
+            if self._env["CLUSTERCTL_GPU_MATVEC"] != "0":  # 0: tinygrad's own options, for comparison
                 gpu_matvec.enable()
             if replay_graph and self.device.split(":")[0] == "CL":
                 launch_graph.enable(self.device)
-            if self.device.split(":")[0] == "CUDA" and os.environ.get("CLUSTERCTL_CUDA_GRAPH") == "changed":
+            if self.device.split(":")[0] == "CUDA" and self._env["CLUSTERCTL_CUDA_GRAPH"] == "changed":
                 from cluster.engine import cuda_graph  # loads tinygrad's CUDA bindings: only on CUDA
 
                 cuda_graph.enable(self.device)
