@@ -567,21 +567,10 @@ class Coordinator:
         return shards
 
     # ------------------------------------------------------------------------------------ requests
-    def encode(
-        self,
-        model: str,
-        *,
-        prompt: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        template_kwargs: dict[str, Any] | None = None,
-        raw: bool = False,
-    ) -> Prompt:
-        """The prompt of a request, with MODEL's tokenizer (generation.encode_prompt)."""
-        tokenizer = self.resolve(model).tokenizer
-        return encode_prompt(
-            tokenizer, prompt=prompt, messages=messages, tools=tools, template_kwargs=template_kwargs, raw=raw
-        )
+    def encode(self, model: str, **request: Any) -> Prompt:
+        """The prompt of a request (generation.encode_prompt's keywords: prompt, messages, tools, template_kwargs,
+        raw), with MODEL's tokenizer."""
+        return encode_prompt(self.resolve(model).tokenizer, **request)
 
     def generate(
         self,
