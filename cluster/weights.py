@@ -1,25 +1,38 @@
 """safetensors checkpoints: validate headers, then read only the tensors a shard needs.
 
-`load` hands out placeholders; `materialize` then reads each tensor's byte range with one pread and moves
-it to the device, one tensor at a time, so host memory holds at most one tensor beyond what the shard keeps
-and nothing else in the file is touched (files may be read-only). bf16 is widened on the device with
-integer ops because clang's CPU target has no __bf16.
+`load` hands out placeholders; `materialize` then reads each tensor's byte range and moves it to the device,
+one tensor at a time, so host memory holds at most one tensor beyond what the shard keeps and nothing else in
+the file is touched (files may be read-only).
+
+Most tensors need no arithmetic on the way (stored bytes, bf16 widened to float32 by a shift, rows interleaved
+in blocks): those are laid out by numpy and copied straight into the device buffer, on a CPU device written in
+place. A tinygrad kernel per tensor would cost its scheduling and code generation (seconds for a 1B model)
+and write every byte to fresh memory twice more. Casts that round (bf16 or float32 to float16) run on the
+device, where they are exact and fast: numpy's float16 conversion is scalar code.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
-from tinygrad.dtype import DType
+from tinygrad.device import Buffer
+from tinygrad.dtype import DType, _to_np_dtype
+
+from cluster.engine.buffers import copy_into
 
 log = logging.getLogger(__name__)
+
+
+_THREADS = len(os.sched_getaffinity(0))
 
 
 class CheckpointError(ValueError):
@@ -218,8 +231,16 @@ class Checkpoint:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
         devices = {str(placeholder.device) for placeholder, *_ in pending}
+        on_host = [_copies_on_host(infos[0], placeholder.dtype, raw) for placeholder, infos, raw, _ in pending]
+        # one host buffer that every read reuses: fresh memory costs a page fault per 4 KiB on first touch
+        sizes = [sum(info.nbytes for info in infos) for _, infos, *_ in pending]
+        largest = max((size for size, host in zip(sizes, on_host, strict=True) if host), default=0)
+        scratch = np.empty(largest, dtype=np.uint8)
         for i, (placeholder, infos, raw, row_block) in enumerate(pending):
-            self._fill(placeholder, infos, raw, row_block)
+            if on_host[i]:
+                self._fill_from_host(placeholder, infos, raw, row_block, scratch)
+            else:
+                self._fill_on_device(placeholder, infos, raw, row_block)
             if progress is not None:
                 progress(i + 1, len(pending))
         for device in devices:
@@ -228,7 +249,7 @@ class Checkpoint:
             if free_cache is not None:
                 free_cache()
 
-    def _fill(self, placeholder: Tensor, infos: tuple[TensorInfo, ...], raw: bool, row_block: int) -> None:
+    def _fill_on_device(self, placeholder: Tensor, infos: tuple[TensorInfo, ...], raw: bool, row_block: int) -> None:
         info = infos[0]
         host = self.read(info) if len(infos) == 1 else np.concatenate([self.read(i) for i in infos])
         t = Tensor(host, device=placeholder.device)
@@ -238,6 +259,45 @@ class Checkpoint:
             out, cols = info.shape
             t = t.reshape(out // row_block, row_block, cols).permute(0, 2, 1)
         placeholder.replace(t.cast(placeholder.dtype).contiguous().realize())
+
+    def _fill_from_host(
+        self, placeholder: Tensor, infos: tuple[TensorInfo, ...], raw: bool, row_block: int, scratch: np.ndarray
+    ) -> None:
+        buffer = placeholder.uop.base.buffer
+        assert isinstance(buffer, Buffer), "a placeholder lives on one device"
+        shape = tuple(int(d) for d in placeholder.shape)
+        in_place = _host_array(buffer.ensure_allocated(), shape)  # None: the device has memory of its own
+        stored_dtype = _DTYPES[infos[0].dtype][0]
+        widen = infos[0].dtype == "BF16" and not raw
+        if in_place is not None and row_block == 1 and not widen:
+            self._read_into(infos, in_place.reshape(-1).view(np.uint8))  # the file's bytes are the layout
+            return
+        nbytes = sum(i.nbytes for i in infos)
+        stored = self._read_into(infos, scratch[:nbytes]).view(stored_dtype)
+        stored = stored.reshape(sum(i.shape[0] for i in infos), *infos[0].shape[1:])
+        target = in_place if in_place is not None else np.empty(shape, _to_np_dtype(placeholder.dtype))
+        out = target
+        if row_block > 1:  # (out, in) -> (out/R, in, R), written in the order it is read (numpy is faster so)
+            rows, cols = stored.shape
+            stored, out = stored.reshape(rows // row_block, row_block, cols), target.transpose(0, 2, 1)
+        _copy_rows(out, stored, widen)
+        if in_place is None:
+            copy_into(placeholder, target)
+
+    def _read_into(self, infos: Sequence[TensorInfo], out: np.ndarray) -> np.ndarray:
+        """The stored bytes of `infos`, one after another, read into `out` (uint8, exactly their size)."""
+        view, pos = memoryview(out), 0  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+        for info in infos:
+            try:
+                with open(info.file, "rb") as f:
+                    f.seek(info.offset)
+                    got = f.readinto(view[pos : pos + info.nbytes])
+            except OSError as e:
+                raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e})") from None
+            if got != info.nbytes:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            pos += info.nbytes
+        return out
 
     def nbytes(self, names: Iterable[str]) -> int:
         return sum(self.info(n).nbytes for n in names)
@@ -250,6 +310,40 @@ def _placeholder_dtype(info: TensorInfo, dtype: DType | None, raw: bool) -> DTyp
     if raw:
         return stored
     return dtype or (dtypes.float32 if info.dtype == "BF16" else stored)
+
+
+def _copies_on_host(info: TensorInfo, dtype: DType, raw: bool) -> bool:
+    """Whether the placeholder holds the stored values exactly (the bytes themselves, or bf16 widened)."""
+    stored = getattr(dtypes, _DTYPES[info.dtype][0])
+    return raw or dtype == stored or (info.dtype == "BF16" and dtype == dtypes.float32)
+
+
+def _copy_rows(out: np.ndarray, stored: np.ndarray, widen: bool) -> None:
+    """out[...] = stored (bf16 bits widened to float32 when `widen`), in slices of the first axis on every core:
+    writing memory for the first time is slow, and numpy copies on one thread."""
+    parts = min(_THREADS, max(1, stored.nbytes >> 23), len(stored))  # slices of at least 8 MiB
+
+    def copy(rows: slice) -> None:
+        if widen:  # bf16 bits are the high half of the float32
+            np.left_shift(stored[rows], 16, out=out[rows].view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(out[rows], stored[rows])
+
+    bounds = np.linspace(0, len(stored), parts + 1).astype(int)
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if parts == 1:
+        copy(slices[0])
+        return
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(copy, slices))
+
+
+def _host_array(buffer: Buffer, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The device buffer's own memory as numpy (devices in host memory: the CPU), else None."""
+    if not hasattr(buffer.allocator, "_as_buffer"):
+        return None
+    memory = buffer.as_memoryview(force_zero_copy=True)
+    return np.frombuffer(memory, dtype=_to_np_dtype(buffer.dtype)).reshape(shape)
 
 
 def row_blocked(t: Tensor) -> Tensor:

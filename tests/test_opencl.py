@@ -126,3 +126,21 @@ def test_a_large_vocabulary_is_looked_up_on_opencl(bits: int) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     # a gather: about the rows' bytes, not the partial sums that the split wrote (32 float32 values per value here)
     assert GlobalCounters.global_mem < 4 * got.nbytes + ids.nbytes
+
+
+def test_weights_are_copied_in_from_the_host(tmp_path) -> None:
+    """OpenCL buffers are not host memory: exact loads are laid out by numpy and copied in, casts to float16 run on
+    the device. Reference: numpy (the fixture's bf16 bits, widened; float16 by numpy's rounding)."""
+    from cluster.weights import Checkpoint
+
+    ckpt = Checkpoint(FIXTURES / "llama32")
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k")]
+    bits = [ckpt.read(ckpt.info(n)) for n in names]
+    raw = ckpt.load(names[0], "CL", raw=True)
+    stacked = ckpt.load_rows(names, "CL", dtypes.float32)
+    half = ckpt.load(names[1], "CL", dtypes.float16)
+    ckpt.materialize()
+    widened = [(b.astype(np.uint32) << 16).view(np.float32) for b in bits]
+    np.testing.assert_array_equal(raw.numpy(), bits[0])
+    np.testing.assert_array_equal(stacked.numpy(), np.concatenate(widened))
+    np.testing.assert_array_equal(half.numpy(), widened[1].astype(np.float16))

@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tinygrad import dtypes
+from tinygrad import GlobalCounters, dtypes
 
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, Linear, QuantLinear, load_shard
@@ -214,6 +214,47 @@ def test_row_block_interleaves_rows_and_row_blocked_undoes_it(tmp_path, raw):
     write_raw(tmp_path / "model.safetensors", {"v": ("BF16", [8], bits.reshape(-1)[:8].tobytes())})
     with pytest.raises(ValueError, match="needs a 2-D tensor"):
         Checkpoint(tmp_path).load("v", "CPU", row_block=4)
+
+
+def test_exact_loads_are_copied_from_the_host_and_rounding_casts_run_on_the_device(tmp_path):
+    """Stored bytes, bf16 widened, rows interleaved, tensors stacked: numpy lays them out and they are written into
+    the device buffer without a tinygrad kernel (none to schedule or compile). A cast that rounds (bf16 to float16)
+    runs on the device. Reference: numpy (the widened bits; float16 by numpy's round-to-nearest-even)."""
+    rng = np.random.default_rng(4)
+    bits = rng.integers(0, 2**16, (3, 8, 6), dtype=np.uint16) & 0x3FFF  # finite bf16 values, float16 range
+    words = rng.integers(0, 2**32, (8, 2), dtype=np.uint32)
+    tensors = {f"w{i}": ("BF16", [8, 6], bits[i].tobytes()) for i in range(3)}
+    write_raw(tmp_path / "model.safetensors", {**tensors, "q": ("U32", [8, 2], words.tobytes())})
+    ckpt = Checkpoint(tmp_path)
+    raw_blocked = ckpt.load("w0", "CPU", raw=True, row_block=4)
+    widened_blocked = ckpt.load("w1", "CPU", row_block=2)
+    stacked = ckpt.load_rows(["w0", "w1", "w2"], "CPU")
+    stacked_bits = ckpt.load_rows(["w2", "w0"], "CPU", raw=True)
+    quant = ckpt.load("q", "CPU", row_block=4)
+    kernels = GlobalCounters.kernel_count
+    ckpt.materialize()
+    assert GlobalCounters.kernel_count == kernels
+    widened = bf16_to_f32(bits)
+    np.testing.assert_array_equal(raw_blocked.numpy(), bits[0].reshape(2, 4, 6).transpose(0, 2, 1))
+    np.testing.assert_array_equal(widened_blocked.numpy(), widened[1].reshape(4, 2, 6).transpose(0, 2, 1))
+    np.testing.assert_array_equal(stacked.numpy(), widened.reshape(24, 6))
+    np.testing.assert_array_equal(stacked_bits.numpy(), np.concatenate([bits[2], bits[0]]))
+    np.testing.assert_array_equal(quant.numpy(), words.reshape(2, 4, 2).transpose(0, 2, 1))
+
+    half = ckpt.load("w2", "CPU", dtypes.float16)
+    ckpt.materialize()
+    assert GlobalCounters.kernel_count > kernels
+    np.testing.assert_array_equal(half.numpy(), widened[2].astype(np.float16))
+
+
+def test_file_cut_after_its_header_was_read_names_file_and_tensor(tmp_path):
+    write_raw(tmp_path / "model.safetensors", {"w": ("F32", [4, 4], np.ones((4, 4), np.float32).tobytes())})
+    ckpt = Checkpoint(tmp_path)
+    ckpt.load("w", "CPU")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: truncated while reading tensor 'w'"):
+        ckpt.materialize()
 
 
 # ------------------------------------------------------------------------------------------ errors
