@@ -4,11 +4,10 @@
 one tensor at a time, so host memory holds at most one tensor beyond what the shard keeps and nothing else in
 the file is touched (files may be read-only).
 
-Most tensors need no arithmetic on the way (stored bytes, bf16 widened to float32 by a shift, rows interleaved
-in blocks): those are laid out by numpy and copied straight into the device buffer, on a CPU device written in
-place. A tinygrad kernel per tensor would cost its scheduling and code generation (seconds for a 1B model)
-and write every byte to fresh memory twice more. Casts that round (bf16 or float32 to float16) run on the
-device, where they are exact and fast: numpy's float16 conversion is scalar code.
+Tensors are laid out by numpy (bf16 widened, cast to the compute dtype, rows interleaved in blocks, tensors
+stacked) and copied straight into the device buffer, on a CPU device written in place. numpy rounds to float16
+as devices do (to nearest even). A tinygrad kernel per tensor would cost its scheduling and code generation
+(seconds for a 1B model) and write every byte to fresh memory twice more. Other conversions run on the device.
 """
 
 from __future__ import annotations
@@ -231,7 +230,7 @@ class Checkpoint:
         """Read every placeholder handed out by `load` into its device buffer, one tensor at a time."""
         pending, self._pending = self._pending, []
         devices = {str(placeholder.device) for placeholder, *_ in pending}
-        on_host = [_copies_on_host(infos[0], placeholder.dtype, raw) for placeholder, infos, raw, _ in pending]
+        on_host = [_converts_on_host(infos[0], placeholder.dtype, raw) for placeholder, infos, raw, _ in pending]
         # one host buffer that every read reuses: fresh memory costs a page fault per 4 KiB on first touch
         sizes = [sum(info.nbytes for info in infos) for _, infos, *_ in pending]
         largest = max((size for size, host in zip(sizes, on_host, strict=True) if host), default=0)
@@ -268,8 +267,8 @@ class Checkpoint:
         shape = tuple(int(d) for d in placeholder.shape)
         in_place = _host_array(buffer.ensure_allocated(), shape)  # None: the device has memory of its own
         stored_dtype = _DTYPES[infos[0].dtype][0]
-        widen = infos[0].dtype == "BF16" and not raw
-        if in_place is not None and row_block == 1 and not widen:
+        bf16 = infos[0].dtype == "BF16" and not raw  # read as uint16 bits
+        if in_place is not None and row_block == 1 and in_place.dtype == stored_dtype:
             self._read_into(infos, in_place.reshape(-1).view(np.uint8))  # the file's bytes are the layout
             return
         nbytes = sum(i.nbytes for i in infos)
@@ -280,7 +279,7 @@ class Checkpoint:
         if row_block > 1:  # (out, in) -> (out/R, in, R), written in the order it is read (numpy is faster so)
             rows, cols = stored.shape
             stored, out = stored.reshape(rows // row_block, row_block, cols), target.transpose(0, 2, 1)
-        _copy_rows(out, stored, widen)
+        _copy_rows(out, stored, bf16)
         if in_place is None:
             copy_into(placeholder, target)
 
@@ -312,22 +311,27 @@ def _placeholder_dtype(info: TensorInfo, dtype: DType | None, raw: bool) -> DTyp
     return dtype or (dtypes.float32 if info.dtype == "BF16" else stored)
 
 
-def _copies_on_host(info: TensorInfo, dtype: DType, raw: bool) -> bool:
-    """Whether the placeholder holds the stored values exactly (the bytes themselves, or bf16 widened)."""
+def _converts_on_host(info: TensorInfo, dtype: DType, raw: bool) -> bool:
+    """Whether numpy makes the placeholder's values exactly as the device would: the stored bytes, or a float
+    checkpoint (bf16, float16, float32) in float16 or float32, rounded to nearest even like a device cast."""
     stored = getattr(dtypes, _DTYPES[info.dtype][0])
-    return raw or dtype == stored or (info.dtype == "BF16" and dtype == dtypes.float32)
+    floats = info.dtype in ("BF16", "F16", "F32") and dtype in (dtypes.float16, dtypes.float32)
+    return raw or dtype == stored or floats
 
 
-def _copy_rows(out: np.ndarray, stored: np.ndarray, widen: bool) -> None:
-    """out[...] = stored (bf16 bits widened to float32 when `widen`), in slices of the first axis on every core:
-    writing memory for the first time is slow, and numpy copies on one thread."""
+def _copy_rows(out: np.ndarray, stored: np.ndarray, bf16: bool) -> None:
+    """out[...] = stored, cast to out's dtype (bf16 bits widened first when `bf16`), in slices of the first axis
+    on every core: writing memory for the first time is slow, and numpy copies and casts on one thread."""
     parts = min(_THREADS, max(1, stored.nbytes >> 23), len(stored))  # slices of at least 8 MiB
 
+    @np.errstate(over="ignore")  # beyond float16's range is inf, as a device's cast makes it
     def copy(rows: slice) -> None:
-        if widen:  # bf16 bits are the high half of the float32
+        if bf16 and out.dtype == np.float32:  # bf16 bits are the high half of the float32
             np.left_shift(stored[rows], 16, out=out[rows].view(np.uint32), dtype=np.uint32)
+        elif bf16:
+            np.copyto(out[rows], (stored[rows].astype(np.uint32) << 16).view(np.float32), casting="same_kind")
         else:
-            np.copyto(out[rows], stored[rows])
+            np.copyto(out[rows], stored[rows], casting="same_kind")
 
     bounds = np.linspace(0, len(stored), parts + 1).astype(int)
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -129,8 +129,8 @@ def test_a_large_vocabulary_is_looked_up_on_opencl(bits: int) -> None:
 
 
 def test_weights_are_copied_in_from_the_host(tmp_path) -> None:
-    """OpenCL buffers are not host memory: exact loads are laid out by numpy and copied in, casts to float16 run on
-    the device. Reference: numpy (the fixture's bf16 bits, widened; float16 by numpy's rounding)."""
+    """OpenCL buffers are not host memory: tensors are laid out by numpy and copied in. Reference: numpy (the
+    fixture's bf16 bits, widened) and the device's own cast to float16."""
     from cluster.weights import Checkpoint
 
     ckpt = Checkpoint(FIXTURES / "llama32")
@@ -143,4 +143,4 @@ def test_weights_are_copied_in_from_the_host(tmp_path) -> None:
     widened = [(b.astype(np.uint32) << 16).view(np.float32) for b in bits]
     np.testing.assert_array_equal(raw.numpy(), bits[0])
     np.testing.assert_array_equal(stacked.numpy(), np.concatenate(widened))
-    np.testing.assert_array_equal(half.numpy(), widened[1].astype(np.float16))
+    np.testing.assert_array_equal(half.numpy(), Tensor(widened[1], device="CL").cast(dtypes.float16).numpy())

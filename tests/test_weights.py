@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tinygrad import GlobalCounters, dtypes
+from tinygrad import GlobalCounters, Tensor, dtypes
 
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, Linear, QuantLinear, load_shard
@@ -216,12 +216,11 @@ def test_row_block_interleaves_rows_and_row_blocked_undoes_it(tmp_path, raw):
         Checkpoint(tmp_path).load("v", "CPU", row_block=4)
 
 
-def test_exact_loads_are_copied_from_the_host_and_rounding_casts_run_on_the_device(tmp_path):
+def test_loads_are_laid_out_on_the_host_and_written_into_the_device_buffer(tmp_path):
     """Stored bytes, bf16 widened, rows interleaved, tensors stacked: numpy lays them out and they are written into
-    the device buffer without a tinygrad kernel (none to schedule or compile). A cast that rounds (bf16 to float16)
-    runs on the device. Reference: numpy (the widened bits; float16 by numpy's round-to-nearest-even)."""
+    the device buffer without a tinygrad kernel (none to schedule or compile). Reference: numpy (the widened bits)."""
     rng = np.random.default_rng(4)
-    bits = rng.integers(0, 2**16, (3, 8, 6), dtype=np.uint16) & 0x3FFF  # finite bf16 values, float16 range
+    bits = rng.integers(0, 2**16, (3, 8, 6), dtype=np.uint16) & 0x3FFF  # finite bf16 values
     words = rng.integers(0, 2**32, (8, 2), dtype=np.uint32)
     tensors = {f"w{i}": ("BF16", [8, 6], bits[i].tobytes()) for i in range(3)}
     write_raw(tmp_path / "model.safetensors", {**tensors, "q": ("U32", [8, 2], words.tobytes())})
@@ -241,10 +240,43 @@ def test_exact_loads_are_copied_from_the_host_and_rounding_casts_run_on_the_devi
     np.testing.assert_array_equal(stacked_bits.numpy(), np.concatenate([bits[2], bits[0]]))
     np.testing.assert_array_equal(quant.numpy(), words.reshape(2, 4, 2).transpose(0, 2, 1))
 
-    half = ckpt.load("w2", "CPU", dtypes.float16)
+
+def test_float16_loads_round_as_the_device_casts(tmp_path):
+    """bf16 and float32 checkpoints computed in float16 are rounded on the host; the reference is tinygrad's own cast
+    on the device, over normal values, values that become float16 subnormals (rounded), ties and overflows."""
+    rng = np.random.default_rng(5)
+    scales = np.array([1e-9, 1e-7, 3e-6, 6e-5, 1e-2, 1.0, 300.0, 7e4], np.float32)
+    values = (rng.standard_normal((8, 64)).astype(np.float32) * scales[:, None]).astype(np.float32)
+    values[0, :4] = [2049.0, 2051.0, 65520.0, -65519.0]  # ties to even, overflow to inf, largest finite
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)
+    write_raw(
+        tmp_path / "model.safetensors",
+        {"b": ("BF16", [8, 64], bits.tobytes()), "f": ("F32", [8, 64], values.tobytes())},
+    )
+    ckpt = Checkpoint(tmp_path)
+    from_bf16 = ckpt.load("b", "CPU", dtypes.float16)
+    from_f32 = ckpt.load_rows(["f", "f"], "CPU", dtypes.float16)
+    kernels = GlobalCounters.kernel_count
+    ckpt.materialize()
+    assert GlobalCounters.kernel_count == kernels
+    device = {
+        "b": Tensor(bf16_to_f32(bits), device="CPU").cast(dtypes.float16).numpy(),
+        "f": Tensor(values, device="CPU").cast(dtypes.float16).numpy(),
+    }
+    np.testing.assert_array_equal(from_bf16.numpy().view(np.uint16), device["b"].view(np.uint16))
+    np.testing.assert_array_equal(from_f32.numpy().view(np.uint16), np.concatenate([device["f"]] * 2).view(np.uint16))
+    assert np.isinf(from_f32.numpy()[0, 2]) and (from_bf16.numpy()[:3] != 0).any()
+
+
+def test_other_casts_run_on_the_device(tmp_path):
+    ints = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)
+    write_raw(tmp_path / "model.safetensors", {"i": ("I32", [3, 4], ints.tobytes())})
+    ckpt = Checkpoint(tmp_path)
+    as_float = ckpt.load("i", "CPU", dtypes.float32)
+    kernels = GlobalCounters.kernel_count
     ckpt.materialize()
     assert GlobalCounters.kernel_count > kernels
-    np.testing.assert_array_equal(half.numpy(), widened[2].astype(np.float16))
+    np.testing.assert_array_equal(as_float.numpy(), ints.astype(np.float32))
 
 
 def test_file_cut_after_its_header_was_read_names_file_and_tensor(tmp_path):
