@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 
 
 # safetensors dtype name -> (numpy dtype the bytes are read as, bytes per element); bf16 is read as its bits
-# and widened to float32 on the device
+# (numpy has no bfloat16) and widened to float32 by a shift
 _DTYPES: dict[str, tuple[str, int]] = {
     "F32": ("float32", 4),
     "F16": ("float16", 2),
