@@ -975,9 +975,10 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
     if not rows:
         return [], []
     out = [
-        "| variant | dtype | warm-up s | TTFT ms | decode tok/s | ms/token | sampled tok/s | kernels/step (launches) "
-        "| graphs | resident GB | achieved GB/s | floor tok/s | % of floor | compiles after warm-up |",
-        "|" + "---|" * 14,
+        "| variant | dtype | load s | warm-up s | TTFT ms | decode tok/s | ms/token | sampled tok/s "
+        "| kernels/step (launches) | graphs | resident GB | achieved GB/s | floor tok/s | % of floor "
+        "| compiles after warm-up |",
+        "|" + "---|" * 15,
     ]
     for r in rows:
         s = r.merged
@@ -987,6 +988,7 @@ def speed_section(rows: list[StepResult], bw: float | None, cfg: dict[str, Any])
         graphs = s.get("graphs", "—")
         out.append(
             f"| {r.label}{'' if r.status == 'ok' else f' ({r.status})'} | {s.get('dtype', '—')} "
+            f"| {fmt(s.get('load_s'))} "
             f"| {fmt(s.get('warmup_s')) if 'warmup_s' in s else s.get('warmup_progress', '—')} "
             f"| {fmt(s.get('ttft_ms'))} | {fmt(tok_s)} "
             f"| {fmt(s.get('step_ms_median'), '.2f')} | {fmt(s.get('sampled_tok_s'))} | {kern} | {graphs} "
