@@ -236,7 +236,9 @@ class Checkpoint:
         largest = max((size for size, host in zip(sizes, on_host, strict=True) if host), default=0)
         scratch = np.empty(largest, dtype=np.uint8)
         for i, (placeholder, infos, raw, row_block) in enumerate(pending):
-            if on_host[i]:
+            if placeholder.numel() == 0:
+                pass  # nothing to read (tinygrad allocates no buffer for it)
+            elif on_host[i]:
                 self._fill_from_host(placeholder, infos, raw, row_block, scratch)
             else:
                 self._fill_on_device(placeholder, infos, raw, row_block)
@@ -273,7 +275,7 @@ class Checkpoint:
             return
         nbytes = sum(i.nbytes for i in infos)
         stored = self._read_into(infos, scratch[:nbytes]).view(stored_dtype)
-        stored = stored.reshape(sum(i.shape[0] for i in infos), *infos[0].shape[1:])
+        stored = stored.reshape(shape if row_block == 1 else (sum(i.shape[0] for i in infos), *infos[0].shape[1:]))
         target = in_place if in_place is not None else np.empty(shape, _to_np_dtype(placeholder.dtype))
         out = target
         if row_block > 1:  # (out, in) -> (out/R, in, R), written in the order it is read (numpy is faster so)
@@ -322,7 +324,9 @@ def _converts_on_host(info: TensorInfo, dtype: DType, raw: bool) -> bool:
 def _copy_rows(out: np.ndarray, stored: np.ndarray, bf16: bool) -> None:
     """out[...] = stored, cast to out's dtype (bf16 bits widened first when `bf16`), in slices of the first axis
     on every core: writing memory for the first time is slow, and numpy copies and casts on one thread."""
-    parts = min(_THREADS, max(1, stored.nbytes >> 23), len(stored))  # slices of at least 8 MiB
+    if stored.ndim == 0:  # a scalar: one slice of one
+        out, stored = out.reshape(1), stored.reshape(1)
+    parts = max(1, min(_THREADS, stored.nbytes >> 23, len(stored)))  # slices of at least 8 MiB
 
     @np.errstate(over="ignore")  # beyond float16's range is inf, as a device's cast makes it
     def copy(rows: slice) -> None:

@@ -196,6 +196,15 @@ def test_float_dtypes_roundtrip(tmp_path):
     np.testing.assert_array_equal(loaded(ckpt, "u32", "CPU", dtypes.uint32), arrays["u32"])
 
 
+@pytest.mark.parametrize("shape", [[], [0, 4], [3, 0]])
+def test_scalars_and_empty_tensors_load(tmp_path, shape):
+    bits = np.full(shape, 0x3F80, np.uint16)  # bf16 1.0
+    write_raw(tmp_path / "model.safetensors", {"w": ("BF16", shape, bits.tobytes())})
+    for dtype in (dtypes.float32, dtypes.float16):
+        got = loaded(Checkpoint(tmp_path), "w", "CPU", dtype)
+        assert got.shape == tuple(shape) and (got == 1.0).all()
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_row_block_interleaves_rows_and_row_blocked_undoes_it(tmp_path, raw):
     rng = np.random.default_rng(3)
