@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +24,11 @@ import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.device import Buffer
 from tinygrad.dtype import DType, _to_np_dtype
+from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine.buffers import copy_into
 
 log = logging.getLogger(__name__)
-
-
-_THREADS = len(os.sched_getaffinity(0))
 
 
 class CheckpointError(ValueError):
@@ -323,10 +320,11 @@ def _converts_on_host(info: TensorInfo, dtype: DType, raw: bool) -> bool:
 
 def _copy_rows(out: np.ndarray, stored: np.ndarray, bf16: bool) -> None:
     """out[...] = stored, cast to out's dtype (bf16 bits widened first when `bf16`), in slices of the first axis
-    on every core: writing memory for the first time is slow, and numpy copies and casts on one thread."""
+    on the cores the engine computes on (`--cpu-threads`): writing memory for the first time is slow, and numpy
+    copies and casts on one thread."""
     if stored.ndim == 0:  # a scalar: one slice of one
         out, stored = out.reshape(1), stored.reshape(1)
-    parts = max(1, min(_THREADS, stored.nbytes >> 23, len(stored)))  # slices of at least 8 MiB
+    parts = max(1, min(NUM_CPU_THREADS.value, stored.nbytes >> 23, len(stored)))  # slices of at least 8 MiB
 
     @np.errstate(over="ignore")  # beyond float16's range is inf, as a device's cast makes it
     def copy(rows: slice) -> None:
