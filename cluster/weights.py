@@ -210,14 +210,8 @@ class Checkpoint:
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as numpy (bf16 as uint16 bit patterns)."""
-        count = info.nbytes // _DTYPES[info.dtype][1]
-        try:
-            arr = np.fromfile(info.file, dtype=_DTYPES[info.dtype][0], count=count, offset=info.offset)
-        except OSError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e})") from None
-        if arr.size != count:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-        return arr.reshape(info.shape)
+        raw = self._read_into([info], np.empty(info.nbytes, dtype=np.uint8))
+        return raw.view(_DTYPES[info.dtype][0]).reshape(info.shape)
 
     def pending_bytes(self) -> int:
         """Device bytes the placeholders handed out so far will take once materialized."""
@@ -242,7 +236,7 @@ class Checkpoint:
             if progress is not None:
                 progress(i + 1, len(pending))
         for device in devices:
-            # a row_block permute staged each tensor in a buffer tinygrad keeps for reuse: give those back
+            # a conversion on the device staged its tensor in a buffer tinygrad keeps for reuse: give those back
             free_cache = getattr(Device[device].allocator, "free_cache", None)
             if free_cache is not None:
                 free_cache()
@@ -272,7 +266,7 @@ class Checkpoint:
             return
         nbytes = sum(i.nbytes for i in infos)
         stored = self._read_into(infos, scratch[:nbytes]).view(stored_dtype)
-        stored = stored.reshape(shape if row_block == 1 else (sum(i.shape[0] for i in infos), *infos[0].shape[1:]))
+        stored = stored.reshape(shape if row_block == 1 else infos[0].shape)  # row blocks: one (out, in) tensor
         target = in_place if in_place is not None else np.empty(shape, _to_np_dtype(placeholder.dtype))
         out = target
         if row_block > 1:  # (out, in) -> (out/R, in, R), written in the order it is read (numpy is faster so)
