@@ -106,12 +106,24 @@ class HostedShard:
             raise
 
     def end_session(self, session_id: str) -> None:
-        if self.release(session_id):
-            self.engine.end_session(session_id)
+        # The place is freed once the engine has ended the session, so a session opened in it never finds
+        # the engine still full (calls from different threads may reach the engine in any order).
+        if self.counts(session_id):
+            try:
+                self.engine.end_session(session_id)
+            finally:
+                self.release(session_id)
 
     async def aend_session(self, session_id: str) -> None:
-        if self.release(session_id):
-            await self.engine.acall("end_session", session_id)
+        if self.counts(session_id):
+            try:
+                await self.engine.acall("end_session", session_id)
+            finally:
+                self.release(session_id)
+
+    def counts(self, session_id: str) -> bool:
+        with self._slots:
+            return session_id in self.sessions
 
     def reserve(
         self, session_id: str, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False

@@ -140,6 +140,110 @@ def test_an_awaited_call_whose_task_is_cancelled_leaves_the_runner_serving(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_acall_returns_values_and_raises_the_remote_error(runner: Runner) -> None:
+    import asyncio
+
+    async def calls() -> None:
+        assert await runner.acall("add", 1, y=2) == 13
+        np.testing.assert_array_equal(await runner.acall("arange", 4), np.arange(4, dtype=np.float32).reshape(2, 2))
+        with pytest.raises(RunnerCallError) as info:
+            await runner.acall("fail", "boom")
+        assert info.value.method == "fail" and isinstance(info.value.exception, KeyError)
+        assert await runner.acall("add", 0) == 10
+
+    asyncio.run(calls())
+
+
+def test_a_cancelled_acall_leaves_its_late_reply_to_no_one(runner: Runner) -> None:
+    import asyncio
+
+    async def cancel_then_call() -> None:
+        task = asyncio.ensure_future(runner.acall("sleep", 0.3))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The next readers of the direct pipe find the abandoned reply first and pass over it.
+        assert await runner.acall("add", 5) == 15
+        assert runner.call("add", 6) == 16
+
+    asyncio.run(cancel_then_call())
+
+
+def test_calls_and_acalls_at_once(runner: Runner) -> None:
+    """Threads calling while an event loop awaits: whoever holds the direct pipe reads it, the others' replies
+    come through the reader thread, and every caller gets its own answer."""
+    import asyncio
+
+    results: dict[int, list[int]] = {}
+
+    def worker(t: int) -> None:
+        results[t] = [runner.call("add", t, y=i) for i in range(20)]
+
+    async def awaited() -> list[int]:
+        async def one(i: int) -> int:
+            return int(await runner.acall("add", 100, y=i))
+
+        return list(await asyncio.gather(*(one(i) for i in range(20))))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    from_loop = asyncio.run(awaited())
+    for thread in threads:
+        thread.join()
+    assert results == {t: [10 + t + i for i in range(20)] for t in range(4)}
+    assert from_loop == [110 + i for i in range(20)]
+
+
+def test_the_caller_reads_its_own_reply() -> None:
+    """A blocking call's events (and so its reply, which follows them on the same pipe) are read on the
+    calling thread, an awaited call's on the event loop's: no reader thread wakes in between."""
+    import asyncio
+
+    seen: list[str] = []
+    with Runner(TARGET, on_event=lambda e: seen.append(threading.current_thread().name)) as r:
+        seen.clear()
+        threading.Thread(target=r.call, args=("steps", 2), name="caller").start()
+        assert _wait_until(lambda: len(seen) == 2)
+
+        async def awaited() -> None:
+            threading.current_thread().name = "loop"
+            await r.acall("steps", 2)
+
+        thread = threading.Thread(target=asyncio.run, args=(awaited(),))
+        thread.start()
+        thread.join(10)
+    assert seen == ["caller", "caller", "loop", "loop"]
+
+
+def test_death_during_an_acall() -> None:
+    import asyncio
+
+    with Runner(TARGET) as r:
+        with pytest.raises(RunnerDied, match="SIGSEGV") as info:
+            asyncio.run(r.acall("crash"))
+        assert "'crash'" in str(info.value)
+        with pytest.raises(RunnerDied, match="SIGSEGV"):
+            asyncio.run(r.acall("add", 1))
+
+
+def test_close_during_an_acall() -> None:
+    import asyncio
+
+    r = Runner(TARGET).start(timeout=60)
+
+    async def close_while_waiting() -> None:
+        task = asyncio.ensure_future(r.acall("sleep", 30))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(r.close, 0.5)  # the child is busy, so it is terminated
+        with pytest.raises(RunnerClosed):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(close_while_waiting())
+    assert not r.alive
+
+
 def test_construction_failure_is_raised_in_parent() -> None:
     r = Runner(TARGET, fail=True)
     with pytest.raises(RunnerStartError) as info:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,10 +55,10 @@ class EngineProcess:
         return self._unwrap(lambda: self.runner.call(method, *args, **kwargs))
 
     async def acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """`method` for an event loop: awaits the reply without a thread waiting on it (a node's servicer
-        calls its shards this way; one thread hop less per token)."""
+        """`method` for an event loop: the loop reads the reply itself, no thread waits on it (a node's
+        servicer calls its shards this way)."""
         try:
-            return await asyncio.wrap_future(self.runner.submit(method, *args, **kwargs))
+            return await self.runner.acall(method, *args, **kwargs)
         except RunnerCallError as e:
             if e.exception is not None:
                 raise e.exception from e

@@ -7,14 +7,20 @@ on the child's main thread and then serves `runner.call("method", ...)` requests
 
 Progress: when the factory has a parameter named `emit`, the child passes `emit=callable`; calling
 `emit({"stage": "warmup", "step": 3})` in the child delivers the dict to the parent's `on_event`
-callback (on the runner's reader thread, in order with results).
+callback, in order with results (on the thread that reads the reply of the call that emitted it).
 
-Pipe messages are `(kind, call_id, pickled_payload)`: payloads are pickled separately so that a value one
-side cannot pickle or unpickle fails that one call, not the connection.
+Two pipes: on the *direct* one, the caller of a call reads its own reply (one at a time, a blocking `call`
+or an awaited `acall`), so a step costs two wake-ups (child, then caller) instead of three. Calls made while
+the direct pipe is in use, and `submit`, go over the main pipe, whose replies the reader thread delivers; it
+also spawns the child and notices its death.
+
+Messages are a kind byte, a call id and a payload (`_send`/`_recv`): payloads are pickled separately so that
+a value one side cannot pickle or unpickle fails that one call, not the connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import importlib
 import inspect
@@ -24,7 +30,9 @@ import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -43,6 +51,9 @@ EventCallback = Callable[[dict[str, Any]], None]
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL_S = 1.0
+_KINDS = ("call", "close", "result", "error", "event", "ready", "init_error")
+_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+_HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
 
 
 class RunnerError(RuntimeError):
@@ -127,13 +138,16 @@ class Runner:
         self._on_event = on_event
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
+        self._direct, child_direct = ctx.Pipe()
         self._process = ctx.Process(
             target=_child_main,
-            args=(child_conn, target, args, kwargs, os.getpid()),
+            args=(child_conn, child_direct, target, args, kwargs, os.getpid()),
             name=f"runner:{target}",
         )
-        self._child_conn: Connection | None = child_conn
+        self._child_conns: list[Connection] = [child_conn, child_direct]
         self._ready: Future[None] = Future()
+        self._finished: Future[None] = Future()  # set once the child is gone and the pending calls failed
+        self._direct_lock = threading.Lock()  # held by the one call whose caller reads the direct pipe
         self._pending: dict[int, tuple[str, Future[Any]]] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _pending, _ended, _started
@@ -188,11 +202,11 @@ class Runner:
         if started:
             _stop_process(self._process, self._conn, self._send_lock, timeout)
             self._thread.join()
-        elif self._child_conn is not None:
-            self._child_conn.close()
-            self._child_conn = None
+        else:
+            self._close_child_conns()
         self._fail_all(RunnerClosed(f"runner for {self.target} was closed"))
         self._conn.close()
+        self._direct.close()  # a caller reading it sees the child's exit first, or an OSError
 
     def __enter__(self) -> Runner:
         return self.start()
@@ -226,7 +240,113 @@ class Runner:
         Raises RunnerCallError when the method raised (the child keeps serving), RunnerDied when the
         child exited, RunnerClosed after close(). Starts the runner first if needed.
         """
-        return self.submit(method, *args, **kwargs).result()
+        self.start()
+        if not self._direct_lock.acquire(blocking=False):
+            return self.submit(method, *args, **kwargs).result()  # another call reads the direct pipe
+        try:
+            call_id = self._send_direct(method, args, kwargs)
+            poller = select.poll()
+            for fd in (self._direct.fileno(), self._process.sentinel):
+                poller.register(fd, select.POLLIN)
+            while True:
+                ready = [fd for fd, _ in poller.poll()]
+                if ready == [self._process.sentinel]:
+                    break  # exited; a reply it sent before that is read first
+                try:
+                    message = _recv(self._direct)
+                except (EOFError, OSError):
+                    break
+                done, value = self._direct_reply(method, call_id, message)
+                if done:
+                    return value
+            self._finished.result()  # the reader thread reaps the child and records why it ended
+            raise self._ended_error(method)
+        finally:
+            self._direct_lock.release()
+
+    async def acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`call` for an event loop: the loop itself reads the reply, no thread waits on it or wakes it."""
+        self.start()
+        if not self._direct_lock.acquire(blocking=False):
+            return await asyncio.wrap_future(self.submit(method, *args, **kwargs))
+        try:
+            call_id = self._send_direct(method, args, kwargs)
+            loop = asyncio.get_running_loop()
+            reply: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+            fd, sentinel = self._direct.fileno(), self._process.sentinel
+
+            def readable() -> None:
+                try:
+                    message = _recv(self._direct)
+                except (EOFError, OSError):  # the child's end is closed: no reply will come
+                    if not reply.done():
+                        reply.set_result((False, None))
+                    return
+                try:
+                    done, value = self._direct_reply(method, call_id, message)
+                except BaseException as exc:  # noqa: BLE001 - the remote error, raised in the awaiting task
+                    if not reply.done():
+                        reply.set_exception(exc)
+                    return
+                if done and not reply.done():
+                    reply.set_result((True, value))
+
+            def gone() -> None:
+                try:
+                    unread = self._direct.poll(0)  # readable() reads a last reply (or the end of the pipe)
+                except OSError:
+                    unread = False  # closed by close()
+                if not reply.done() and not unread:
+                    reply.set_result((False, None))
+
+            loop.add_reader(fd, readable)
+            loop.add_reader(sentinel, gone)
+            try:
+                answered, value = await reply
+            finally:
+                loop.remove_reader(fd)
+                loop.remove_reader(sentinel)
+            if answered:
+                return value
+            await asyncio.wrap_future(self._finished)
+            raise self._ended_error(method)
+        finally:
+            # After a cancelled wait the reply still comes; the next reader skips it (another call id).
+            self._direct_lock.release()
+
+    def _send_direct(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended_error(method)
+            call_id = next(self._ids)
+        try:
+            _send(self._direct, "call", call_id, request)
+        except (OSError, ValueError) as exc:
+            log.debug("send to %s failed: %s", self.target, exc)
+            try:
+                self._finished.result(timeout=5.0)  # most likely the child just died
+            except FutureTimeout:
+                raise RunnerError(f"could not send {method!r} to {self.target}: {exc}") from exc
+            raise self._ended_error(method) from None
+        return call_id
+
+    def _direct_reply(self, method: str, call_id: int, message: tuple[str, int | None, memoryview]) -> tuple[bool, Any]:
+        """(True, result) for the reply to `call_id`; raises its error; (False, None) for an event, or for
+        the late reply of an earlier call whose caller stopped waiting."""
+        kind, reply_id, payload = message
+        if kind == "event":
+            self._deliver_event(pickle.loads(payload))
+        elif kind in ("result", "error") and reply_id == call_id:
+            if kind == "error":
+                raise _remote_error(payload, RunnerCallError, method=method)
+            try:
+                return True, pickle.loads(payload)
+            except Exception as exc:
+                raise RunnerError(f"could not unpickle the result of {method!r}: {exc!r}") from exc
+        elif kind not in ("result", "error"):
+            log.warning("%s sent an unknown message %r", self.target, kind)
+        return False, None
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return at once; the future resolves as `call` would return or raise.
@@ -243,7 +363,7 @@ class Runner:
             self._pending[call_id] = (method, future)
         try:
             with self._send_lock:
-                self._conn.send(("call", call_id, request))
+                _send(self._conn, "call", call_id, request)
         except (OSError, ValueError) as exc:
             # Most likely the child just died: the reader will fail this future with the reason.
             log.debug("send to %s failed: %s", self.target, exc)
@@ -268,9 +388,7 @@ class Runner:
             return
         finally:
             # The child holds its own copy; closing ours lets us see EOF when the child dies.
-            assert self._child_conn is not None
-            self._child_conn.close()
-            self._child_conn = None
+            self._close_child_conns()
         log.debug("started %s as pid %s", self.target, self._process.pid)
         self._serve_replies()
         self._exitcode = _reap(self._process)
@@ -279,29 +397,36 @@ class Runner:
         else:
             self._end(RunnerDied(self._death_message(), self._exitcode))
 
+    def _close_child_conns(self) -> None:
+        for conn in self._child_conns:
+            conn.close()
+        self._child_conns = []
+
     def _serve_replies(self) -> None:
         sentinel = self._process.sentinel
+        poller = select.poll()  # made once: multiprocessing's wait() builds a selector on every call
+        for fd in (self._conn.fileno(), sentinel):
+            poller.register(fd, select.POLLIN)
         while True:
-            ready = wait([self._conn, sentinel])
-            if self._conn in ready:
-                try:
-                    message = self._conn.recv()
-                except (EOFError, OSError):
-                    return
-                self._dispatch(message)
-            elif sentinel in ready:
+            ready = [fd for fd, _ in poller.poll()]
+            if ready == [sentinel]:
                 self._drain()
                 return
+            try:
+                message = _recv(self._conn)
+            except (EOFError, OSError):
+                return
+            self._dispatch(message)
 
     def _drain(self) -> None:
         # Deliver what the child sent just before it exited (a last result or event).
         try:
             while self._conn.poll(0):
-                self._dispatch(self._conn.recv())
+                self._dispatch(_recv(self._conn))
         except (EOFError, OSError):
             pass
 
-    def _dispatch(self, message: tuple[str, int | None, bytes]) -> None:
+    def _dispatch(self, message: tuple[str, int | None, memoryview]) -> None:
         kind, call_id, payload = message
         try:
             if kind == "event":
@@ -326,7 +451,7 @@ class Runner:
         except Exception:
             log.exception("on_event callback of %s raised", self.target)
 
-    def _resolve(self, call_id: int, kind: str, payload: bytes) -> None:
+    def _resolve(self, call_id: int, kind: str, payload: memoryview) -> None:
         with self._lock:
             method, future = self._pending.pop(call_id, ("?", None))
         if future is None:
@@ -348,6 +473,8 @@ class Runner:
         if not self._ready.done():
             self._ready.set_exception(self._ended_error(None, starting=True))
         self._fail_all(error)
+        if not self._finished.done():
+            self._finished.set_result(None)
 
     def _fail_all(self, error: RunnerError) -> None:
         with self._lock:
@@ -384,7 +511,7 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _remote_error(payload: bytes, cls: type[RunnerCallError], *, method: str | None) -> RunnerCallError:
+def _remote_error(payload: memoryview, cls: type[RunnerCallError], *, method: str | None) -> RunnerCallError:
     info = pickle.loads(payload)
     original: BaseException | None = None
     if info.get("exception") is not None:
@@ -406,7 +533,7 @@ def _stop_process(
         return
     if timeout > 0 and send_lock.acquire(timeout=timeout):
         try:
-            conn.send(("close", None, b""))
+            _send(conn, "close", None, b"")
         except (OSError, ValueError):
             pass  # already gone
         finally:
@@ -420,6 +547,16 @@ def _stop_process(
         return
     process.kill()
     wait([process.sentinel])
+
+
+def _send(conn: Connection, kind: str, call_id: int | None, payload: bytes) -> None:
+    conn.send_bytes(_HEADER.pack(_KIND_CODES[kind], -1 if call_id is None else call_id) + payload)
+
+
+def _recv(conn: Connection) -> tuple[str, int | None, memoryview]:
+    data = conn.recv_bytes()
+    code, call_id = _HEADER.unpack_from(data)
+    return _KINDS[code], None if call_id < 0 else call_id, memoryview(data)[_HEADER.size :]
 
 
 def _reap(process: multiprocessing.process.BaseProcess) -> int | None:
@@ -438,22 +575,26 @@ def _reap(process: multiprocessing.process.BaseProcess) -> int | None:
 
 
 class _Channel:
-    """The child's end of the pipe; `emit` may be called from any thread in the child."""
+    """The child's ends of the pipes; `emit` may be called from any thread in the child.
+
+    Events go where the reply of the call being served goes, so that they arrive before it."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.reply_to = conn
         self.lock = threading.Lock()
 
-    def send(self, kind: str, call_id: int | None, payload: bytes) -> None:
+    def send(self, kind: str, call_id: int | None, payload: bytes, conn: Connection | None = None) -> None:
         with self.lock:
-            self.conn.send((kind, call_id, payload))
+            _send(conn or self.conn, kind, call_id, payload)
 
     def emit(self, event: dict[str, Any]) -> None:
-        self.send("event", None, pickle.dumps(event, protocol=_PICKLE))
+        self.send("event", None, pickle.dumps(event, protocol=_PICKLE), self.reply_to)
 
 
 def _child_main(
     conn: Connection,
+    direct: Connection,
     target: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -472,24 +613,34 @@ def _child_main(
         channel.send("init_error", None, _error_payload(exc))
         return
     channel.send("ready", None, b"")
-    _serve(conn, channel, obj)
+    _serve(conn, direct, channel, obj)
 
 
-def _serve(conn: Connection, channel: _Channel, obj: Any) -> None:
+def _serve(conn: Connection, direct: Connection, channel: _Channel, obj: Any) -> None:
+    """Serve calls from both pipes, one at a time, each answered on the pipe it came by."""
+    sources = {conn.fileno(): conn, direct.fileno(): direct}
+    poller = select.poll()
+    for fd in sources:
+        poller.register(fd, select.POLLIN)
     while True:
-        try:
-            kind, call_id, payload = conn.recv()
-        except EOFError:
-            return  # the parent is gone
-        if kind == "close":
-            return
-        try:
-            method, args, kwargs = pickle.loads(payload)
-            result = pickle.dumps(getattr(obj, method)(*args, **kwargs), protocol=_PICKLE)
-        except Exception as exc:
-            channel.send("error", call_id, _error_payload(exc))
-            continue
-        channel.send("result", call_id, result)
+        for fd, _ in poller.poll():
+            source = sources[fd]
+            try:
+                kind, call_id, payload = _recv(source)
+            except (EOFError, OSError):
+                return  # the parent is gone
+            if kind == "close":
+                return
+            channel.reply_to = source
+            try:
+                method, args, kwargs = pickle.loads(payload)
+                result = pickle.dumps(getattr(obj, method)(*args, **kwargs), protocol=_PICKLE)
+            except Exception as exc:
+                channel.send("error", call_id, _error_payload(exc), source)
+                continue
+            finally:
+                channel.reply_to = conn
+            channel.send("result", call_id, result, source)
 
 
 def _import_target(target: str) -> Callable[..., Any]:
