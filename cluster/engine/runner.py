@@ -119,7 +119,8 @@ class RunnerTimeout(RunnerError, TimeoutError):
 class Runner:
     """A child process that builds `target(*args, **kwargs)` and serves method calls on it.
 
-    Thread-safe: calls from several threads are queued and served in order by the child. The keyword
+    Thread-safe: calls from several threads are served one at a time by the child, in no set order between
+    threads (a call's effects are visible to calls made after it returned). The keyword
     `on_event` belongs to the Runner; every other keyword goes to the target. The child inherits the
     parent's environment as it is at start(); set DEV/JIT/BEAM there (the child imports `cluster`, and so
     tinygrad, before the target, so environment changes made inside the child come too late).
@@ -351,7 +352,7 @@ class Runner:
     def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
         """Send the call and return at once; the future resolves as `call` would return or raise.
 
-        An event loop can await it (asyncio.wrap_future) without parking a thread on the reply.
+        The reply comes through the reader thread (one wake-up more than `call` or `acall`).
         """
         self.start()
         request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
