@@ -40,7 +40,7 @@ from cluster.host import ShardBusyError, ShardHost, UnknownShardError, check_mod
 from cluster.models.config import ModelConfig
 from cluster.models.costs import kv_bytes_per_layer, model_costs, tensor_costs
 from cluster.partition import HeldShard, ModelCosts, NodeCapacity, Plan, PlanError, plan_layers, reuse_held
-from cluster.registry import REGISTRY, resolve_model
+from cluster.registry import REGISTRY, local_path, resolve_model
 from cluster.rpc import wire
 from cluster.rpc.pb import cluster_pb2 as pb
 from cluster.rpc.pb import cluster_pb2_grpc as pb_grpc
@@ -115,7 +115,7 @@ def model_id_for(model: str) -> str:
     repo = REGISTRY.get(model.lower())
     if repo:
         return repo
-    path = Path(model).expanduser()
+    path = local_path(model)
     if path.is_dir():
         return check_model_id(path.resolve().name)
     return check_model_id(model)
@@ -334,7 +334,7 @@ class Coordinator:
         if ref is not None:
             return ref
         path = self.host.full_copy(model_id)
-        if path is None and (Path(model).expanduser().is_dir() or "/" in model_id):
+        if path is None and (local_path(model).is_dir() or "/" in model_id):
             path = resolve_model(model)  # a local directory, or a download / the HF cache
         if path is not None:
             self.host.register_model(model_id, path)

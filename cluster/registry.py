@@ -81,6 +81,15 @@ def list_models() -> dict[str, str]:
     return dict(REGISTRY)
 
 
+def local_path(model: str) -> Path:
+    """MODEL read as a local path with `~` expanded; `~name` for a user this host lacks stays as written (it is
+    then no directory, and the model is looked up as a name instead of failing on the expansion)."""
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        return Path(model)
+
+
 def resolve_model(
     model: str,
     *,
@@ -93,7 +102,7 @@ def resolve_model(
     `models_dir` is the Hugging Face cache directory to use (default: HF_HUB_CACHE). `offline=None` follows
     HF_HUB_OFFLINE; offline resolution only looks in the cache and never touches the network.
     """
-    path = Path(model).expanduser()
+    path = local_path(model)
     if path.is_dir():
         return _checked_dir(path, source=str(path))
     repo_id = REGISTRY.get(model.lower()) or (model if _is_repo_id(model) else None)

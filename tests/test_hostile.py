@@ -162,6 +162,22 @@ def test_random_messages_get_clear_errors(node, service, method):
     assert sum(outcomes.values()) >= (20 if desc.fields else 1)  # hypothesis skips duplicate examples
 
 
+def test_a_home_directory_of_no_user_is_a_clear_error(node):
+    """`~0` reads as user 0's home directory; this host has no such user, so expanding it fails. The fuzzer
+    found it answered INTERNAL; the name is looked up as a model name instead, and is not found."""
+    with auth.secure_channel(node.address, TEST_TOKEN, wire.channel_options(64 << 20)) as channel:
+        for model in ("~0", "~no-such-user-0/model"):
+            for method, request in (
+                ("Plan", pb.PlanRequest(model=model)),
+                ("Generate", pb.GenerateRequest(options=pb.GenerationOptions(model=model), prompt="hi")),
+            ):
+                desc = pb.DESCRIPTOR.services_by_name["Cluster"].methods_by_name[method]
+                with pytest.raises(grpc.RpcError) as err:
+                    call(channel, "clusterctl.v1.Cluster", desc, request)
+                assert err.value.code() in CLEAR, (model, method, err.value.code(), err.value.details())
+                assert "home directory" not in err.value.details()
+
+
 def test_undecodable_and_oversized_messages_are_refused(node):
     with auth.secure_channel(node.address, TEST_TOKEN, wire.channel_options(1 << 30)) as channel:
         for service in SERVICES:

@@ -87,6 +87,13 @@ def test_missing_local_path_says_so(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "nope" / "model"))
 
 
+def test_a_home_directory_of_no_user_is_no_crash(tmp_path: Path) -> None:
+    # Path("~0").expanduser() raises RuntimeError on a host without user "0"; the name is then no directory
+    for model in ("~0", "~no-such-user-0/model"):
+        with pytest.raises(ModelNotFoundError):
+            resolve_model(model, models_dir=tmp_path, offline=True)
+
+
 def test_registry_names_map_to_hub_repos() -> None:
     models = list_models()
     assert models["llama-3.2-1b"] == "meta-llama/Llama-3.2-1B-Instruct"
