@@ -339,12 +339,7 @@ class Runner:
         if kind == "event":
             self._deliver_event(pickle.loads(payload))
         elif kind in ("result", "error") and reply_id == call_id:
-            if kind == "error":
-                raise _remote_error(payload, RunnerCallError, method=method)
-            try:
-                return True, pickle.loads(payload)
-            except Exception as exc:
-                raise RunnerError(f"could not unpickle the result of {method!r}: {exc!r}") from exc
+            return True, _outcome(kind, payload, method)
         elif kind not in ("result", "error"):
             log.warning("%s sent an unknown message %r", self.target, kind)
         return False, None
@@ -460,13 +455,10 @@ class Runner:
             return
         if not future.set_running_or_notify_cancel():
             return  # the caller gave up waiting (an awaiting task was cancelled); the answer is not needed
-        if kind == "error":
-            future.set_exception(_remote_error(payload, RunnerCallError, method=method))
-            return
         try:
-            future.set_result(pickle.loads(payload))
-        except Exception as exc:
-            future.set_exception(RunnerError(f"could not unpickle the result of {method!r}: {exc!r}"))
+            future.set_result(_outcome(kind, payload, method))
+        except RunnerError as exc:
+            future.set_exception(exc)
 
     def _end(self, error: RunnerError) -> None:
         with self._lock:
@@ -510,6 +502,17 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def _outcome(kind: str, payload: memoryview, method: str) -> Any:
+    """A "result" reply's value; an "error" reply's RunnerCallError, raised (so is a result that cannot be
+    unpickled)."""
+    if kind == "error":
+        raise _remote_error(payload, RunnerCallError, method=method)
+    try:
+        return pickle.loads(payload)
+    except Exception as exc:
+        raise RunnerError(f"could not unpickle the result of {method!r}: {exc!r}") from exc
 
 
 def _remote_error(payload: memoryview, cls: type[RunnerCallError], *, method: str | None) -> RunnerCallError:
