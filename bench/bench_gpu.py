@@ -46,6 +46,7 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("memory", "memory", 60, {}),
     ("correctness", "correctness", 120, {}),
     ("fp16", "speed", 120, {"bits": 16}),
+    ("fp16, second start", "speed", 90, {"bits": 16}),  # a new process reading the graph cache fp16 filled
     ("q4", "speed", 120, {"bits": 4}),
     (CHANGED_NODES, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "changed"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
@@ -467,6 +468,7 @@ def w_profile(a: dict[str, Any]) -> None:
             kernel_ms=sum(us for _, us in times) / 1e3,
             kernels=len(times),
             top=[[name, round(sum(us), 1), len(us)] for name, us in top],
+            sequence=[[name, round(us, 1)] for name, us in times],  # in launch order: which layer op is which
         )
 
     sid = eng.new_session()
