@@ -406,11 +406,11 @@ def replay_split(eng: Any, sid: str) -> dict[str, float]:
     Engine internals: a bench's look inside, not an API."""
     from tinygrad import Device
 
-    from cluster.models.decoder import ATTN_BLOCK, attention_span
+    from cluster.models.decoder import blocks_past_first
 
     s = eng._session(sid)
     pos = eng.v_pos.bind(s.length)
-    blocks = eng.v_blocks.bind(attention_span(s.length + 1) // ATTN_BLOCK)
+    blocks = eng.v_blocks.bind(blocks_past_first(s.length + 1))
     host, whole = [], []
     for _ in range(30):
         Device[eng.device].synchronize()

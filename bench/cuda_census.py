@@ -71,6 +71,8 @@ class Kernel:
     mbytes: float  # distinct bytes the kernel reads and writes (tinygrad's estimate)
     tensor_cores: bool  # its products run on tensor cores (mma instructions)
     source: str
+    # its launch with every variable at 0, as tinygrad's CUDA graph first builds its node: a 0 there fails the graph
+    zero_vars_launch: tuple[tuple[int, ...], tuple[int, ...]] = ((1,), (1,))
 
     @property
     def threads(self) -> int:
@@ -114,6 +116,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
     mem = Estimates.from_uops(linear).mem
     source = next(u.arg for u in prg.src if u.op is Ops.SOURCE)
     tensor_cores = any(u.op is Ops.WMMA for u in linear)
+    zero_global, zero_local = info.launch_dims(dict.fromkeys(var_vals, 0))
     return Kernel(
         graph,
         ansistrip(info.name),
@@ -125,6 +128,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         _size(mem, var_vals) / 1e6,
         tensor_cores,
         source,
+        (tuple(zero_global), tuple(zero_local or (1,))),
     )
 
 
@@ -133,7 +137,7 @@ def census(model_dir: str | Path, position: int, max_context: int = 1024, prompt
     filled ones; with `prompt`, first the graph of a chunk of that many prompt tokens written from `position`."""
     render_only()
     from cluster.engine.shard import ShardEngine
-    from cluster.models.decoder import ATTN_BLOCK, attention_span
+    from cluster.models.decoder import ATTN_BLOCKS_VAR, blocks_past_first
 
     chunk = prompt or 2
     buckets = {} if prompt is None else {"prefill_buckets": (16, prompt) if prompt > 16 else (prompt,)}
@@ -142,8 +146,7 @@ def census(model_dir: str | Path, position: int, max_context: int = 1024, prompt
     out = []
 
     def add(graph: str, jit: Any, rows: int) -> None:
-        span = attention_span(position + rows) // ATTN_BLOCK
-        var_vals = {"start_pos": position, "attention_blocks": span, "last_row": rows - 1}
+        var_vals = {"start_pos": position, ATTN_BLOCKS_VAR: blocks_past_first(position + rows), "last_row": rows - 1}
         if jit.captured is not None:
             out.extend(k for c in calls(jit.captured) if (k := describe(graph, c, var_vals)) is not None)
 

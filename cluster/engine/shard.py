@@ -35,13 +35,16 @@ from cluster.engine.jit_replay import Replayer
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
     ATTN_BLOCK,
+    ATTN_BLOCKS_VAR,
     CPU_NARROW_ROW_BLOCK,
     CPU_ROW_BLOCK,
     ShardModel,
     attention_mask,
     attention_span,
+    blocks_past_first,
     load_shard,
     rope_tables,
+    span_of,
 )
 from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
 from cluster.weights import Checkpoint
@@ -245,7 +248,7 @@ class ShardEngine:
         self.allowed = Tensor.ones(V, device=self.device).contiguous().realize()  # a constrained step's ids
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
         self.v_last = UOp.variable("last_row", 0, self.chunk - 1)
-        self.v_blocks = UOp.variable("attention_blocks", 1, self.positions // ATTN_BLOCK)  # span = blocks * 16
+        self.v_blocks = UOp.variable(ATTN_BLOCKS_VAR, 0, self.positions // ATTN_BLOCK - 1)  # span_of(v_blocks)
         self._prefill_jits = {b: TinyJit(self._forward) for b in self.buckets}
         self._decode_jit = TinyJit(self._forward)
         self._greedy_jit = TinyJit(greedy)
@@ -325,7 +328,7 @@ class ShardEngine:
         T = x.shape[1]
         h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
-        mask = attention_mask(self.position_ids, start_pos, T, blocks * ATTN_BLOCK, self.dtype)
+        mask = attention_mask(self.position_ids, start_pos, T, span_of(blocks), self.dtype)
         for i, block in enumerate(self.model.blocks):
             h = block(h, cache[i], start_pos, mask, cos, sin)
         if self.is_last:
@@ -379,7 +382,7 @@ class ShardEngine:
         buf = self.inputs[rows]
         copy_into(buf, padded[None])
         pos = self.v_pos.bind(session.length)
-        blocks = self.v_blocks.bind(attention_span(session.length + rows) // ATTN_BLOCK)
+        blocks = self.v_blocks.bind(blocks_past_first(session.length + rows))
         if n == 1:
             out = self._call_jit(self._decode_jit, buf, session.cache, pos, blocks)
         else:

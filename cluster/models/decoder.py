@@ -56,6 +56,22 @@ def attention_span(positions: int) -> int:
     return -(-positions // ATTN_BLOCK) * ATTN_BLOCK
 
 
+# The graphs' variable counts the blocks past the first, so that its 0 still sizes real kernels: tinygrad's CUDA (and
+# Metal) graph builds every kernel node with all variables at 0, and a grid of `blocks * 16` blocks would be 0 there,
+# which cuGraphAddKernelNode rejects ("CUDA Error 1, invalid argument") and the engine fell back to plain launches.
+ATTN_BLOCKS_VAR = "attention_blocks_past_first"
+
+
+def blocks_past_first(positions: int) -> int:
+    """The value of ATTN_BLOCKS_VAR when attention reads `positions` filled ones."""
+    return attention_span(positions) // ATTN_BLOCK - 1
+
+
+def span_of(blocks_past_first: int | UOp) -> int | UOp:
+    """Positions attention reads, from ATTN_BLOCKS_VAR's value (never 0, whatever the value)."""
+    return (blocks_past_first + 1) * ATTN_BLOCK
+
+
 def attention_mask(position_ids: Tensor, start_pos: int | UOp, T: int | UOp, span: int | UOp, dtype: DType) -> Tensor:
     """(1, 1, T, span): 0 where query i (at absolute position start_pos + i) may look, -inf elsewhere: later
     positions, and the rest of the last block (not written yet, or left from a truncated past).
