@@ -3,8 +3,8 @@
 On every replay tinygrad 0.14's CUDAGraph re-sends (cuGraphExecKernelNodeSetParams) every node that takes a JIT
 input or a variable: in the 1B model's decode step 113 of its 260 kernel nodes (counted on tinygrad's NULL
 device). Only 3 kernels a layer take `start_pos`, which changes every token. 4 more take only the count of
-attention blocks, which changes once every ATTN_BLOCK tokens, and a session's KV caches are the same buffers step after step.
-`ChangedNodesCUDAGraph` fills each node's argument struct as tinygrad does, compares its bytes with what the
+attention blocks, which changes once every ATTN_BLOCK tokens, and a session's KV caches are the same buffers step
+after step. `ChangedNodesCUDAGraph` fills each node's argument struct as tinygrad does, compares its bytes with what the
 executable graph was last sent, and sends only the nodes that differ.
 
 Not on by default: it is switched on with CLUSTERCTL_CUDA_GRAPH=changed until bench/gpu.sh has measured it on a
