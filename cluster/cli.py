@@ -113,12 +113,12 @@ def _engine_options(*, envvars: bool, dtype_help: str, models_dir_help: str) -> 
         click.option(
             "--prefill-chunks",
             **env("PREFILL_CHUNKS"),
-            callback=lambda ctx, param, value: _chunk_sizes(value),
-            default="16,64",
-            show_default=True,
+            callback=lambda ctx, param, value: None if value is None else _chunk_sizes(value),
+            default=None,
             metavar="N,N,...",
             help="Prompt chunk sizes each shard compiles while it warms up; a prompt is prefilled in chunks of the "
-            "largest. Each size costs seconds of warm-up on a slow CPU: one size starts faster.",
+            "largest. Each size costs seconds of warm-up on a slow CPU: one size starts faster.  "
+            "[default: 16,64; 16,64,512 on NVIDIA GPUs]",
         ),
         click.option(
             "--cpu-threads",
@@ -310,7 +310,7 @@ def run_cmd(
     device: str | None,
     dtype: str | None,
     max_context: int,
-    prefill_chunks: tuple[int, ...],
+    prefill_chunks: tuple[int, ...] | None,
     cpu_threads: int | None,
     models_dir: Path | None,
 ) -> None:
@@ -389,7 +389,7 @@ def _start_own_node(
     device: str | None,
     dtype: str | None,
     max_context: int,
-    prefill_chunks: tuple[int, ...],
+    prefill_chunks: tuple[int, ...] | None,
     models_dir: Path | None,
 ) -> Any:
     from cluster.node import NodeSettings, NodeThread
@@ -568,7 +568,7 @@ def _run_local(
     device: str | None,
     dtype: str | None,
     max_context: int,
-    prefill_chunks: tuple[int, ...],
+    prefill_chunks: tuple[int, ...] | None,
     models_dir: Path | None,
 ) -> None:
     """The whole model in this process: no node, no network."""
@@ -808,7 +808,7 @@ def join_cmd(
     memory: float | None,
     max_sessions: int,
     session_wait: float,
-    prefill_chunks: tuple[int, ...],
+    prefill_chunks: tuple[int, ...] | None,
     models_dir: Path | None,
     peers: tuple[str, ...],
     no_mdns: bool,

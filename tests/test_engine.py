@@ -27,6 +27,7 @@ from cluster.engine.shard import (
     ShardEngine,
     copy_into,
     copy_out,
+    default_prefill_buckets,
     session_capacity,
     uses_graphs,
 )
@@ -376,3 +377,12 @@ def test_a_failing_device_graph_falls_back_to_plain_kernels(engines, monkeypatch
     assert all(j.captured is not None and not uses_graphs(j) for j in jits)
     warnings = [r.message for r in caplog.records]
     assert len(warnings) == 1 and "device graph failed" in warnings[0], warnings
+
+
+def test_prompt_chunks_default_to_512_tokens_on_nvidia_only():
+    # on an H200 one chunk of 512 took a 512-token prompt's first token from 116 to 41 ms at the same warm-up
+    # (bench/RESULTS.md); on a slow CPU each chunk size costs seconds of warm-up and 512 wins nothing
+    assert default_prefill_buckets("CUDA") == default_prefill_buckets("NV:1") == (16, 64, 512)
+    assert [default_prefill_buckets(d) for d in ("CPU", "CL:0", "AMD")] == [(16, 64)] * 3
+    eng = ShardEngine(FIXTURES / "llama32", max_context=64, device="CPU")  # no warm-up: only its settings are read
+    assert eng.buckets == (16, 64) and eng.chunk == 64
