@@ -48,6 +48,8 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("fp16", "speed", 120, {"bits": 16}),
     ("fp16, second start", "speed", 90, {"bits": 16}),  # a new process reading the graph cache fp16 filled
     ("q4", "speed", 120, {"bits": 4}),
+    # MLX levels made from their bits instead of integer conversions (decoder.float_unpack): the q4 target's candidate
+    ("q4 float unpack", "speed", 120, {"bits": 4, "env": {"CLUSTERCTL_QUANT_UNPACK": "float"}}),
     (TINYGRAD_GRAPHS, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "tinygrad"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
     # q, k, v and gate, up as separate products (decoder.fused_projections): what stacking them gains
@@ -55,7 +57,7 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
     # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
     ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),
-    ("kernels", "kernels", 90, {}),
+    ("kernels", "kernels", 150, {}),
     ("peer", "peer", 90, {}),
     # the default chunks on CPUs (on NVIDIA GPUs the engine adds 512): what the 512 chunk gains
     ("fp16 prompt chunks of 16 and 64", "speed", 120, {"bits": 16, "buckets": [16, 64]}),
@@ -544,13 +546,26 @@ def w_kernels(a: dict[str, Any]) -> None:
     def x(tokens: int, cols: int) -> Tensor:
         return Tensor.empty(1, tokens, cols, dtype=half, device=dev)
 
+    def float_unpack(layer: Any, tokens: int, cols: int) -> Tensor:
+        """The product with levels made from their bits (decoder.dequantize_float, CLUSTERCTL_QUANT_UNPACK=float)."""
+        os.environ["CLUSTERCTL_QUANT_UNPACK"] = "float"
+        try:
+            return layer(x(tokens, cols))
+        finally:
+            del os.environ["CLUSTERCTL_QUANT_UNPACK"]
+
     cases: list[tuple[str, Tensor, int]] = [  # (name, output, multiply-adds)
         (f"matvec fp16 {F}x{D} (gate/up)", dense(F, D)(x(1, D)), F * D),
         (f"matvec fp16 {D}x{F} (down)", dense(D, F)(x(1, F)), F * D),
         (f"matvec fp16 {V}x{D} (lm_head)", dense(V, D)(x(1, D)), V * D),
         (f"matvec q4 {F}x{D}", quant(F, D, 4)(x(1, D)), F * D),
+        (f"matvec q4 {F}x{D} (float unpack)", float_unpack(quant(F, D, 4), 1, D), F * D),
         (f"matvec q4 {D}x{F}", quant(D, F, 4)(x(1, F)), F * D),
+        (f"matvec q4 {D}x{F} (float unpack)", float_unpack(quant(D, F, 4), 1, F), F * D),
+        (f"matvec q4 {V}x{D} (tied lm_head)", quant(V, D, 4)(x(1, D)), V * D),
+        (f"matvec q4 {V}x{D} (tied lm_head, float unpack)", float_unpack(quant(V, D, 4), 1, D), V * D),
         (f"matvec q8 {F}x{D}", quant(F, D, 8)(x(1, D)), F * D),
+        (f"matvec q8 {F}x{D} (float unpack)", float_unpack(quant(F, D, 8), 1, D), F * D),
     ]
     q4 = quant(F, D, 4)
     cases.append((f"dequantize q4 {F}x{D} to fp16 (prompt chunks)", q4.dequantize(*q4.matrices()).contiguous(), 0))
@@ -596,7 +611,19 @@ def w_kernels(a: dict[str, Any]) -> None:
         ours = gpu_matvec.matvec_options(k)
         if ours is not None:
             variants["clusterctl"] = ours.applied_opts
-            for warp, rows, up in ((32, 2, 1), (32, 8, 1), (16, 4, 1), (32, 4, 2), (32, 1, 1)):
+            # rows a thread: the activations each thread loads serve that many rows (a 4-bit product loads 64 bytes
+            # of them for every 16 bytes of weights); fewer threads a row: a shorter sum through shared memory
+            for warp, rows, up in (
+                (32, 2, 1),
+                (32, 8, 1),
+                (16, 4, 1),
+                (32, 4, 2),
+                (32, 1, 1),
+                (32, 4, 4),
+                (32, 8, 2),
+                (8, 4, 1),
+                (8, 4, 2),
+            ):
                 alt = gpu_matvec.matvec_options(k, warp, rows, up)
                 if alt is not None:
                     variants[f"warp {warp}, {rows} rows/block" + (f", {up} rows/thread" if up > 1 else "")] = (

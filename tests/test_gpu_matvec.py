@@ -65,9 +65,11 @@ def test_an_fp16_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms):
     assert [p[1:3] for p in gpu_forms if p is not None] == [(8, 32)]
 
 
+@pytest.mark.parametrize("unpack", ["convert", "float"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monkeypatch, bits):
+def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monkeypatch, bits, unpack):
     monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)  # the packed words of a test-sized weight are few
+    monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", unpack)  # float: levels made from their bits (dequantize_float)
     rng = np.random.default_rng(bits)
     rows, cols = 64, 4096  # a row of 4096 values: 512 (4-bit) or 1024 (8-bit) words, a whole warp's worth
     words, scales, biases, dense = _quantized(rng, rows, cols, bits)
@@ -184,3 +186,23 @@ def test_a_prompt_chunks_product_runs_on_tensor_cores_in_enough_blocks(gpu_forms
     assert least_blocks <= blocks <= 4 * least_blocks, blocks
     if tokens == 512:
         assert blocks == least_blocks and gpu_matvec.MIN_TC_BLOCKS <= least_blocks
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_float_unpack_makes_levels_from_bits_not_conversions(gpu_forms, monkeypatch, bits):
+    # CLUSTERCTL_QUANT_UNPACK=float: the CUDA source ORs each level into 2^23's bits (1258291200) and reads that as
+    # a float, where the default form converts each level from an integer (a quarter-rate instruction on GPUs)
+    monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)
+    rows, cols, mask = 64, 4096, (1 << bits) - 1
+    words, scales, biases, _ = _quantized(np.random.default_rng(0), rows, cols, bits)
+    layer = decoder.QuantLinear(
+        *(Tensor(a, device="NULL") for a in (words, scales, biases)), QuantSpec(bits=bits, group_size=64), dtypes.half
+    )
+    x = Tensor.empty(1, 1, cols, dtype=dtypes.half, device="NULL")
+    monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", "float")
+    (src,) = _cuda_sources(layer(x))
+    per_thread = 16 // 4 * 32 // bits  # a 16-byte load of words
+    assert src.count(f"{mask}u)|1258291200u") == per_thread and "(half)((val0" not in src, src
+    monkeypatch.delenv("CLUSTERCTL_QUANT_UNPACK")
+    (src,) = _cuda_sources(layer(x))
+    assert "1258291200u" not in src and src.count("(half)(") >= per_thread, src

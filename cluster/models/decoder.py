@@ -179,9 +179,23 @@ class QuantLinear:
         w = self.unpack(packed, groups) * scales.unsqueeze(-1) + biases.unsqueeze(-1)  # (..., groups, group)
         return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
 
+    def dequantize_float(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
+        """dequantize's weights in float32, each level made from its bits: a level OR-ed into the bits of 2^23 is the
+        float 2^23 + level, exactly. GPUs convert integers to floats at a quarter of their float rate (NVIDIA: 16 a
+        clock per SM against 128 multiply-adds), and a 4-bit matvec converts one per weight."""
+        bits, groups = self.spec.bits, int(scales.shape[-1])
+        shifts = Tensor.arange(32 // bits, dtype=dtypes.uint32).to(packed.device) * bits
+        levels = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)) | FLOAT_2_23_BITS  # (..., words, per word)
+        q = (levels.bitcast(dtypes.float32) - 2.0**23).reshape(*packed.shape[:-1], groups, self.spec.group_size)
+        w = q * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)  # (..., groups, group)
+        return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
+
     def __call__(self, x: Tensor) -> Tensor:
         packed, scales, biases = self.matrices()
         prompt, gpu = x.shape[-2] != 1, not cpu_codegen(packed)
+        if gpu and not prompt and float_unpack():
+            w = self.dequantize_float(packed, scales, biases)
+            return x.float().linear(w.T, None if self.bias is None else self.bias.float()).cast(self.dtype)
         if prompt or gpu:
             w = self.dequantize(packed, scales, biases)
             if prompt and gpu:
@@ -429,6 +443,16 @@ class _Loader:
 
     def norm(self, path: str, dim: int) -> RMSNorm:
         return RMSNorm(self.tensor(f"{path}.weight", (dim,)), self.cfg.rms_norm_eps)
+
+
+FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: its lowest mantissa bits count units
+
+
+def float_unpack() -> bool:
+    """Whether GPU decode products unpack MLX levels to float32 by their bits (QuantLinear.dequantize_float)
+    instead of converting them to the compute dtype: CLUSTERCTL_QUANT_UNPACK=float. Off until bench/gpu.sh has
+    timed it against the conversions on a GPU (its kernel step and its `q4 float unpack` speed step)."""
+    return os.environ.get("CLUSTERCTL_QUANT_UNPACK", "") == "float"
 
 
 def fused_projections(device: str) -> bool:
