@@ -73,6 +73,8 @@ class Kernel:
     source: str
     # its launch with every variable at 0, as tinygrad's CUDA graph first builds its node: a 0 there fails the graph
     zero_vars_launch: tuple[tuple[int, ...], tuple[int, ...]] = ((1,), (1,))
+    # the variables it takes as arguments: a CUDA graph sends the driver a kernel's node again when one changes
+    variables: tuple[str, ...] = ()
 
     @property
     def threads(self) -> int:
@@ -129,6 +131,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         tensor_cores,
         source,
         (tuple(zero_global), tuple(zero_local or (1,))),
+        tuple(sorted(v.expr for v in info.vars)),
     )
 
 

@@ -76,8 +76,19 @@ def test_a_layer_runs_four_products_a_warp_per_row_and_norms_on_blocks_of_32(cen
     # each RMSNorm's mean: one block of 32 threads (two norms a layer and the final one)
     norms = [k for k in decode if k["blocks"] == 1 and k["threads_per_block"] == 32 and k["name"].startswith("r_")]
     assert len(norms) == 2 * layers + 1, [k["name"] for k in decode]
-    # 14 kernels a layer (16 before the stacked products), then the embedding, the final norm and the lm_head
-    assert len(decode) == 14 * layers + 3, [k["name"] for k in decode]
+    # 14 kernels a layer (16 before the stacked products), then the embedding, the final norm and the lm_head, and
+    # the step's rotation angles (cos, sin) and its attention mask, made once for every layer
+    assert len(decode) == 14 * layers + 6, [k["name"] for k in decode]
+
+
+def test_a_decode_step_passes_its_position_to_the_kv_writes_and_few_other_kernels(census):
+    # a CUDA graph re-sends each kernel that takes start_pos to the driver at every step (cuGraphExecKernelNodeSetParams,
+    # a few µs of host time each, before the graph can launch): 3 a layer when every layer's q rotation and scores
+    # computed their own angles and mask; now the KV-cache write of each layer, and the angles and the mask once
+    decode = [k for k in census if k["graph"] == "decode"]
+    layers = 4  # the small preset
+    takes_position = [k["name"] for k in decode if "start_pos" in k["variables"]]
+    assert len(takes_position) == layers + 3, takes_position
 
 
 def test_every_kernel_launches_with_its_variables_at_zero(census):

@@ -42,6 +42,7 @@ from cluster.models.decoder import (
     attention_mask,
     attention_span,
     blocks_past_first,
+    cpu_codegen,
     load_shard,
     rope_tables,
     span_of,
@@ -339,6 +340,10 @@ class ShardEngine:
         h = self.model.embed_tokens(x) if self.is_first else x  # (1, T, D)
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
         mask = attention_mask(self.position_ids, start_pos, T, span_of(blocks), self.dtype)
+        if T == 1 and not cpu_codegen(self.device):
+            # a CUDA graph re-sends every kernel that takes start_pos to the driver at each replay: made once here,
+            # the rotations and masks of every layer read buffers, and per layer only the KV-cache write takes it
+            cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
         for i, block in enumerate(self.model.blocks):
             h = block(h, cache[i], start_pos, mask, cos, sin)
         if self.is_last:

@@ -305,6 +305,10 @@ class Block:
             q, k = m["q_norm"](q), m["k_norm"](k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if T == 1 and not cpu_codegen(q):
+            # a GPU decode step rotates q in a kernel of its own: left lazy, the scores kernel rotated it again in each
+            # of its blocks (1B: 18944 blocks, 21 loads a thread instead of 10; bench/cuda_census.py)
+            q = q.contiguous()
         cache[:, :, :, start_pos : start_pos + T, :].assign(Tensor.stack(k, v).cast(cache.dtype))
         span = mask.shape[-1]
         keys = cache[0, :, :, 0:span, :]  # (B, n_kv, span, head_dim)
