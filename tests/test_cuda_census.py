@@ -83,8 +83,9 @@ def test_a_layer_runs_four_products_a_warp_per_row_and_norms_on_blocks_of_32(cen
 
 def test_a_decode_step_passes_its_position_to_the_kv_writes_and_few_other_kernels(census):
     # a CUDA graph re-sends each kernel that takes start_pos to the driver at every step
-    # (cuGraphExecKernelNodeSetParams: a few µs of host time each, before the graph can launch): 3 a layer when every layer's q rotation and scores
-    # computed their own angles and mask; now the KV-cache write of each layer, and the angles and the mask once
+    # (cuGraphExecKernelNodeSetParams: a few µs of host time each, before the graph can launch): 3 a layer when
+    # every layer's q rotation and scores computed their own angles and mask; now the KV-cache write of each
+    # layer, and the angles and the mask once
     decode = [k for k in census if k["graph"] == "decode"]
     layers = 4  # the small preset
     takes_position = [k["name"] for k in decode if "start_pos" in k["variables"]]
