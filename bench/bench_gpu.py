@@ -13,6 +13,7 @@ writes gpu_results.md, gpu_results.json and gpu_log.txt to --out. See bench/READ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -55,6 +57,9 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     # q, k, v and gate, up as separate products (decoder.fused_projections): what stacking them gains
     ("fp16 separate projections", "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_FUSED_PROJECTIONS": "0"}}),
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
+    # the same under CUDA MPS: how much of a hop between two processes on one GPU is the GPU switching contexts
+    ("cluster under CUDA MPS", "cluster", 150, {"bits": 16, "mps": True}),
+    ("runner", "runner", 60, {}),  # an engine call's round trip without the device, on this machine
     # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
     ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),
     ("kernels", "kernels", 150, {}),
@@ -79,6 +84,7 @@ FULL: dict[str, Any] = {
     "cluster_tokens": 128,
     "cluster_prompt_len": 64,
     "cluster_runs": 3,
+    "runner_calls": 2000,
     "models": None,  # every fixture
     "dtypes": ["float16", "float32"],  # the GPU default first
     "split_models": ["llama32", "qwen2", "llama32-4bit"],
@@ -102,6 +108,7 @@ DRY: dict[str, Any] = FULL | {
     "cluster_tokens": 16,
     "cluster_prompt_len": 16,
     "cluster_runs": 2,
+    "runner_calls": 300,
     "models": ["llama32"],
     "dtypes": ["float32", "float16"],
     "split_models": ["llama32"],
@@ -672,7 +679,12 @@ def w_cluster(a: dict[str, Any]) -> None:
     prompt = make_prompt(model_dir, a["cluster_prompt_len"])
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-cluster-"))
     emit(log_dir=str(log_dir), jit=a["jit"])
-    results = measure_clusters([1, 2], model_dir, prompt, a["cluster_tokens"], a["cluster_runs"], 1, log_dir, note)
+    with contextlib.ExitStack() as stack:
+        if a.get("mps"):
+            # CUDA MPS: the nodes' processes share one GPU context, so the GPU does not switch between the two
+            # processes' contexts at every hand-off of a step
+            stack.enter_context(cuda_mps(log_dir))
+        results = measure_clusters([1, 2], model_dir, prompt, a["cluster_tokens"], a["cluster_runs"], 1, log_dir, note)
     for r in results:
         emit(
             nodes=r.nodes,
@@ -683,6 +695,32 @@ def w_cluster(a: dict[str, Any]) -> None:
             ms_per_token=r.ms_per_token,
             split=r.step_split(),
         )
+
+
+@contextlib.contextmanager
+def cuda_mps(log_dir: Path) -> Iterator[None]:
+    """NVIDIA's multi-process service for the processes started inside (they find it through the environment);
+    stopped after. Raises when the machine has no nvidia-cuda-mps-control."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise RuntimeError("nvidia-cuda-mps-control is not on this machine")
+    pipes = log_dir / "mps-pipes"
+    pipes.mkdir()
+    os.environ["CUDA_MPS_PIPE_DIRECTORY"], os.environ["CUDA_MPS_LOG_DIRECTORY"] = str(pipes), str(log_dir)
+    subprocess.run([control, "-d"], check=True, timeout=30)
+    emit(mps="started")
+    try:
+        yield
+    finally:
+        subprocess.run([control], input="quit\n", text=True, timeout=30, check=False)
+
+
+def w_runner(a: dict[str, Any]) -> None:
+    """bench_runner.py on this machine: one engine-process call's round trip (no engine) next to a pipe's, the
+    floor under every hand-off between a node and its shard; a cluster's hop is that, gRPC, and the device."""
+    cmd = [sys.executable, str(BENCH_DIR / "bench_runner.py"), "--calls", str(a["runner_calls"]), "--rounds", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
+    emit(runner=out.stdout.strip().splitlines()[-12:])
 
 
 def w_peer(a: dict[str, Any]) -> None:
@@ -727,6 +765,7 @@ WORKERS = {
     "kernels": w_kernels,
     "profile": w_profile,
     "cluster": w_cluster,
+    "runner": w_runner,
     "peer": w_peer,
     "build": w_build,
 }
@@ -1126,8 +1165,9 @@ def cluster_section(step: StepResult | None, cfg: dict[str, Any]) -> Section:
         return [], []
     base = next((r["tok_s"] for r in nodes if r["nodes"] == 1), None)
     out = [
-        f"Cluster on one device: `clusterctl join` processes on 127.0.0.1 talking gRPC, the 16-bit checkpoint, "
-        f"{step.merged.get('jit')}, {cfg['cluster_tokens']} tokens, median of {cfg['cluster_runs']} requests",
+        f"Cluster on one device ({step.label}): `clusterctl join` processes on 127.0.0.1 talking gRPC, the 16-bit "
+        f"checkpoint, {step.merged.get('jit')}, {cfg['cluster_tokens']} tokens, median of {cfg['cluster_runs']} "
+        "requests",
         "",
         "| nodes | layers | time to place s | TTFT ms | decode tok/s | vs 1 node |",
         "|---|---|---|---|---|---|",
@@ -1147,7 +1187,15 @@ def cluster_section(step: StepResult | None, cfg: dict[str, Any]) -> Section:
     if not (base and two):
         return out + [""], []
     share = two / base
-    return out + [""], [(f"2 nodes keep >= 85% of 1 node ({100 * share:.0f}%)", share >= TARGETS["cluster_share"])]
+    name = f"{'' if step.label == 'cluster' else step.label + ': '}2 nodes keep >= 85% of 1 node ({100 * share:.0f}%)"
+    return out + [""], [(name, share >= TARGETS["cluster_share"])]
+
+
+def runner_section(step: StepResult | None) -> Section:
+    lines = step.merged.get("runner") if step else None
+    if not lines:
+        return [], []
+    return ["bench_runner.py on this machine (an engine-process call without the engine):", "", *lines, ""], []
 
 
 def peer_section(step: StepResult | None) -> Section:
@@ -1188,7 +1236,8 @@ def report(d: Driver, info: dict[str, Any]) -> tuple[str, list[tuple[str, bool |
         speed_section([r for r in d.results if r.kind == "speed"], bw, d.cfg),
         profile_section(d.result("profile")),
         kernel_section(d.result("kernels")),
-        cluster_section(d.result("cluster"), d.cfg),
+        *[cluster_section(r, d.cfg) for r in d.results if r.kind == "cluster"],
+        runner_section(d.result("runner")),
         peer_section(d.result("peer")),
     ]
     targets = [t for _, ts in sections for t in ts]

@@ -191,7 +191,7 @@ def test_a_prompt_chunks_product_runs_on_tensor_cores_in_enough_blocks(gpu_forms
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_float_unpack_makes_levels_from_bits_not_conversions(gpu_forms, monkeypatch, bits):
     # CLUSTERCTL_QUANT_UNPACK=float: the CUDA source ORs each level into 2^23's bits (1258291200) and reads that as
-    # a float, where the default form converts each level from an integer (a quarter-rate instruction on GPUs)
+    # a float, where the default form converts each level from an integer (slower than a multiply-add on GPUs)
     monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)
     rows, cols, mask = 64, 4096, (1 << bits) - 1
     words, scales, biases, _ = _quantized(np.random.default_rng(0), rows, cols, bits)

@@ -1,12 +1,12 @@
 """CUDA graph replays that send the driver only the kernel nodes whose arguments changed since the last replay.
 
 On every replay tinygrad 0.14's CUDAGraph re-sends (cuGraphExecKernelNodeSetParams) every node that takes a JIT
-input or a variable: in the 1B model's decode step about 100 of its 230 kernel nodes (counted on tinygrad's NULL
-device). Only 19 take `start_pos`, which changes every token: each layer's KV-cache write, and the step's rotation
-angles and attention mask. 5 a layer take only the count of attention blocks, which changes once every ATTN_BLOCK
-tokens, and a session's KV caches are the same buffers step after step. `ChangedNodesCUDAGraph` fills each node's
-argument struct as tinygrad does, compares its bytes with what the executable graph was last sent, and sends only
-the nodes that differ.
+input or a variable: in the 1B model's decode step 99 of its 230 kernel nodes take a variable (counted on
+tinygrad's NULL device). Only 19 take `start_pos`, which changes every token: each layer's KV-cache write, and
+the step's rotation angles and attention mask. 5 a layer take only the count of attention blocks, which changes
+once every ATTN_BLOCK tokens, and a session's KV caches are the same buffers step after step.
+`ChangedNodesCUDAGraph` fills each node's argument struct as tinygrad does, compares its bytes with what the
+executable graph was last sent, and sends only the nodes that differ.
 
 On by default on CUDA; CLUSTERCTL_CUDA_GRAPH=tinygrad keeps tinygrad's graph. On an H200 (bench/RESULTS.md, session
 18) a 1B fp16 decode step made 62 driver calls instead of 127, the host handed the graph over in 0.31 ms

@@ -181,8 +181,8 @@ class QuantLinear:
 
     def dequantize_float(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
         """dequantize's weights in float32, each level made from its bits: a level OR-ed into the bits of 2^23 is the
-        float 2^23 + level, exactly. GPUs convert integers to floats at a quarter of their float rate (NVIDIA: 16 a
-        clock per SM against 128 multiply-adds), and a 4-bit matvec converts one per weight."""
+        float 2^23 + level, exactly. GPUs issue integer-to-float conversions at a fraction of their multiply-add rate,
+        and a 4-bit matvec converts one per weight."""
         bits, groups = self.spec.bits, int(scales.shape[-1])
         shifts = Tensor.arange(32 // bits, dtype=dtypes.uint32).to(packed.device) * bits
         levels = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)) | FLOAT_2_23_BITS  # (..., words, per word)
