@@ -1287,6 +1287,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.correctness_dtypes:
         cfg = cfg | {"dtypes": args.correctness_dtypes.split(",")}
     args.budget = args.budget or cfg["budget"]
+    # labels are comma-separated, but a second start's label has a comma of its own
+    only = {x.strip() for x in re.split(f",(?!{SECOND[1:]})", args.only)} if args.only else None
+    unknown = sorted((only or set()) - {label.format(beam=cfg["beam_label"]) for label, *_ in PLAN})
+    if unknown:  # a misspelt label would cost its step silently, on a machine lent for minutes
+        known = ", ".join(label.format(beam=cfg["beam_label"]) for label, *_ in PLAN)
+        print(f"bench_gpu: no step named {', '.join(map(repr, unknown))}; the steps: {known}", file=sys.stderr)
+        return 2
     d = Driver(args, cfg)
     if args.fresh_cache:
         d.cachedb.unlink(missing_ok=True)
@@ -1294,8 +1301,6 @@ def main(argv: list[str] | None = None) -> int:
     d.say(f"bench_gpu: {'dry run on ' if args.dry_run else ''}{d.device}, budget {args.budget:.0f}s, out {d.out}")
     d.say(f"CACHEDB {d.cachedb} ({'exists' if d.cachedb.exists() else 'new'}); checkpoints in {d.cache_dir}")
     d.start_builds()
-    # labels are comma-separated, but a second start's label has a comma of its own
-    only = {x.strip() for x in re.split(f",(?!{SECOND[1:]})", args.only)} if args.only else None
     t0 = time.monotonic()
     for label, kind, timeout, step_args in PLAN:
         label = label.format(beam=cfg["beam_label"])
