@@ -167,28 +167,26 @@ class QuantLinear:
             return self.packed, self.scales, self.biases
         return row_blocked(self.packed), row_blocked(self.scales), row_blocked(self.biases)
 
-    def unpack(self, packed: Tensor, groups: int) -> Tensor:
-        """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
+    def levels(self, packed: Tensor) -> Tensor:
+        """uint32 words -> (..., words, values per word) uint32 integer levels, LSB first."""
         bits = self.spec.bits
         shifts = Tensor.arange(32 // bits, dtype=dtypes.uint32).to(packed.device) * bits
-        q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, values per word)
-        return q.reshape(*packed.shape[:-1], groups, self.spec.group_size).cast(self.dtype)
+        return (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+
+    def unpack(self, packed: Tensor, groups: int) -> Tensor:
+        """uint32 words -> (..., groups, group_size) integer levels in the compute dtype, LSB first."""
+        return self.levels(packed).reshape(*packed.shape[:-1], groups, self.spec.group_size).cast(self.dtype)
 
     def dequantize(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
-        groups = int(scales.shape[-1])
-        w = self.unpack(packed, groups) * scales.unsqueeze(-1) + biases.unsqueeze(-1)  # (..., groups, group)
-        return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
+        return _affine(self.unpack(packed, int(scales.shape[-1])), scales, biases)
 
     def dequantize_float(self, packed: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
         """dequantize's weights in float32, each level made from its bits: a level OR-ed into the bits of 2^23 is the
         float 2^23 + level, exactly. GPUs issue integer-to-float conversions at a fraction of their multiply-add rate,
         and a 4-bit matvec converts one per weight."""
-        bits, groups = self.spec.bits, int(scales.shape[-1])
-        shifts = Tensor.arange(32 // bits, dtype=dtypes.uint32).to(packed.device) * bits
-        levels = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)) | FLOAT_2_23_BITS  # (..., words, per word)
-        q = (levels.bitcast(dtypes.float32) - 2.0**23).reshape(*packed.shape[:-1], groups, self.spec.group_size)
-        w = q * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)  # (..., groups, group)
-        return w.reshape(*packed.shape[:-1], groups * self.spec.group_size)
+        q = (self.levels(packed) | FLOAT_2_23_BITS).bitcast(dtypes.float32) - 2.0**23  # (..., words, per word)
+        q = q.reshape(*packed.shape[:-1], int(scales.shape[-1]), self.spec.group_size)
+        return _affine(q, scales.float(), biases.float())
 
     def __call__(self, x: Tensor) -> Tensor:
         packed, scales, biases = self.matrices()
@@ -222,6 +220,12 @@ class QuantLinear:
 
     def params(self) -> list[Tensor]:
         return [self.packed, self.scales, self.biases] + ([self.bias] if self.bias is not None else [])
+
+
+def _affine(q: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
+    """(..., groups, group) levels -> (..., groups * group) weights: level * scale + bias, per group."""
+    w = q * scales.unsqueeze(-1) + biases.unsqueeze(-1)
+    return w.reshape(*q.shape[:-2], q.shape[-2] * q.shape[-1])
 
 
 def lookup(table: Linear | QuantLinear, ids: Tensor) -> Tensor:
