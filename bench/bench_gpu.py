@@ -717,7 +717,8 @@ def cuda_mps(log_dir: Path) -> Iterator[None]:
 
 def w_runner(a: dict[str, Any]) -> None:
     """bench_runner.py on this machine: one engine-process call's round trip (no engine) next to a pipe's, the
-    floor under every hand-off between a node and its shard; a cluster's hop is that, gRPC, and the device."""
+    floor under every hand-off between a node and its shard, and a gRPC stream's round trip between two processes;
+    a cluster's hop is those two and the device."""
     cmd = [sys.executable, str(BENCH_DIR / "bench_runner.py"), "--calls", str(a["runner_calls"]), "--rounds", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
     emit(runner=out.stdout.strip().splitlines()[-12:])
@@ -1195,7 +1196,8 @@ def runner_section(step: StepResult | None) -> Section:
     lines = step.merged.get("runner") if step else None
     if not lines:
         return [], []
-    return ["bench_runner.py on this machine (an engine-process call without the engine):", "", *lines, ""], []
+    title = "bench_runner.py on this machine (an engine-process call without the engine, a gRPC echo):"
+    return [title, "", *lines, ""], []
 
 
 def peer_section(step: StepResult | None) -> Section:

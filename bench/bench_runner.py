@@ -8,7 +8,11 @@ answers), so this hand-off is paid once per shard per token. Measured here, with
 
 - floor: two processes passing the same pickled bytes back and forth over a multiprocessing Pipe;
 - `Runner.call` from a thread (how a coordinating node calls its own shard);
-- `Runner.acall` awaited in an event loop (how a node's gRPC servicer calls its shard).
+- `Runner.acall` awaited in an event loop (how a node's gRPC servicer calls its shard);
+- a gRPC stream's round trip: a synchronous client stream (how a coordinator drives another node's shard) to a
+  grpc.aio server in another process that echoes each message at once, with the nodes' channel options.
+
+A hop to another node's shard costs about the gRPC round trip plus an awaited call, on top of the engine.
 
 Medians of `--calls` calls, `--rounds` times in turn. To time another checkout: `PYTHONPATH=<checkout>`.
 """
@@ -19,15 +23,20 @@ import argparse
 import asyncio
 import multiprocessing
 import pickle
+import queue
+import socket
 import statistics
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 
 from cluster.engine.runner import Runner
+from cluster.rpc import wire
 
 
 class Echo:
@@ -68,6 +77,54 @@ def pipe_floor(calls: int, payload: bytes) -> float:
         child.join(5)
 
 
+def _echo_server(port: int, ready: Any) -> None:
+    async def echo(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for request in requests:
+            yield request
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=wire.server_options())
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def grpc_stream_us(calls: int, payload: bytes) -> float:
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=_echo_server, args=(port, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the echo server did not start")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options(wire.SERVER_MAX_MESSAGE)) as ch:
+            requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+            responses = ch.stream_stream("/bench.Echo/Echo")(iter(requests.get, None))
+
+            def once() -> None:
+                requests.put(payload)
+                next(responses)
+
+            for _ in range(min(calls, 200)):  # the stream's first messages set it up
+                once()
+            result = median_us(calls, once)
+            requests.put(None)
+            return result
+    finally:
+        server.kill()
+        server.join(5)
+
+
 async def awaited_us(runner: Runner, calls: int, x: np.ndarray) -> float:
     acall = getattr(runner, "acall", None)  # older checkouts: the reader thread resolves a future
     times = []
@@ -89,14 +146,15 @@ def main() -> None:
     import cluster
 
     print(f"cluster from {Path(cluster.__file__).parent}; argument {x.nbytes} bytes; medians of {args.calls} calls")
-    print("| round | pipe floor us | Runner.call us | Runner.acall in a loop us |")
-    print("|---|---|---|---|")
+    print("| round | pipe floor us | Runner.call us | Runner.acall in a loop us | gRPC stream us |")
+    print("|---|---|---|---|---|")
     with Runner("bench_runner:Echo") as runner:
         for i in range(args.rounds):
             floor = pipe_floor(args.calls, payload)
             blocking = median_us(args.calls, lambda: runner.call("forward", x))
             awaited = asyncio.run(awaited_us(runner, args.calls, x))
-            print(f"| {i + 1} | {floor:.0f} | {blocking:.0f} | {awaited:.0f} |")
+            stream = grpc_stream_us(args.calls, x.astype(np.float16).tobytes())  # a hidden state as nodes send it
+            print(f"| {i + 1} | {floor:.0f} | {blocking:.0f} | {awaited:.0f} | {stream:.0f} |")
 
 
 if __name__ == "__main__":
