@@ -40,6 +40,8 @@ MIN_STEP_S = 20.0  # a step given less than this is skipped rather than started
 TERM_GRACE_S = 20.0  # a timed-out step gets SIGTERM (the cluster step stops its nodes), then SIGKILL
 REF_PYTHON_CPU = "/work/refvenv/bin/python"  # torch + transformers here; on the GPU machine python3 has them
 
+FLOAT_UNPACK = {"CLUSTERCTL_QUANT_UNPACK": "float"}
+ROWS_4 = {"CLUSTERCTL_MATVEC_ROWS": "4"}
 TINYGRAD_GRAPHS = "fp16 tinygrad's graphs"  # without cluster/engine/cuda_graph.py (the engine's default on CUDA)
 # (label, kind, timeout s, arguments) in order of importance: the budget cuts the tail. "{beam}" stands for the
 # mode's BEAM setting; "beam": True runs the step with it.
@@ -51,7 +53,11 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("fp16, second start", "speed", 90, {"bits": 16}),  # a new process reading the graph cache fp16 filled
     ("q4", "speed", 120, {"bits": 4}),
     # MLX levels made from their bits instead of integer conversions (decoder.float_unpack): the q4 target's candidate
-    ("q4 float unpack", "speed", 120, {"bits": 4, "env": {"CLUSTERCTL_QUANT_UNPACK": "float"}}),
+    ("q4 float unpack", "speed", 120, {"bits": 4, "env": FLOAT_UNPACK}),
+    # 4 rows a thread in the big products (gpu_matvec.rows_per_thread): a quarter of the instructions for the
+    # fused RMSNorm and the activations' loads (bench/cuda_census.py --sass)
+    ("q4 float unpack and 4 rows a thread", "speed", 120, {"bits": 4, "env": {**FLOAT_UNPACK, **ROWS_4}}),
+    ("fp16 4 rows a thread", "speed", 120, {"bits": 16, "env": ROWS_4}),
     (TINYGRAD_GRAPHS, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "tinygrad"}}),
     ("profile", "profile", 90, {"bits": 16, "env": {"JIT": "2"}}),
     # q, k, v and gate, up as separate products (decoder.fused_projections): what stacking them gains

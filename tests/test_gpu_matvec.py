@@ -83,6 +83,59 @@ def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monk
     assert len(plans) == 1 and plans[0][2] == 32, plans
 
 
+@pytest.mark.parametrize("unpack", ["convert", "float"])
+def test_rows_a_thread_compute_the_same_products(gpu_forms, monkeypatch, unpack):
+    """CLUSTERCTL_MATVEC_ROWS=4: each thread takes 4 rows (the activations it loads serve all of them), here with
+    the RMSNorm fused into the product as in the decoder. Reference: numpy in float64."""
+    monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)
+    monkeypatch.setattr(gpu_matvec, "MIN_UPCAST_BLOCKS", 2)  # a test-sized product has few blocks
+    monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", unpack)
+    monkeypatch.setenv("CLUSTERCTL_MATVEC_ROWS", "4")
+    rng = np.random.default_rng(3)
+    rows, cols = 32, 2048
+    words, scales, biases, dense = _quantized(rng, rows, cols, 4)
+    x = rng.standard_normal((1, 1, cols)).astype(np.float16)
+    gain = rng.uniform(0.5, 1.5, cols).astype(np.float16)
+    layer = decoder.QuantLinear(
+        *(Tensor(a, device="PYTHON") for a in (words, scales, biases)), QuantSpec(bits=4, group_size=64), dtypes.half
+    )
+    norm = decoder.RMSNorm(Tensor(gain, device="PYTHON"), 1e-5)
+    with Context(PARALLEL=0):  # compiled here: tinygrad's compile processes would not see the patched limits
+        out = layer(norm(Tensor(x, device="PYTHON"))).numpy()
+    x64 = x[0, 0].astype(np.float64)
+    normed = x64 / np.sqrt(np.mean(x64**2) + 1e-5) * gain
+    np.testing.assert_allclose(out[0, 0], dense @ normed, atol=5e-2, rtol=2e-2)
+    assert len([p for p in gpu_forms if p is not None]) == 1, gpu_forms  # the product took the warp-per-row form
+    # the same product rendered for CUDA: 32 rows, 4 to a block, 4 to a thread: 2 blocks (8 with one row a thread)
+    empty = {"device": "CPU", "dtype": dtypes.half}
+    cuda = decoder.QuantLinear(
+        Tensor.empty(rows, cols // 8, dtype=dtypes.uint32, device="CPU"),
+        Tensor.empty(rows, cols // 64, **empty),
+        Tensor.empty(rows, cols // 64, **empty),
+        QuantSpec(bits=4, group_size=64),
+        dtypes.half,
+    )(decoder.RMSNorm(Tensor.empty(cols, **empty), 1e-5)(Tensor.empty(1, 1, cols, **empty)))
+    assert math.prod(_cuda_programs(cuda)[-1].arg.launch_dims({})[0]) == 2
+
+
+def test_rows_a_thread_go_only_where_enough_blocks_remain(gpu_forms, monkeypatch):
+    """The 1B model's gate/up (16384 rows) and lm_head take 4 rows a thread; q/k/v (3072 rows) and the 2048-row
+    products would be left fewer than MIN_UPCAST_BLOCKS blocks, and keep one. Unset, every product keeps one."""
+    x = Tensor.empty(1, 1, 2048, dtype=dtypes.half, device="CPU")
+
+    def launched(rows: int) -> int:
+        w = Tensor.empty(rows, 2048, dtype=dtypes.half, device="CPU")
+        return math.prod(_cuda_programs(decoder.Linear(w, dtype=dtypes.half)(x))[-1].arg.launch_dims({})[0])
+
+    monkeypatch.setenv("CLUSTERCTL_MATVEC_ROWS", "4")
+    assert [launched(r) for r in (16384, 128256, 3072, 2048)] == [1024, 8016, 768, 512]
+    monkeypatch.delenv("CLUSTERCTL_MATVEC_ROWS")
+    assert [launched(r) for r in (16384, 2048)] == [4096, 512]
+    monkeypatch.setenv("CLUSTERCTL_MATVEC_ROWS", "3")
+    with pytest.raises(ValueError, match="1, 2 or 4"):
+        gpu_matvec.rows_per_thread()
+
+
 def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((ROWS, K)) * 0.05).astype(np.float16)

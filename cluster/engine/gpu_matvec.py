@@ -18,6 +18,7 @@ for, searches as before. `enable()` installs it in this process and in tinygrad'
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from math import prod
 from typing import Any
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 WARP = 32  # threads that share one row
 LOAD_BYTES = 16  # per thread and step: one 128-bit load
 ROWS_PER_BLOCK = 4
+# Rows each thread computes (CLUSTERCTL_MATVEC_ROWS, rows_per_thread()) where the product keeps this many blocks:
+# the activations a thread loads, and what the decoder fused into them (the RMSNorm of qkv, gate/up and lm_head),
+# then serve that many rows
+MIN_UPCAST_BLOCKS = 512
 MIN_WEIGHT = 1 << 16  # elements; smaller products are not worth a special case
 REDUCTION_MAX_OUTPUTS = 4096  # a block of threads for each output: up to ~130k threads, half an H200
 REDUCTION_MIN_LENGTH = 128  # shorter ones walk at most 8 values a thread already
@@ -90,11 +95,31 @@ def matvec_plan(
     return word, unroll, group, after, row
 
 
+def rows_per_thread() -> int:
+    """Rows each thread of a decode product computes where MIN_UPCAST_BLOCKS blocks remain: CLUSTERCTL_MATVEC_ROWS
+    (1, 2 or 4; default 1). One row a thread recomputes the activations' RMSNorm for every row of a product it is
+    fused into (one float-to-half conversion a weight: nvcc's sm_90 code for the 1B model's gate/up runs 12
+    instructions a weight in fp16 with 4-bit levels, 7.3 with 4 rows a thread and the float unpack; `bench/
+    cuda_census.py --sass`). Off until bench/gpu.sh has timed it on a GPU."""
+    value = os.environ.get("CLUSTERCTL_MATVEC_ROWS", "") or "1"
+    if value not in ("1", "2", "4"):
+        raise ValueError(f"CLUSTERCTL_MATVEC_ROWS must be 1, 2 or 4, not {value!r}")
+    return int(value)
+
+
 def matvec_options(
-    k: Scheduler, warp: int = WARP, rows_per_block: int = ROWS_PER_BLOCK, row_upcast: int = 1
+    k: Scheduler, warp: int = WARP, rows_per_block: int = ROWS_PER_BLOCK, row_upcast: int | None = None
 ) -> Scheduler | None:
     """`k` with the warp-per-row options applied (on a copy), or None when `k` is no matrix-vector product or
-    they do not apply. The arguments other than `k` are for benchmarks (bench/bench_gpu.py's kernel step)."""
+    they do not apply. `row_upcast`: rows a thread; None: up to rows_per_thread(), as many as leave the product
+    MIN_UPCAST_BLOCKS blocks. The arguments other than `k` are for benchmarks (bench/bench_gpu.py's kernel step)."""
+    if row_upcast is None:
+        upcasts = [r for r in (4, 2) if r <= rows_per_thread()]
+        for r in upcasts:
+            out = matvec_options(k, warp, rows_per_block, r)
+            if out is not None and (blocks(out) or 0) >= MIN_UPCAST_BLOCKS:
+                return out
+        row_upcast = 1
     plan = matvec_plan(k, warp, rows_per_block)
     if plan is None:
         return None
@@ -110,6 +135,8 @@ def matvec_options(
             out.apply_opt(Opt(OptOps.LOCAL, axis_named(out, names[row]), rows_per_block))
             if row_upcast > 1:
                 out.apply_opt(Opt(OptOps.UPCAST, axis_named(out, names[row]), row_upcast))
+        elif row_upcast > 1:
+            return None
     except KernelOptError as e:
         log.debug("tinygrad's options for %s: %s", k.full_shape, e)
         return None
