@@ -75,6 +75,7 @@ class Kernel:
     zero_vars_launch: tuple[tuple[int, ...], tuple[int, ...]] = ((1,), (1,))
     # the variables it takes as arguments: a CUDA graph sends the driver a kernel's node again when one changes
     variables: tuple[str, ...] = ()
+    loops: tuple[int, ...] = ()  # each loop's passes, in the order of the source's loops
 
     @property
     def threads(self) -> int:
@@ -106,10 +107,11 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         return None  # a copy
     info, linear = prg.arg, prg.src[1].src
     global_size, local_size = info.launch_dims(var_vals)
-    steps, loads, mult = 0, Counter[AddrSpace](), [1]
+    steps, loads, mult, loops = 0, Counter[AddrSpace](), [1], []
     for u in linear:
         if u.op is Ops.RANGE:
-            mult.append(mult[-1] * _size(u.src[0], var_vals))
+            loops.append(_size(u.src[0], var_vals))
+            mult.append(mult[-1] * loops[-1])
             steps += mult[-1]
         elif u.op is Ops.END:
             mult.pop()
@@ -132,6 +134,7 @@ def describe(graph: str, call: UOp, var_vals: dict[str, int]) -> Kernel | None:
         source,
         (tuple(zero_global), tuple(zero_local or (1,))),
         tuple(sorted(v.expr for v in info.vars)),
+        tuple(loops),
     )
 
 
