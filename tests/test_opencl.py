@@ -32,8 +32,18 @@ def _has_opencl() -> bool:
 pytestmark = pytest.mark.skipif(not _has_opencl(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
 
 
-@pytest.mark.parametrize("name", ["llama32", "llama32-4bit"])
-def test_engine_on_opencl_matches_the_reference(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [
+        ("llama32", {}),
+        ("llama32-4bit", {}),
+        # MLX levels made from their bits (decoder.float_unpack), several rows a thread where products allow
+        ("llama32-4bit", {"CLUSTERCTL_QUANT_UNPACK": "float", "CLUSTERCTL_MATVEC_ROWS": "4"}),
+    ],
+)
+def test_engine_on_opencl_matches_the_reference(name: str, env: dict[str, str], monkeypatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     eng = ShardEngine(FIXTURES / name, device="CL", prefill_buckets=BUCKETS, max_context=128)
     assert eng.dtype == dtypes.float16  # what an accelerator computes in by default
     eng.warmup()

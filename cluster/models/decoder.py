@@ -184,7 +184,8 @@ class QuantLinear:
         """dequantize's weights in float32, each level made from its bits: a level OR-ed into the bits of 2^23 is the
         float 2^23 + level, exactly. GPUs issue integer-to-float conversions at a fraction of their multiply-add rate,
         and a 4-bit matvec converts one per weight."""
-        q = (self.levels(packed) | FLOAT_2_23_BITS).bitcast(dtypes.float32) - 2.0**23  # (..., words, per word)
+        magic = float_2_23_bits(packed.device)
+        q = (self.levels(packed) | magic).bitcast(dtypes.float32) - 2.0**23  # (..., words, per word)
         q = q.reshape(*packed.shape[:-1], int(scales.shape[-1]), self.spec.group_size)
         return _affine(q, scales.float(), biases.float())
 
@@ -454,6 +455,18 @@ class _Loader:
 
 
 FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: its lowest mantissa bits count units
+_FLOAT_2_23: dict[str, Tensor] = {}
+
+
+def float_2_23_bits(device: str | tuple[str, ...]) -> Tensor:
+    """FLOAT_2_23_BITS as a realized (1,) uint32 on `device`. Read from a buffer, not written as a literal: a SASS
+    instruction takes one 32-bit immediate, so nvcc makes `(level & 15) | 0x4B000000` two instructions with a literal
+    and one with the constant in a register (sm_90, a 4-bit product: 7.5 -> 6.75 instructions a weight;
+    bench/sass_census.py)."""
+    key = str(device)
+    if key not in _FLOAT_2_23:
+        _FLOAT_2_23[key] = Tensor([FLOAT_2_23_BITS], dtype=dtypes.uint32, device=device).realize()
+    return _FLOAT_2_23[key]
 
 
 def float_unpack() -> bool:
