@@ -458,7 +458,7 @@ FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: its lowest mantissa bits count
 _FLOAT_2_23: dict[str, Tensor] = {}
 
 
-def float_2_23_bits(device: str | tuple[str, ...]) -> Tensor:
+def float_2_23_bits(device: str | tuple[str, ...] | None) -> Tensor:
     """FLOAT_2_23_BITS as a realized (1,) uint32 on `device`. Read from a buffer, not written as a literal: a SASS
     instruction takes one 32-bit immediate, so nvcc makes `(level & 15) | 0x4B000000` two instructions with a literal
     and one with the constant in a register (sm_90, a 4-bit product: 7.5 -> 6.75 instructions a weight;
