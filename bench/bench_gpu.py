@@ -559,11 +559,14 @@ def w_kernels(a: dict[str, Any]) -> None:
     def x(tokens: int, cols: int) -> Tensor:
         return Tensor.empty(1, tokens, cols, dtype=half, device=dev)
 
-    def float_unpack(layer: Any, tokens: int, cols: int) -> Tensor:
+    def normed(cols: int) -> Tensor:
+        return dec.RMSNorm(Tensor.empty(cols, dtype=half, device=dev), 1e-5)(x(1, cols))
+
+    def float_unpack(layer: Any, tokens: int, cols: int, given: Tensor | None = None) -> Tensor:
         """The product with levels made from their bits (decoder.dequantize_float, CLUSTERCTL_QUANT_UNPACK=float)."""
         os.environ["CLUSTERCTL_QUANT_UNPACK"] = "float"
         try:
-            return layer(x(tokens, cols))
+            return layer(x(tokens, cols) if given is None else given)
         finally:
             del os.environ["CLUSTERCTL_QUANT_UNPACK"]
 
@@ -579,6 +582,15 @@ def w_kernels(a: dict[str, Any]) -> None:
         (f"matvec q4 {V}x{D} (tied lm_head, float unpack)", float_unpack(quant(V, D, 4), 1, D), V * D),
         (f"matvec q8 {F}x{D}", quant(F, D, 8)(x(1, D)), F * D),
         (f"matvec q8 {F}x{D} (float unpack)", float_unpack(quant(F, D, 8), 1, D), F * D),
+        # as the decoder runs gate/up: stacked, with the RMSNorm fused into the product (its input recomputed for
+        # every row a thread computes: bench/sass_census.py)
+        (f"matvec fp16 {2 * F}x{D} (gate/up stacked, RMSNorm fused)", dense(2 * F, D)(normed(D)), 2 * F * D),
+        (f"matvec q4 {2 * F}x{D} (gate/up stacked, RMSNorm fused)", quant(2 * F, D, 4)(normed(D)), 2 * F * D),
+        (
+            f"matvec q4 {2 * F}x{D} (gate/up stacked, RMSNorm fused, float unpack)",
+            float_unpack(quant(2 * F, D, 4), 1, D, normed(D)),
+            2 * F * D,
+        ),
     ]
     q4 = quant(F, D, 4)
     cases.append((f"dequantize q4 {F}x{D} to fp16 (prompt chunks)", q4.dequantize(*q4.matrices()).contiguous(), 0))
