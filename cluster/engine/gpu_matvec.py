@@ -97,10 +97,10 @@ def matvec_plan(
 
 def rows_per_thread() -> int:
     """Rows each thread of a decode product computes where MIN_UPCAST_BLOCKS blocks remain: CLUSTERCTL_MATVEC_ROWS
-    (1, 2 or 4; default 1). One row a thread recomputes the activations' RMSNorm for every row of a product it is
-    fused into (one float-to-half conversion a weight: nvcc's sm_90 code for the 1B model's gate/up runs 12
-    instructions a weight in fp16 with 4-bit levels, 7.3 with 4 rows a thread and the float unpack; `bench/
-    cuda_census.py --sass`). Off until bench/gpu.sh has timed it on a GPU."""
+    (1, 2 or 4; default 1). With one row a thread, a product the RMSNorm is fused into normalizes its input again
+    for every row (a float-to-half conversion a weight): nvcc's sm_90 code for the 1B model's 4-bit gate/up issues
+    12 instructions a weight, 6.6 with 4 rows a thread and the float unpack (bench/sass_census.py). Off until
+    bench/gpu.sh has timed it on a GPU."""
     value = os.environ.get("CLUSTERCTL_MATVEC_ROWS", "") or "1"
     if value not in ("1", "2", "4"):
         raise ValueError(f"CLUSTERCTL_MATVEC_ROWS must be 1, 2 or 4, not {value!r}")
