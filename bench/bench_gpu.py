@@ -65,6 +65,8 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("cluster", "cluster", 150, {"bits": 16}),  # with BEAM when "fp16 {beam}" filled the cache
     # the same under CUDA MPS: how much of a hop between two processes on one GPU is the GPU switching contexts
     ("cluster under CUDA MPS", "cluster", 150, {"bits": 16, "mps": True}),
+    # engine calls waited for by polling, not sleeping (runner.spin_seconds): the wake-ups of a hand-off
+    ("cluster with spinning hand-offs", "cluster", 150, {"bits": 16, "env": {"CLUSTERCTL_SPIN_US": "5000"}}),
     ("runner", "runner", 60, {}),  # an engine call's round trip without the device, on this machine
     # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
     ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),

@@ -84,13 +84,13 @@ def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monk
     assert len(plans) == 1 and plans[0][2] == 32, plans
 
 
-@pytest.mark.parametrize("unpack", ["convert", "float"])
-def test_rows_a_thread_compute_the_same_products(gpu_forms, monkeypatch, unpack):
+def test_rows_a_thread_compute_the_same_products(gpu_forms, monkeypatch):
     """CLUSTERCTL_MATVEC_ROWS=4: each thread takes 4 rows (the activations it loads serve all of them), here with
-    the RMSNorm fused into the product as in the decoder. Reference: numpy in float64."""
+    the RMSNorm fused into the product as in the decoder and the float unpack it is meant to go with.
+    Reference: numpy in float64."""
     monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)
     monkeypatch.setattr(gpu_matvec, "MIN_UPCAST_BLOCKS", 2)  # a test-sized product has few blocks
-    monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", unpack)
+    monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", "float")
     monkeypatch.setenv("CLUSTERCTL_MATVEC_ROWS", "4")
     rng = np.random.default_rng(3)
     rows, cols = 32, 4096  # not 2048: the long-reduction test must compile its RMSNorm itself (tinygrad caches it)

@@ -339,6 +339,29 @@ def test_environment_reaches_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
         assert r.call("getenv", "BEAM") == "0"
 
 
+def test_spinning_waits_serve_calls_and_notice_deaths_then_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLUSTERCTL_SPIN_US: the caller polls for its reply and the engine process for the next call before either
+    sleeps. Replies, errors and a death while the caller spins come through as without it, and once the spin is
+    over an idle engine process sleeps instead of holding a core."""
+    monkeypatch.setenv("CLUSTERCTL_SPIN_US", "50000")
+    with Runner(TARGET) as r:
+        assert [r.call("add", i) for i in range(50)] == list(range(50))  # each reply arrives while the caller spins
+        assert r.call("sleep", 0.2) == 0.2  # a reply later than the caller's spin
+        with pytest.raises(RunnerCallError, match="boom"):
+            r.call("fail", "boom")
+        assert r.pid is not None
+        idle = psutil.Process(r.pid)
+        time.sleep(0.2)  # past the spin after the last call
+        before = sum(idle.cpu_times()[:2])
+        time.sleep(1.0)
+        assert sum(idle.cpu_times()[:2]) - before < 0.2  # asleep, not polling
+        with pytest.raises(RunnerDied, match="SIGSEGV"):
+            r.call("crash")
+    monkeypatch.setenv("CLUSTERCTL_SPIN_US", "soon")
+    with pytest.raises(ValueError, match="CLUSTERCTL_SPIN_US"):
+        Runner(TARGET)
+
+
 def test_events_reach_on_event() -> None:
     events: list[dict[str, Any]] = []
     with Runner(TARGET, 5, on_event=events.append) as r:
