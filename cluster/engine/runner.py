@@ -52,6 +52,10 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL_S = 1.0
 
+_KINDS = ("call", "close", "result", "error", "event", "ready", "init_error")
+_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+_HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
+
 
 def spin_seconds() -> float:
     """How long a wait for the other side of an engine call polls before it sleeps: CLUSTERCTL_SPIN_US microseconds
@@ -71,9 +75,6 @@ def _spin(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
             if ready := poller.poll(0):
                 return ready
     return poller.poll()
-_KINDS = ("call", "close", "result", "error", "event", "ready", "init_error")
-_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
-_HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
 
 
 class RunnerError(RuntimeError):
