@@ -67,6 +67,8 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     ("cluster under CUDA MPS", "cluster", 150, {"bits": 16, "mps": True}),
     # engine calls waited for by polling, not sleeping (runner.spin_seconds): the wake-ups of a hand-off
     ("cluster with spinning hand-offs", "cluster", 150, {"bits": 16, "env": {"CLUSTERCTL_SPIN_US": "5000"}}),
+    # decode with a long context: the attention's reductions walk every cached block (bench/RESULTS.md, session 19)
+    ("fp16 at long context", "speed", 120, {"bits": 16, "long": True}),
     ("runner", "runner", 60, {}),  # an engine call's round trip without the device, on this machine
     # kernel by kernel: against the graph steps, what a CUDA graph's replay saves (or costs)
     ("fp16 without graphs", "speed", 120, {"bits": 16, "env": {"JIT": "2"}}),
@@ -86,6 +88,7 @@ SECOND = ", second start"
 FULL: dict[str, Any] = {
     "preset": "llama-3.2-1b",
     "prompt_len": 512,  # the TTFT target's prompt
+    "long_prompt_len": 3840,  # "long": the prompt of the long-context step (the engine's default context is 4096)
     "tokens": 128,
     "peer_tokens": 64,
     "peer_dtypes": ["bfloat16", "float16"],
@@ -110,6 +113,7 @@ FULL: dict[str, Any] = {
 DRY: dict[str, Any] = FULL | {
     "preset": "tiny",
     "prompt_len": 64,
+    "long_prompt_len": 192,
     "tokens": 16,
     "peer_tokens": 8,
     "peer_dtypes": ["float32"],
@@ -357,7 +361,8 @@ def w_speed(a: dict[str, Any]) -> None:
     compiled = compile_count()
 
     vocab = eng.cfg.vocab_size
-    prompt = np.random.default_rng(0).integers(0, vocab, a["prompt_len"])
+    prompt = np.random.default_rng(0).integers(0, vocab, a["long_prompt_len" if a.get("long") else "prompt_len"])
+    emit(prompt_len=len(prompt))
     ttfts = []
     for _ in range(3):  # fresh sessions; the median is reported
         sid = eng.new_session()
