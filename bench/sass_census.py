@@ -34,8 +34,10 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cuda_census  # sets the NULL device with the CUDA renderer before tinygrad is imported
+if TYPE_CHECKING:
+    from cuda_census import Kernel
 
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # an H200 SXM
 BANDWIDTH = 4.26e12  # bytes/s: the floor's device copy bandwidth on an H200 (PERF.md)
@@ -86,6 +88,11 @@ def main_loop(sass: str) -> Loop:
     return Loop(len(body), sum(o in SLOW for o in body), len(rest), sum(o in SLOW for o in rest))
 
 
+def loop_of(source: str, compiler: Compiler | None = None) -> Loop:
+    """The main loop's counts of one CUDA kernel's source."""
+    return main_loop((compiler or Compiler()).sass(rolled(source)))
+
+
 class Compiler:
     def __init__(self) -> None:
         self.nvcc, self.nvdisasm = find_tool("nvcc"), find_tool("nvdisasm")
@@ -110,7 +117,7 @@ def rolled(source: str) -> str:
 
 @dataclass
 class Row:
-    kernel: cuda_census.Kernel
+    kernel: Kernel
     loop: Loop
     passes: int
 
@@ -132,9 +139,9 @@ class Row:
         return self.kernel.mbytes * 1e6 / BANDWIDTH * 1e6
 
 
-def measure(kernels: list[cuda_census.Kernel]) -> list[Row]:
+def measure(kernels: list[Kernel]) -> list[Row]:
     compiler = Compiler()
-    return [Row(k, main_loop(compiler.sass(rolled(k.source))), k.loops[0] if k.loops else 0) for k in kernels]
+    return [Row(k, loop_of(k.source, compiler), k.loops[0] if k.loops else 0) for k in kernels]
 
 
 def table(rows: list[Row], title: str) -> str:
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
     args = ap.parse_args(argv)
     find_tool("nvcc"), find_tool("nvdisasm")  # before the minutes the census takes
+    import cuda_census  # sets the NULL device with the CUDA renderer before tinygrad is imported
+
     if args.model:
         model_dir = Path(args.model)
     else:
