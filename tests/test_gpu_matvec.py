@@ -72,7 +72,7 @@ def test_a_quantized_matvec_runs_a_warp_per_row_and_equals_numpy(gpu_forms, monk
     monkeypatch.setattr(gpu_matvec, "MIN_WEIGHT", 1024)  # the packed words of a test-sized weight are few
     monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", unpack)  # float: levels made from their bits (dequantize_float)
     rng = np.random.default_rng(bits)
-    rows, cols = 64, 4096  # a row of 4096 values: 512 (4-bit) or 1024 (8-bit) words, a whole warp's worth
+    rows, cols = 32, 4096  # a row of 4096 values: 512 (4-bit) or 1024 (8-bit) words, a whole warp's worth
     words, scales, biases, dense = _quantized(rng, rows, cols, bits)
     x = (rng.standard_normal((1, 1, cols)) * 0.1).astype(np.float16)
     layer = decoder.QuantLinear(
@@ -93,7 +93,7 @@ def test_rows_a_thread_compute_the_same_products(gpu_forms, monkeypatch):
     monkeypatch.setenv("CLUSTERCTL_QUANT_UNPACK", "float")
     monkeypatch.setenv("CLUSTERCTL_MATVEC_ROWS", "4")
     rng = np.random.default_rng(3)
-    rows, cols = 32, 4096  # not 2048: the long-reduction test must compile its RMSNorm itself (tinygrad caches it)
+    rows, cols = 32, 1024  # not 2048: the long-reduction test must compile its RMSNorm itself (tinygrad caches it)
     words, scales, biases, dense = _quantized(rng, rows, cols, 4)
     x = rng.standard_normal((1, 1, cols)).astype(np.float16)
     gain = rng.uniform(0.5, 1.5, cols).astype(np.float16)
@@ -140,7 +140,7 @@ def test_rows_a_thread_go_only_where_enough_blocks_remain(gpu_forms, monkeypatch
 def test_a_prompt_matmul_and_cpu_kernels_keep_tinygrads_options(gpu_forms):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((ROWS, K)) * 0.05).astype(np.float16)
-    prompt = rng.standard_normal((1, 4, K)).astype(np.float16)
+    prompt = rng.standard_normal((1, 2, K)).astype(np.float16)  # two tokens: a prompt chunk all the same
     out = decoder.Linear(Tensor(w, device="PYTHON"), dtype=dtypes.half)(Tensor(prompt, device="PYTHON")).numpy()
     np.testing.assert_allclose(out[0], prompt[0].astype(np.float64) @ w.T.astype(np.float64), atol=2e-3, rtol=2e-3)
     assert gpu_forms and all(p is None for p in gpu_forms)  # a token axis does not index the weight
