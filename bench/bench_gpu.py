@@ -55,7 +55,7 @@ PLAN: list[tuple[str, str, float, dict[str, Any]]] = [
     # MLX levels made from their bits instead of integer conversions (decoder.float_unpack): the q4 target's candidate
     ("q4 float unpack", "speed", 120, {"bits": 4, "env": FLOAT_UNPACK}),
     # 4 rows a thread in the big products (gpu_matvec.rows_per_thread): a quarter of the instructions for the
-    # fused RMSNorm and the activations' loads (bench/cuda_census.py --sass)
+    # fused RMSNorm and the activations' loads (bench/sass_census.py)
     ("q4 float unpack and 4 rows a thread", "speed", 120, {"bits": 4, "env": {**FLOAT_UNPACK, **ROWS_4}}),
     ("fp16 4 rows a thread", "speed", 120, {"bits": 16, "env": ROWS_4}),
     (TINYGRAD_GRAPHS, "speed", 120, {"bits": 16, "env": {"CLUSTERCTL_CUDA_GRAPH": "tinygrad"}}),
@@ -569,11 +569,11 @@ def w_kernels(a: dict[str, Any]) -> None:
     def normed(cols: int) -> Tensor:
         return dec.RMSNorm(Tensor.empty(cols, dtype=half, device=dev), 1e-5)(x(1, cols))
 
-    def float_unpack(layer: Any, tokens: int, cols: int, given: Tensor | None = None) -> Tensor:
+    def float_unpack(layer: Any, given: Tensor) -> Tensor:
         """The product with levels made from their bits (decoder.dequantize_float, CLUSTERCTL_QUANT_UNPACK=float)."""
         os.environ["CLUSTERCTL_QUANT_UNPACK"] = "float"
         try:
-            return layer(x(tokens, cols) if given is None else given)
+            return layer(given)
         finally:
             del os.environ["CLUSTERCTL_QUANT_UNPACK"]
 
@@ -582,20 +582,20 @@ def w_kernels(a: dict[str, Any]) -> None:
         (f"matvec fp16 {D}x{F} (down)", dense(D, F)(x(1, F)), F * D),
         (f"matvec fp16 {V}x{D} (lm_head)", dense(V, D)(x(1, D)), V * D),
         (f"matvec q4 {F}x{D}", quant(F, D, 4)(x(1, D)), F * D),
-        (f"matvec q4 {F}x{D} (float unpack)", float_unpack(quant(F, D, 4), 1, D), F * D),
+        (f"matvec q4 {F}x{D} (float unpack)", float_unpack(quant(F, D, 4), x(1, D)), F * D),
         (f"matvec q4 {D}x{F}", quant(D, F, 4)(x(1, F)), F * D),
-        (f"matvec q4 {D}x{F} (float unpack)", float_unpack(quant(D, F, 4), 1, F), F * D),
+        (f"matvec q4 {D}x{F} (float unpack)", float_unpack(quant(D, F, 4), x(1, F)), F * D),
         (f"matvec q4 {V}x{D} (tied lm_head)", quant(V, D, 4)(x(1, D)), V * D),
-        (f"matvec q4 {V}x{D} (tied lm_head, float unpack)", float_unpack(quant(V, D, 4), 1, D), V * D),
+        (f"matvec q4 {V}x{D} (tied lm_head, float unpack)", float_unpack(quant(V, D, 4), x(1, D)), V * D),
         (f"matvec q8 {F}x{D}", quant(F, D, 8)(x(1, D)), F * D),
-        (f"matvec q8 {F}x{D} (float unpack)", float_unpack(quant(F, D, 8), 1, D), F * D),
+        (f"matvec q8 {F}x{D} (float unpack)", float_unpack(quant(F, D, 8), x(1, D)), F * D),
         # as the decoder runs gate/up: stacked, with the RMSNorm fused into the product (its input recomputed for
         # every row a thread computes: bench/sass_census.py)
         (f"matvec fp16 {2 * F}x{D} (gate/up stacked, RMSNorm fused)", dense(2 * F, D)(normed(D)), 2 * F * D),
         (f"matvec q4 {2 * F}x{D} (gate/up stacked, RMSNorm fused)", quant(2 * F, D, 4)(normed(D)), 2 * F * D),
         (
             f"matvec q4 {2 * F}x{D} (gate/up stacked, RMSNorm fused, float unpack)",
-            float_unpack(quant(2 * F, D, 4), 1, D, normed(D)),
+            float_unpack(quant(2 * F, D, 4), normed(D)),
             2 * F * D,
         ),
     ]

@@ -192,25 +192,34 @@ def table(kernels: list[Kernel], model: str, position: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--preset/--model, --bits, --position and --cache-dir (this census's and sass_census.py's)."""
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="llama-3.2-1b", help="a bench checkpoint (built when missing)")
     src.add_argument("--model", help="a checkpoint directory")
     ap.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="the preset's 4/8-bit MLX form")
     ap.add_argument("--position", type=int, default=576, help="positions already in the cache")
-    ap.add_argument("--prompt", type=int, help="also the graph of a prompt chunk of this many tokens (a bucket)")
     ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    """The checkpoint add_model_arguments' arguments name (a preset is built when missing)."""
+    if args.model:
+        return Path(args.model)
+    from random_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint(args.preset, Path(args.cache_dir), bits=args.bits)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(ap)
+    ap.add_argument("--prompt", type=int, help="also the graph of a prompt chunk of this many tokens (a bucket)")
     ap.add_argument("--sources", help="write each distinct kernel's CUDA source to this directory")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
     args = ap.parse_args(argv)
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from random_checkpoint import ensure_checkpoint
-
-        model_dir, _ = ensure_checkpoint(args.preset, Path(args.cache_dir), bits=args.bits)
-    kernels = census(model_dir, args.position, prompt=args.prompt)
+    checkpoint = model_dir(args)
+    kernels = census(checkpoint, args.position, prompt=args.prompt)
     if args.sources:
         out = Path(args.sources)
         out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             fields = {f: v for f, v in asdict(k).items() if f != "source"}
             print(json.dumps({**fields, "threads": k.threads, "latency_bound": k.latency_bound}))
     else:
-        print(table(kernels, model_dir.name, args.position))
+        print(table(kernels, checkpoint.name, args.position))
     return 0
 
 

@@ -139,8 +139,7 @@ class Row:
         return self.kernel.mbytes * 1e6 / BANDWIDTH * 1e6
 
 
-def measure(kernels: list[Kernel]) -> list[Row]:
-    compiler = Compiler()
+def measure(kernels: list[Kernel], compiler: Compiler) -> list[Row]:
     return [Row(k, loop_of(k.source, compiler), k.loops[0] if k.loops else 0) for k in kernels]
 
 
@@ -179,26 +178,16 @@ def table(rows: list[Row], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="llama-3.2-1b", help="a bench checkpoint (built when missing)")
-    src.add_argument("--model", help="a checkpoint directory")
-    ap.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="the preset's 4/8-bit MLX form")
-    ap.add_argument("--position", type=int, default=576, help="positions already in the cache")
-    ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
-    args = ap.parse_args(argv)
-    find_tool("nvcc"), find_tool("nvdisasm")  # before the minutes the census takes
     import cuda_census  # sets the NULL device with the CUDA renderer before tinygrad is imported
 
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from random_checkpoint import ensure_checkpoint
-
-        model_dir, _ = ensure_checkpoint(args.preset, Path(args.cache_dir), bits=args.bits)
-    kernels = [k for k in cuda_census.census(model_dir, args.position) if k.graph in ("decode", "greedy")]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda_census.add_model_arguments(ap)
+    args = ap.parse_args(argv)
+    compiler = Compiler()  # nvcc and nvdisasm found before the minutes the census takes
+    checkpoint = cuda_census.model_dir(args)
+    kernels = [k for k in cuda_census.census(checkpoint, args.position) if k.graph in ("decode", "greedy")]
     knobs = ", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("CLUSTERCTL_")) or "defaults"
-    print(table(measure(kernels), f"{model_dir.name}, position {args.position}, {knobs}"))
+    print(table(measure(kernels, compiler), f"{checkpoint.name}, position {args.position}, {knobs}"))
     return 0
 
 

@@ -108,15 +108,7 @@ def test_rows_a_thread_compute_the_same_products(gpu_forms, monkeypatch):
     np.testing.assert_allclose(out[0, 0], dense @ normed, atol=5e-2, rtol=2e-2)
     assert len([p for p in gpu_forms if p is not None]) == 1, gpu_forms  # the product took the warp-per-row form
     # the same product rendered for CUDA: 32 rows, 4 to a block, 4 to a thread: 2 blocks (8 with one row a thread)
-    empty = {"device": "CPU", "dtype": dtypes.half}
-    cuda = decoder.QuantLinear(
-        Tensor.empty(rows, cols // 8, dtype=dtypes.uint32, device="CPU"),
-        Tensor.empty(rows, cols // 64, **empty),
-        Tensor.empty(rows, cols // 64, **empty),
-        QuantSpec(bits=4, group_size=64),
-        dtypes.half,
-    )(decoder.RMSNorm(Tensor.empty(cols, **empty), 1e-5)(Tensor.empty(1, 1, cols, **empty)))
-    assert math.prod(_cuda_programs(cuda)[-1].arg.launch_dims({})[0]) == 2
+    assert math.prod(normed_q4_product(rows, cols).arg.launch_dims({})[0]) == 2
 
 
 def test_rows_a_thread_go_only_where_enough_blocks_remain(gpu_forms, monkeypatch):
@@ -164,6 +156,22 @@ def _cuda_programs(t: Tensor) -> list[UOp]:
 def _cuda_sources(t: Tensor) -> list[str]:
     """The CUDA source of every kernel realizing `t` would run, in order."""
     return [next(u for u in prg.src if u.op is Ops.SOURCE).arg for prg in _cuda_programs(t)]
+
+
+def normed_q4_product(rows: int, cols: int) -> UOp:
+    """The CUDA program of a 4-bit product (empty weights) with the RMSNorm fused into it, as the decoder runs
+    q/k/v, gate/up and lm_head."""
+    empty = {"device": "CPU", "dtype": dtypes.half}
+    layer = decoder.QuantLinear(
+        Tensor.empty(rows, cols // 8, dtype=dtypes.uint32, device="CPU"),
+        Tensor.empty(rows, cols // 64, **empty),
+        Tensor.empty(rows, cols // 64, **empty),
+        QuantSpec(bits=4, group_size=64),
+        dtypes.half,
+    )
+    return _cuda_programs(layer(decoder.RMSNorm(Tensor.empty(cols, **empty), 1e-5)(Tensor.empty(1, 1, cols, **empty))))[
+        -1
+    ]
 
 
 def _cuda_source(t: Tensor) -> str:

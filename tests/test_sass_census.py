@@ -14,13 +14,11 @@ import sys
 
 import pytest
 from cluster_nodes import ROOT
-from test_gpu_matvec import _cuda_programs
-from tinygrad import Tensor, dtypes
+from test_gpu_matvec import normed_q4_product
 from tinygrad.uop.ops import Ops
 
 import cluster.models.decoder as decoder
 from cluster.engine import gpu_matvec
-from cluster.models.config import QuantSpec
 
 sys.path.insert(0, str(ROOT / "bench"))
 import sass_census  # noqa: E402
@@ -45,16 +43,7 @@ def _gate_up(monkeypatch: pytest.MonkeyPatch, **env: str) -> tuple[str, int]:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    empty = {"device": "CPU", "dtype": dtypes.half}
-    layer = decoder.QuantLinear(
-        Tensor.empty(ROWS, D // 8, dtype=dtypes.uint32, device="CPU"),
-        Tensor.empty(ROWS, D // 64, **empty),
-        Tensor.empty(ROWS, D // 64, **empty),
-        QuantSpec(bits=4, group_size=64),
-        dtypes.half,
-    )
-    out = layer(decoder.RMSNorm(Tensor.empty(D, **empty), 1e-5)(Tensor.empty(1, 1, D, **empty)))
-    product = _cuda_programs(out)[-1]
+    product = normed_q4_product(ROWS, D)
     source = next(u.arg for u in product.src if u.op is Ops.SOURCE)
     return source, ROWS // (gpu_matvec.ROWS_PER_BLOCK * product.arg.launch_dims({})[0][0])
 

@@ -51,7 +51,6 @@ EventCallback = Callable[[dict[str, Any]], None]
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL_S = 1.0
-
 _KINDS = ("call", "close", "result", "error", "event", "ready", "init_error")
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 _HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
