@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from cluster.engine.shard import StepResult
-from cluster.generation import Shard, step
+from cluster.generation import Shard, decode_steps, step
 from cluster.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,44 @@ class Chain:
                     raise
                 self._recover(session_id, e)
         raise AssertionError("unreachable")
+
+    def decode(
+        self,
+        session_id: str,
+        token: int,
+        steps: int,
+        *,
+        sampling: SamplingParams | None = None,
+        logprobs: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[StepResult]:
+        """generation.decode_steps through the chain's shards (streamed from a lone shard that decodes on its own),
+        each result's input remembered as it is read. A lost node: recover, then go on from the last token read."""
+        params = sampling or self.sampling
+        stops = frozenset(stop_ids)
+        recoveries = 0
+        while steps > 0:
+            self._check_cancelled()
+            results = decode_steps(self.shards, session_id, token, steps, params, logprobs, list(stops))
+            try:
+                for result in results:
+                    self._check_cancelled()
+                    self.history.append(token)
+                    self.generated.append(token)
+                    yield result
+                    assert result.token is not None
+                    steps, token = steps - 1, result.token
+                    if token in stops:
+                        return
+                return
+            except ShardUnavailableError as e:
+                self._check_cancelled(e)
+                if recoveries == self.max_recoveries:
+                    raise
+                recoveries += 1
+                self._recover(session_id, e)
+            finally:
+                results.close()
 
     def _check_cancelled(self, cause: BaseException | None = None) -> None:
         if self.cancellation.is_set():

@@ -12,7 +12,7 @@ import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,12 +222,24 @@ class LocalShard:
 
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
         try:
-            if self._opening is not None:
-                sid, sampling = self._opening
-                self.hosted.open_session(sid, sampling, self._cancelled.is_set)  # waits while every session is in use
-                self._opening = None
+            self._open(session_id)
             return self.engine.forward(session_id, inputs, **kwargs)
         except RunnerError as e:  # the engine process died: this node places the shard again
+            raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
+
+    def _open(self, session_id: str) -> None:
+        """Open the session on the engine at its first step (waits while every session is in use)."""
+        if self._opening is not None:
+            sid, sampling = self._opening
+            self.hosted.open_session(sid, sampling, self._cancelled.is_set)
+            self._opening = None
+
+    def decode(self, session_id: str, token: int, steps: int, **kwargs: Any) -> Iterator[StepResult]:
+        """The engine process's decode, streamed (a shard that holds the whole model): it runs ahead of the caller."""
+        try:
+            self._open(session_id)
+            yield from self.engine.decode(session_id, token, steps, **kwargs)
+        except RunnerError as e:
             raise ShardUnavailableError(f"the engine process of this node's shard failed: {e}", self.node_id) from e
 
     def end_session(self, session_id: str) -> None:

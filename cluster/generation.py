@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -219,6 +219,46 @@ def step(
     raise ValueError("no shards")
 
 
+def decode_steps(
+    shards: Sequence[Shard],
+    sid: str,
+    token: int,
+    steps: int,
+    sampling: SamplingParams,
+    logprobs: int,
+    stop_ids: Sequence[int] = (),
+) -> Generator[StepResult, None, None]:
+    """Up to `steps` decode steps after `token`, each step's input the token sampled before it; ends early after a
+    token in `stop_ids`. A lone shard that decodes on its own (a whole model: ShardEngine.decode, an engine process,
+    a Chain) runs ahead of this loop, its results streamed; otherwise each step is a `step` through the shards.
+    Close the iterator to stop early: the shards may then hold a few positions past the last result read."""
+    lone = len(shards) == 1
+    decode: Callable[..., Iterator[StepResult]] | None = getattr(shards[0], "decode", None) if lone else None
+    if decode is None:
+        stops = frozenset(stop_ids)
+        for _ in range(steps):
+            result = step(shards, sid, [token], sampling, logprobs, None, None, [token])
+            yield result
+            assert result.token is not None
+            token = result.token
+            if token in stops:
+                return
+        return
+    results = decode(sid, token, steps, sampling=sampling, logprobs=logprobs, stop_ids=list(stop_ids))
+    try:
+        t0 = time.perf_counter()
+        for result in results:
+            t1 = time.perf_counter()
+            if not result.times:
+                result.times = shard_time(shards[0], result, 1e3 * (t1 - t0))
+            t0 = t1
+            yield result
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
 def generate(
     shards: Sequence[Shard],
     tokenizer: Tokenizer,
@@ -261,15 +301,25 @@ def generate(
     t0 = time.perf_counter()
     t_first = t_last = t0
     decode_times: list[list[ShardTime]] = []  # the shards' shares of every step after the first
+    decoding: Generator[StepResult, None, None] | None = None
     ok = False
     try:
         ids = prompt[reused:]
         position = reused
         context: list[int] | None = prompt if reused else None  # the penalty covers the reused prefix too
         while len(tokens) < max_tokens and position + len(ids) <= context_limit:
-            allowed = constraint.allowed() if constraint is not None else None
-            # after the prompt, each step's input is the token generated before it
-            result = step(shards, sid, ids, sampling, logprobs, context, allowed, ids if tokens else ())
+            # after the prompt, each step's input is the token generated before it; without a grammar to consult
+            # between steps, the steps after the first run ahead of this loop where the shards can (decode_steps)
+            if tokens and constraint is None:
+                if decoding is None:
+                    budget = min(max_tokens - len(tokens), context_limit - position)
+                    decoding = decode_steps(shards, sid, ids[0], budget, sampling, logprobs, list(tokenizer.eos_ids))
+                if (decoded := next(decoding, None)) is None:
+                    break
+                result = decoded
+            else:
+                allowed = constraint.allowed() if constraint is not None else None
+                result = step(shards, sid, ids, sampling, logprobs, context, allowed, ids if tokens else ())
             context = None
             conv.tokens += ids
             position += len(ids)
@@ -296,6 +346,8 @@ def generate(
             ids = [token]
         ok = True
     finally:
+        if decoding is not None:
+            decoding.close()  # stops shards that run ahead before their session ends or serves another turn
         if conversation is None or not ok:
             conv.close(shards)
     tail = ""

@@ -6,7 +6,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,25 @@ class Target:
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
+
+    def count(self, n: int, fail_at: int | None = None, crash_at: int | None = None) -> Iterator[int]:
+        """A stream: 0..n-1, each recorded in `made` as it is made; `closed` once the generator is closed."""
+        self.made, self.closed = 0, False
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise KeyError(f"failed at {i}")
+                if i == crash_at:
+                    self.crash()
+                if self.emit is not None:
+                    self.emit({"stage": "item", "i": i})
+                self.made += 1
+                yield self.base + i
+        finally:
+            self.closed = True
+
+    def stream_state(self) -> tuple[int, bool]:
+        return self.made, self.closed
 
     def steps(self, n: int) -> int:
         assert self.emit is not None

@@ -4,6 +4,8 @@ split are checked against the single-node engine in test_cluster)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -149,3 +151,23 @@ def test_a_local_shard_takes_its_place_at_the_first_step(coordinator: Coordinato
     assert hosted.sessions == {"s"}
     local.end_session(sid)
     assert hosted.sessions == set()
+
+
+def test_a_one_node_decode_streamed_from_the_engine_process_survives_its_death(coordinator: Coordinator) -> None:
+    """The whole model on this node: the engine process decodes without waiting for the coordinator between tokens
+    (generation.decode_steps; test_engine_process shows it running ahead). Killed mid-answer, its shard is placed
+    again and the answer is the one the first request gave (the reference: the same greedy request before)."""
+    prompt = coordinator.encode("llama32", prompt=PROMPT, raw=True)
+    expected = coordinator.generate("llama32", prompt, max_tokens=16, sampling={"temperature": 0})
+    *_, reference = expected
+    assert isinstance(reference, GenerationResult) and len(reference.tokens) == 16
+    (hosted,) = coordinator.host.live_shards()
+
+    chunks = coordinator.generate("llama32", prompt, max_tokens=16, sampling={"temperature": 0})
+    got = [next(chunks).id for _ in range(3)]  # the first token (the prompt's step), then two decoded ones
+    os.kill(hosted.engine.runner.pid, signal.SIGKILL)
+    *rest, result = chunks
+    assert isinstance(result, GenerationResult)
+    assert got + [c.id for c in rest] == result.tokens == reference.tokens
+    (again,) = coordinator.host.live_shards()
+    assert again is not hosted and again.engine.alive

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from conftest import BUCKETS, FIXTURES, reference
 from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine.process import EngineProcess
-from cluster.engine.runner import RunnerDied
+from cluster.engine.runner import STREAM_WINDOW, RunnerDied
 from cluster.engine.shard import EngineError
-from cluster.generation import step
+from cluster.generation import Conversation, GenerationResult, generate, step
 from cluster.sampling import SamplingParams
+from cluster.tokenizer import Tokenizer
 
 
 def greedy(shard, prompt, n):
@@ -64,3 +66,71 @@ def test_construction_errors_arrive_as_themselves(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     with pytest.raises(ConfigError, match="num_attention_heads"):
         EngineProcess(tmp_path).start(timeout=60)
+
+
+class StepByStep:
+    """An engine without `decode`: generate() then runs every step through `forward` (a reference)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def new_session(self, *args, **kwargs):
+        return self.engine.new_session(*args, **kwargs)
+
+    def truncate(self, *args):
+        self.engine.truncate(*args)
+
+    def end_session(self, sid):
+        self.engine.end_session(sid)
+
+    def forward(self, *args, **kwargs):
+        return self.engine.forward(*args, **kwargs)
+
+
+@pytest.mark.slow  # make test-slow (CI runs it); test_coordinator streams a decode in make test
+def test_an_engine_process_decodes_ahead_of_its_caller_with_the_tokens_of_step_by_step_calls(engines):
+    """References: transformers' greedy ids; for sampling with penalties and logprobs, and for a conversation cut
+    by a stop string, the in-process engine driven one forward call a step."""
+    ref, tok = reference("llama32"), Tokenizer.from_dir(FIXTURES / "llama32")
+    prompt, greedy_ids = ref["prompt_ids"], ref["greedy_ids"]
+    stepwise = StepByStep(engines.get("llama32"))
+
+    def answer(shard, ids, **kwargs):
+        *chunks, result = generate([shard], tok, ids, context_limit=128, **kwargs)
+        assert isinstance(result, GenerationResult)
+        return chunks, result
+
+    with EngineProcess(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=128) as proc:
+        # the engine process runs a window ahead of a reader that stops reading, and no further
+        sid = proc.new_session()
+        first = proc.forward(sid, prompt).token
+        steps = proc.decode(sid, first, 3 * STREAM_WINDOW)
+        assert next(steps).token == greedy_ids[1]
+        time.sleep(1.0)
+        steps.close()
+        proc.truncate(sid, len(prompt) + STREAM_WINDOW)  # held: the prompt, `first` and what it decoded unread
+        with pytest.raises(EngineError, match="cannot keep"):
+            proc.truncate(sid, len(prompt) + STREAM_WINDOW + 1)
+        proc.truncate(sid, len(prompt) + 1)  # back to what was read; decoding again from there
+        assert [r.token for r in proc.decode(sid, greedy_ids[1], 4)] == greedy_ids[2:6]
+        proc.end_session(sid)
+
+        assert answer(proc, prompt, max_tokens=12)[1].tokens == greedy_ids
+        params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.3, frequency_penalty=0.4)
+        streamed, expected = (answer(s, prompt, max_tokens=10, sampling=params, logprobs=2)[0] for s in (proc, stepwise))
+        assert [c.id for c in streamed] == [c.id for c in expected]
+        assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in expected], abs=1e-4)
+        assert [[i for i, _ in c.top] for c in streamed] == [[i for i, _ in c.top] for c in expected]
+
+        # a stop string ends the answer while the engine process has decoded past it; the next turn still gives
+        # what fresh step-by-step sessions give
+        texts = [tok.decode(greedy_ids[:n]) for n in range(len(greedy_ids) + 1)]
+        piece = next(p for n in range(3, 8) if (p := texts[n][len(texts[n - 1]) :].strip()) not in texts[n - 1])
+        conv = Conversation()
+        first_turn = answer(proc, prompt, max_tokens=12, stop=[piece], conversation=conv)[1]
+        assert first_turn.finish_reason == "stop" and len(first_turn.tokens) < 12
+        assert first_turn.tokens == answer(stepwise, prompt, max_tokens=12, stop=[piece])[1].tokens
+        follow_up = prompt + first_turn.tokens + [7, 8, 9]
+        second_turn = answer(proc, follow_up, max_tokens=6, conversation=conv)[1]
+        assert second_turn.tokens == answer(stepwise, follow_up, max_tokens=6)[1].tokens
+        conv.close([proc])

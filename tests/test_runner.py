@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from cluster.engine.runner import (
+    STREAM_WINDOW,
     Runner,
     RunnerCallError,
     RunnerClosed,
@@ -215,6 +216,69 @@ def test_the_caller_reads_its_own_reply() -> None:
         thread.start()
         thread.join(10)
     assert seen == ["caller", "caller", "loop", "loop"]
+
+
+def test_a_stream_yields_its_items_in_order_and_the_runner_serves_on(runner: Runner) -> None:
+    assert list(runner.stream("count", 5)) == [10, 11, 12, 13, 14]
+    assert runner.call("stream_state") == (5, True)
+    assert runner.call("add", 1) == 11  # the direct pipe is free again
+    assert list(runner.stream("count", 0)) == []
+
+
+def test_an_error_inside_a_stream_ends_it_after_the_items_before(runner: Runner) -> None:
+    items = runner.stream("count", 5, fail_at=2)
+    assert [next(items), next(items)] == [10, 11]
+    with pytest.raises(RunnerCallError, match="failed at 2") as info:
+        next(items)
+    assert isinstance(info.value.exception, KeyError) and "'count'" in str(info.value)
+    with pytest.raises(StopIteration):
+        next(items)
+    assert runner.call("add", 2) == 12
+
+
+def test_closing_a_stream_stops_its_generator_which_never_runs_more_than_a_window_ahead(runner: Runner) -> None:
+    items = runner.stream("count", 1000)
+    assert next(items) == 10
+    time.sleep(0.3)  # the child makes what its window allows meanwhile, then waits for the reader
+    made, closed = runner.call("stream_state")  # served between the stream's items, over the main pipe
+    assert 1 < made <= 1 + STREAM_WINDOW and not closed  # ran ahead of the reader, by a window at most
+    items.close()
+    assert runner.call("stream_state") == (made, True)
+    items.close()  # twice is harmless
+    with pytest.raises(StopIteration):
+        next(items)
+
+
+def test_a_long_stream_is_read_to_its_end_past_many_windows(runner: Runner) -> None:
+    assert sum(1 for _ in runner.stream("count", 20 * STREAM_WINDOW)) == 20 * STREAM_WINDOW
+
+
+def test_streams_and_calls_from_several_threads_interleave(runner: Runner) -> None:
+    """Two streams at once (one read by its caller, one through the reader thread) and calls meanwhile."""
+    results: dict[str, Any] = {}
+
+    def read(name: str, n: int) -> None:
+        results[name] = list(runner.stream("count", n))
+
+    threads = [threading.Thread(target=read, args=(f"s{i}", 50 + i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    calls = [runner.call("add", i) for i in range(20)]
+    for t in threads:
+        t.join(30)
+    assert calls == [10 + i for i in range(20)]
+    assert results == {"s0": list(range(10, 60)), "s1": list(range(10, 61))}
+
+
+def test_a_stream_reports_the_death_of_its_child_and_events_reach_on_event() -> None:
+    seen: list[dict[str, Any]] = []
+    with Runner(TARGET, on_event=seen.append) as r:
+        items = r.stream("count", 10, crash_at=3)
+        assert [next(items) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(RunnerDied, match="SIGSEGV") as info:
+            next(items)
+        assert "'count'" in str(info.value)
+    assert [e["i"] for e in seen if e.get("stage") == "item"] == [0, 1, 2]
 
 
 def test_death_during_an_acall() -> None:

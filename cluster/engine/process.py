@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,16 @@ class EngineProcess:
 
     def forward(self, session_id: str, inputs: Any, **kwargs: Any) -> StepResult:
         return self._call("forward", session_id, inputs, **kwargs)
+
+    def decode(self, session_id: str, token: int, steps: int, **kwargs: Any) -> Iterator[StepResult]:
+        """ShardEngine.decode in the engine process, its steps streamed (Runner.stream): the process goes on to the
+        next step without waiting for this one's reader. Close the iterator to stop it early."""
+        with self._unwrap(lambda: self.runner.stream("decode", session_id, token, steps, **kwargs)) as results:
+            while True:
+                try:
+                    yield self._unwrap(lambda: next(results))
+                except StopIteration:
+                    return
 
     @property
     def alive(self) -> bool:

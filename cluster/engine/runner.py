@@ -14,6 +14,11 @@ or an awaited `acall`), so a step costs two wake-ups (child, then caller) instea
 the direct pipe is in use, and `submit`, go over the main pipe, whose replies the reader thread delivers; it
 also spawns the child and notices its death.
 
+Streams: `runner.stream("method", ...)` iterates a generator method's items as the child makes them. The child
+does not wait for the caller between items (a decode loop then costs no hand-off a token), but runs at most
+STREAM_WINDOW items ahead of what the caller has read: a caller that stops reading stalls only its own stream.
+The child serves calls, and other streams in turn, between a stream's items.
+
 Messages are a kind byte, a call id and a payload (`_send`/`_recv`): payloads are pickled separately so that
 a value one side cannot pickle or unpickle fails that one call, not the connection.
 """
@@ -30,6 +35,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import queue
 import select
 import signal
 import struct
@@ -37,7 +43,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection, wait
@@ -51,9 +57,13 @@ EventCallback = Callable[[dict[str, Any]], None]
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL_S = 1.0
-_KINDS = ("call", "close", "result", "error", "event", "ready", "init_error")
+_KINDS = ("call", "close", "result", "error", "event", "ready", "init_error", "stream", "item", "more", "cancel")
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 _HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
+# Items a stream's child side may send beyond those its caller has read. Bounds the work wasted when the caller
+# stops early (a stop string), and the pipe's fill when it stops reading (a slow client).
+STREAM_WINDOW = 8
+_COUNT = struct.Struct("<q")  # a "more" message's payload: items read
 
 
 def spin_seconds() -> float:
@@ -171,6 +181,7 @@ class Runner:
         self._direct_lock = threading.Lock()  # held by the one call whose caller reads the direct pipe
         self._spin_s = spin_seconds()
         self._pending: dict[int, tuple[str, Future[Any]]] = {}
+        self._streams: dict[int, queue.SimpleQueue[tuple[str, Any]]] = {}  # streams whose messages the reader delivers
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _pending, _ended, _started
         self._send_lock = threading.Lock()  # one writer at a time; never held while waiting for a reply
@@ -336,14 +347,85 @@ class Runner:
             # After a cancelled wait the reply still comes; the next reader skips it (another call id).
             self._direct_lock.release()
 
-    def _send_direct(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> RunnerStream:
+        """Iterate `obj.method(*args, **kwargs)`, a generator, in the child: its items as they come (module doc).
+
+        Iterating raises what `call` raises; closing the stream (or leaving a `for` over it early) stops the
+        generator in the child. The caller reads the items itself while no other call does; else the reader
+        thread delivers them."""
+        self.start()
+        if self._direct_lock.acquire(blocking=False):
+            try:
+                call_id = self._send_direct(method, args, kwargs, kind="stream")
+            except BaseException:
+                self._direct_lock.release()
+                raise
+            return RunnerStream(self, method, call_id, None)
+        request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
+        inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended_error(method)
+            call_id = next(self._ids)
+            self._streams[call_id] = inbox
+        try:
+            with self._send_lock:
+                _send(self._conn, "stream", call_id, request)
+        except (OSError, ValueError) as exc:  # most likely the child just died: the reader tells the inbox why
+            log.debug("send to %s failed: %s", self.target, exc)
+        return RunnerStream(self, method, call_id, inbox)
+
+    def _stream_message(self, stream: RunnerStream) -> tuple[str, Any]:
+        """The next message of `stream` (kind, payload): "item", "result", "error", or "ended" (the child is gone)."""
+        if stream.inbox is not None:
+            return stream.inbox.get()
+        poller = select.poll()
+        try:
+            for fd in (self._direct.fileno(), self._process.sentinel):
+                poller.register(fd, select.POLLIN)
+        except (OSError, ValueError):  # closed by close()
+            return "ended", None
+        while True:
+            ready = [fd for fd, _ in _spin(poller, self._spin_s)]
+            if ready == [self._process.sentinel]:
+                break
+            try:
+                kind, reply_id, payload = _recv(self._direct)
+            except (EOFError, OSError):
+                break
+            if kind == "event":
+                self._deliver_event(pickle.loads(payload))
+            elif reply_id == stream.call_id and kind in ("item", "result", "error"):
+                return kind, payload
+        self._finished.result()  # the reader thread reaps the child and records why it ended
+        return "ended", None
+
+    def _stream_send(self, stream: RunnerStream, kind: str, payload: bytes) -> None:
+        """A "more" or "cancel" message for `stream`, on the pipe it runs on; lost if the child is gone."""
+        try:
+            if stream.inbox is None:
+                _send(self._direct, kind, stream.call_id, payload)  # only the stream's holder writes there now
+            else:
+                with self._send_lock:
+                    _send(self._conn, kind, stream.call_id, payload)
+        except (OSError, ValueError):
+            pass  # the next read reports the child's end
+
+    def _stream_done(self, stream: RunnerStream) -> None:
+        if stream.inbox is None:
+            self._direct_lock.release()
+        else:
+            with self._lock:
+                self._streams.pop(stream.call_id, None)
+
+    def _send_direct(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str = "call") -> int:
         request = pickle.dumps((method, args, kwargs), protocol=_PICKLE)
         with self._lock:
             if self._ended is not None:
                 raise self._ended_error(method)
             call_id = next(self._ids)
         try:
-            _send(self._direct, "call", call_id, request)
+            _send(self._direct, kind, call_id, request)
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", self.target, exc)
             try:
@@ -452,6 +534,8 @@ class Runner:
                 self._ready.set_result(None)
             elif kind == "init_error":
                 self._ready.set_exception(_remote_error(payload, RunnerStartError, method=None))
+            elif call_id is not None and (inbox := self._streams.get(call_id)) is not None:
+                inbox.put((kind, bytes(payload)))  # an item or the end of a stream the reader delivers
             elif kind in ("result", "error") and call_id is not None:
                 self._resolve(call_id, kind, payload)
             else:
@@ -494,6 +578,9 @@ class Runner:
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
+            inboxes = list(self._streams.values())
+        for inbox in inboxes:
+            inbox.put(("ended", None))
         for method, future in pending:
             if future.set_running_or_notify_cancel():  # skip calls whose caller stopped waiting
                 future.set_exception(self._ended_error(method, base=error))
@@ -516,6 +603,64 @@ class Runner:
         if code < 0:
             return f"{who} died with {_signal_name(-code)}"
         return f"{who} exited with code {code}"
+
+
+class RunnerStream(Iterator[Any]):
+    """The items of a generator method running in the child (`Runner.stream`). One thread reads it; close it
+    (or read it to its end) before the runner's direct pipe serves other calls again."""
+
+    def __init__(
+        self, runner: Runner, method: str, call_id: int, inbox: queue.SimpleQueue[tuple[str, Any]] | None
+    ) -> None:
+        self.runner, self.method, self.call_id, self.inbox = runner, method, call_id, inbox
+        self._done = False
+        self._unacknowledged = 0  # items read since the child was last told
+
+    def __iter__(self) -> RunnerStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        kind, payload = self.runner._stream_message(self)
+        if kind == "item":
+            self._unacknowledged += 1
+            if self._unacknowledged >= STREAM_WINDOW // 2:  # the child may run this many items further ahead
+                self.runner._stream_send(self, "more", _COUNT.pack(self._unacknowledged))
+                self._unacknowledged = 0
+            try:
+                return pickle.loads(payload)
+            except Exception as exc:
+                self.close()
+                raise RunnerError(f"could not unpickle an item of {self.method!r}: {exc!r}") from exc
+        self._finish()
+        if kind == "result":
+            raise StopIteration
+        if kind == "error":
+            raise _remote_error(payload, RunnerCallError, method=self.method)
+        raise self.runner._ended_error(self.method)
+
+    def close(self) -> None:
+        """Stop the generator in the child; the items it made meanwhile are dropped. Safe to call more than once."""
+        if self._done:
+            return
+        self.runner._stream_send(self, "cancel", b"")
+        try:
+            while self.runner._stream_message(self)[0] == "item":
+                pass
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self.runner._stream_done(self)
+
+    def __enter__(self) -> RunnerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _signal_name(signum: int) -> str:
@@ -642,14 +787,17 @@ def _child_main(
 
 
 def _serve(conn: Connection, direct: Connection, channel: _Channel, obj: Any) -> None:
-    """Serve calls from both pipes, one at a time, each answered on the pipe it came by."""
+    """Serve calls and streams from both pipes, each answered on the pipe it came by. Between messages, every
+    stream with items left in its window makes one, in turn."""
     sources = {conn.fileno(): conn, direct.fileno(): direct}
     poller = select.poll()
     for fd in sources:
         poller.register(fd, select.POLLIN)
     spin_s = spin_seconds()
+    streams: dict[int, _ChildStream] = {}
     while True:
-        for fd, _ in _spin(poller, spin_s):
+        runnable = any(st.window > 0 for st in streams.values())
+        for fd, _ in poller.poll(0) if runnable else _spin(poller, spin_s):
             source = sources[fd]
             try:
                 kind, call_id, payload = _recv(source)
@@ -657,16 +805,68 @@ def _serve(conn: Connection, direct: Connection, channel: _Channel, obj: Any) ->
                 return  # the parent is gone
             if kind == "close":
                 return
+            if kind in ("more", "cancel"):
+                st = streams.get(call_id if call_id is not None else -1)
+                if st is not None and kind == "more":
+                    st.window += _COUNT.unpack(payload)[0]
+                elif st is not None and call_id is not None:  # cancelled: its last message ends the stream
+                    del streams[call_id]
+                    _close_quietly(st.items)
+                    channel.send("result", call_id, pickle.dumps(None, protocol=_PICKLE), st.source)
+                continue
             channel.reply_to = source
             try:
                 method, args, kwargs = pickle.loads(payload)
-                result = pickle.dumps(getattr(obj, method)(*args, **kwargs), protocol=_PICKLE)
+                value = getattr(obj, method)(*args, **kwargs)
+                if kind == "stream" and call_id is not None:
+                    streams[call_id] = _ChildStream(iter(value), source)
+                    continue
+                result = pickle.dumps(value, protocol=_PICKLE)
             except Exception as exc:
                 channel.send("error", call_id, _error_payload(exc), source)
                 continue
             finally:
                 channel.reply_to = conn
             channel.send("result", call_id, result, source)
+        for call_id, st in list(streams.items()):
+            if st.window > 0:
+                _advance(channel, call_id, st, streams)
+
+
+class _ChildStream:
+    """A stream being served: its items, the pipe they go by, and how many more may go before the caller reads."""
+
+    def __init__(self, items: Iterator[Any], source: Connection) -> None:
+        self.items, self.source, self.window = items, source, STREAM_WINDOW
+
+
+def _advance(channel: _Channel, call_id: int, st: _ChildStream, streams: dict[int, _ChildStream]) -> None:
+    """Send `st`'s next item, or its end (a result, or the error its generator raised)."""
+    channel.reply_to = st.source  # events emitted while making the item go before it
+    try:
+        item = pickle.dumps(next(st.items), protocol=_PICKLE)
+    except StopIteration:
+        del streams[call_id]
+        channel.send("result", call_id, pickle.dumps(None, protocol=_PICKLE), st.source)
+        return
+    except Exception as exc:
+        del streams[call_id]
+        _close_quietly(st.items)
+        channel.send("error", call_id, _error_payload(exc), st.source)
+        return
+    finally:
+        channel.reply_to = channel.conn
+    st.window -= 1
+    channel.send("item", call_id, item, st.source)
+
+
+def _close_quietly(items: Iterator[Any]) -> None:
+    close = getattr(items, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - a generator that fails while closing has nothing more to say
+            log.debug("closing a stream's generator failed", exc_info=True)
 
 
 def _import_target(target: str) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,6 +501,33 @@ class ShardEngine:
             result = self._sample(s, out, params, ids, logprobs, mask)
         result.engine_ms = 1e3 * (time.perf_counter() - t0)
         return result
+
+    def decode(
+        self,
+        session_id: str,
+        token: int,
+        steps: int,
+        *,
+        sampling: SamplingParams | None = None,
+        logprobs: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[StepResult]:
+        """Decode up to `steps` tokens after `token`, each step's input the token sampled before it, and yield each
+        step's result as `forward` would return it for that input (every input counts as generated, as a decode
+        step's does). Ends early after a token in `stop_ids`. Only a shard with the whole model (first and last)
+        decodes alone; in an engine process (Runner.stream) it runs without waiting for its caller between steps."""
+        if not (self.is_first and self.is_last):
+            raise EngineError(f"layers [{self.start}, {self.end}) are not the whole model: decode step by step")
+        stops = frozenset(int(i) for i in stop_ids)
+        for _ in range(steps):
+            result = self.forward(
+                session_id, [token], sampling=sampling, token_ids=[token], logprobs=logprobs, generated=[token]
+            )
+            yield result
+            assert result.token is not None
+            token = result.token
+            if token in stops:
+                return
 
     def _check_inputs(self, inputs: np.ndarray | Sequence[int]) -> np.ndarray:
         if self.is_first:
