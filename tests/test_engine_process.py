@@ -117,7 +117,9 @@ def test_an_engine_process_decodes_ahead_of_its_caller_with_the_tokens_of_step_b
 
         assert answer(proc, prompt, max_tokens=12)[1].tokens == greedy_ids
         params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.3, frequency_penalty=0.4)
-        streamed, expected = (answer(s, prompt, max_tokens=10, sampling=params, logprobs=2)[0] for s in (proc, stepwise))
+        streamed, expected = (
+            answer(s, prompt, max_tokens=10, sampling=params, logprobs=2)[0] for s in [proc, stepwise]
+        )
         assert [c.id for c in streamed] == [c.id for c in expected]
         assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in expected], abs=1e-4)
         assert [[i for i, _ in c.top] for c in streamed] == [[i for i, _ in c.top] for c in expected]
