@@ -386,3 +386,46 @@ def test_prompt_chunks_default_to_512_tokens_on_nvidia_only():
     assert [default_prefill_buckets(d) for d in ("CPU", "CL:0", "AMD")] == [(16, 64)] * 3
     eng = ShardEngine(FIXTURES / "llama32", max_context=64, device="CPU")  # no warm-up: only its settings are read
     assert eng.buckets == (16, 64) and eng.chunk == 64
+
+
+def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step(monkeypatch):
+    """CLUSTERCTL_DECODE_CHAIN (on by default on accelerators, here on the CPU): a whole model's decode steps queued
+    a few at a time, each step's input fed from the one before on the device. References: transformers' greedy ids,
+    and for seeded sampling the same engine called one forward a step."""
+    from tinygrad.engine import realize
+
+    monkeypatch.setenv("CLUSTERCTL_DECODE_CHAIN", "4")
+    eng = ShardEngine(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=40)
+    eng.warmup()
+    assert eng.chain == 4 and "feed" in eng._jits()
+    compiled = len(realize.runtime_cache)
+    ref = reference("llama32")
+    prompt, greedy_ids = ref["prompt_ids"], ref["greedy_ids"]
+
+    def decoded(params: SamplingParams, n: int, stop_ids: tuple[int, ...] = ()) -> tuple[list[int], int]:
+        sid = eng.new_session(sampling=params)
+        first = eng.forward(sid, prompt, sampling=params).token
+        out = [first] + [r.token for r in eng.decode(sid, first, n, sampling=params, stop_ids=stop_ids)]
+        length = eng.sessions[sid].length
+        eng.end_session(sid)
+        return out, length
+
+    assert decoded(SamplingParams(), 11) == (greedy_ids, len(prompt) + 11)
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    assert decoded(sampled, 9)[0] == run_tokens([eng], prompt, 10, sampled)
+    # a stop id read in the middle of a queue of 4 ends the tokens there; the queue's other steps ran
+    assert greedy_ids[3] not in greedy_ids[:3]
+    assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 4)
+    # a context that fills up mid-queue: every step that fits, then the error
+    sid = eng.new_session()
+    first = eng.forward(sid, prompt).token
+    got: list[int] = []
+    with pytest.raises(ContextFullError):
+        for r in eng.decode(sid, first, 100):
+            got.append(r.token)
+    assert len(got) == 40 - len(prompt) and got[:11] == greedy_ids[1:]
+    eng.end_session(sid)
+    assert len(realize.runtime_cache) == compiled, "a kernel was compiled after warm-up"
+    monkeypatch.setenv("CLUSTERCTL_DECODE_CHAIN", "9")
+    with pytest.raises(ValueError, match="from 0 to 8"):
+        ShardEngine(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=40)

@@ -16,9 +16,10 @@ from conftest import BUCKETS, FIXTURES, check_float16_against_reference, graph_r
 from tinygrad import Device, GlobalCounters, Tensor, dtypes
 
 from cluster.engine.launch_graph import LaunchGraph
-from cluster.engine.shard import ShardEngine
+from cluster.engine.shard import DECODE_CHAIN, ShardEngine
 from cluster.models.config import QuantSpec
 from cluster.models.decoder import Linear, QuantLinear, lookup
+from cluster.sampling import SamplingParams
 
 
 def _has_opencl() -> bool:
@@ -48,6 +49,20 @@ def test_engine_on_opencl_matches_the_reference(name: str, env: dict[str, str], 
     assert eng.dtype == dtypes.float16  # what an accelerator computes in by default
     eng.warmup()
     check_float16_against_reference(eng, name)
+    # decode steps queued on the device, each fed from the one before (on by default here): the tokens of one
+    # forward call a step on the same engine, greedy and sampled
+    assert eng.chain == DECODE_CHAIN
+    for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3)):
+        queued, stepped = (eng.new_session(sampling=params) for _ in range(2))
+        first = eng.forward(queued, list(range(1, 12)), sampling=params).token
+        assert eng.forward(stepped, list(range(1, 12)), sampling=params).token == first
+        want, token = [], first
+        for _ in range(2 * DECODE_CHAIN + 3):  # more than two queues
+            token = eng.forward(stepped, [token], sampling=params).token
+            want.append(token)
+        assert [r.token for r in eng.decode(queued, first, len(want), sampling=params)] == want
+        eng.end_session(queued)
+        eng.end_session(stepped)
 
 
 def test_opencl_replays_give_the_executors_tokens() -> None:

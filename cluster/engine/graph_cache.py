@@ -63,6 +63,7 @@ _ENGINE_ENV = (
     "CLUSTERCTL_FUSED_PROJECTIONS",
     "CLUSTERCTL_QUANT_UNPACK",
     "CLUSTERCTL_MATVEC_ROWS",
+    "CLUSTERCTL_DECODE_CHAIN",  # whether a whole model's engine has the graph that feeds queued steps
     "JITBEAM",
 )
 

@@ -61,8 +61,9 @@ _KINDS = ("call", "close", "result", "error", "event", "ready", "init_error", "s
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 _HEADER = struct.Struct("<Bq")  # kind, call id (-1: none)
 # Items a stream's child side may send beyond those its caller has read. Bounds the work wasted when the caller
-# stops early (a stop string), and the pipe's fill when it stops reading (a slow client).
-STREAM_WINDOW = 8
+# stops early (a stop string), and the pipe's fill when it stops reading (a slow client); twice the decode steps
+# an engine queues at once (shard.DECODE_CHAIN), so the next queue runs while the caller reads the last one.
+STREAM_WINDOW = 16
 _COUNT = struct.Struct("<q")  # a "more" message's payload: items read
 
 

@@ -11,6 +11,7 @@ preallocated buffers, so nothing compiles after `warmup()`.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -135,6 +136,25 @@ def default_prefill_buckets(device: str) -> tuple[int, ...]:
     return (16, 64, 512) if device.split(":")[0] in ("CUDA", "NV") else (16, 64)
 
 
+# Decode steps a whole-model engine queues on its device before it reads their tokens: each step's sampled token is
+# fed to the next step's input on the device (`_feed`), so the host prepares step t+1 while the device runs step t,
+# instead of the device idling through each step's hand-over (0.3-0.9 ms of a 1.6 ms step on an H200,
+# bench/RESULTS.md). The cost: a stop token is seen up to DECODE_CHAIN - 1 steps late (those steps are wasted).
+DECODE_CHAIN = 8
+
+
+def decode_chain(device: str) -> int:
+    """Steps queued at once (CLUSTERCTL_DECODE_CHAIN, 0 to DECODE_CHAIN): DECODE_CHAIN on accelerators, whose queues
+    run while the host works; 0 (every step read before the next) on tinygrad's CPU device, which runs each kernel
+    as it is launched, so queuing gains nothing there and a step read late wastes a whole step's time."""
+    value = os.environ.get("CLUSTERCTL_DECODE_CHAIN", "")
+    if not value:
+        return 0 if device.split(":")[0] == "CPU" else DECODE_CHAIN
+    if not value.isdigit() or int(value) > DECODE_CHAIN:
+        raise ValueError(f"CLUSTERCTL_DECODE_CHAIN must be a whole number of steps from 0 to {DECODE_CHAIN}")
+    return int(value)
+
+
 def dtype_name(dtype: DType) -> str:
     return {dtypes.float32: "float32", dtypes.float16: "float16", dtypes.bfloat16: "bfloat16"}.get(dtype, dtype.name)
 
@@ -188,6 +208,7 @@ class ShardEngine:
         narrow_block = CPU_ROW_BLOCK
         # the environment's switches, read once: what is read here is what the graph files' key holds
         self._env = graph_cache.engine_env()
+        chain = decode_chain(self.device)  # checked before the weights load
         # replays of a device tinygrad has no graph for (CPU, OpenCL) through ours; 0: its executor, for comparison
         replay_graph = self._env["CLUSTERCTL_REPLAY_GRAPH"] != "0"
         if self.on_cpu:
@@ -264,7 +285,12 @@ class ShardEngine:
         self._decode_jit = TinyJit(self._forward)
         self._greedy_jit = TinyJit(greedy)
         self._sample_jit = TinyJit(sample)
-        for jit in (*self._prefill_jits.values(), self._decode_jit, self._greedy_jit, self._sample_jit):
+        # a whole model's queued decode steps (decode_chain): each writes its (token, logprob) to a slot
+        self.chain = chain if self.is_first and self.is_last else 0
+        self.chained = Tensor.zeros(DECODE_CHAIN, 2, device=self.device).contiguous().realize()
+        self.v_slot = UOp.variable("chain_slot", 0, DECODE_CHAIN - 1)
+        self._feed_jit = TinyJit(self._feed)
+        for jit in (*self._prefill_jits.values(), self._decode_jit, self._greedy_jit, self._sample_jit, self._feed_jit):
             # capture on the first call: every input is realized up front, so TinyJit's eager first run
             # would only schedule and compile the same kernels once more
             jit.cnt = 1
@@ -352,6 +378,14 @@ class ShardEngine:
             return self.model.lm_head(self.model.norm(last)).reshape(1, -1).float().realize()  # (1, V)
         self.out_hidden[:, 0:T].assign(h)
         return self.out_hidden.realize()
+
+    def _feed(self, sampled: Tensor, slot: UOp) -> Tensor:
+        """A queued decode step's last kernels: its sampled (token, logprob) kept in slot `slot` of `chained`, and the
+        token written to the next step's input, on the device."""
+        self.inputs[1].assign(sampled[0:1].cast(dtypes.int32).reshape(1, 1))
+        self.chained[slot : slot + 1].assign(sampled.reshape(1, 2))
+        Tensor.realize(self.inputs[1], self.chained)
+        return self.chained
 
     def _no_graphs(self) -> AbstractContextManager[Any]:
         # JIT=2: TinyJit captures kernels without batching them into device graphs
@@ -519,6 +553,11 @@ class ShardEngine:
         if not (self.is_first and self.is_last):
             raise EngineError(f"layers [{self.start}, {self.end}) are not the whole model: decode step by step")
         stops = frozenset(int(i) for i in stop_ids)
+        params = sampling or SamplingParams()
+        # what the device alone can carry from step to step: no logprobs to read, no penalty marks to update
+        if self.chain and logprobs == 0 and params.repetition_penalty == 1.0 and not params.biased:
+            yield from self._decode_chained(self._session(session_id), token, steps, params, stops)
+            return
         for _ in range(steps):
             result = self.forward(
                 session_id, [token], sampling=sampling, token_ids=[token], logprobs=logprobs, generated=[token]
@@ -528,6 +567,46 @@ class ShardEngine:
             token = result.token
             if token in stops:
                 return
+
+    def _decode_chained(
+        self, s: _Session, token: int, steps: int, params: SamplingParams, stops: frozenset[int]
+    ) -> Iterator[StepResult]:
+        """decode's steps queued `self.chain` at a time (decode_chain), each step's input fed from the one before it
+        on the device; the same tokens as one `forward` a step (the same graphs, the same draw for each position)."""
+        self._check_inputs([token])
+        copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
+        if not params.greedy:
+            if s.seed is None:
+                self.configure_sampling(s.id, params)
+            copy_into(self.sample_params, params.as_array())
+        done = 0
+        while done < steps:
+            n = min(self.chain, steps - done, self.max_context - s.length)
+            if n <= 0:
+                raise ContextFullError(
+                    f"session {s.id!r}: {s.length} + 1 positions exceed the context of {self.max_context}"
+                )
+            t0 = time.perf_counter()
+            for slot in range(n):
+                pos, blocks = self.v_pos.bind(s.length), self.v_blocks.bind(blocks_past_first(s.length + 1))
+                logits = self._call_jit(self._decode_jit, self.inputs[1], s.cache, pos, blocks)
+                s.length += 1
+                if params.greedy:
+                    sampled = self._call_jit(self._greedy_jit, logits)
+                else:  # the draw _sample makes for this position, copied in behind the steps already queued
+                    assert s.seed is not None
+                    draw = np.random.default_rng([s.seed, s.length]).random()
+                    copy_into(self.uniform, np.array([draw], dtype=np.float32))
+                    args = (self.sample_params, self.uniform, self.no_seen, self.no_bias, self.all_allowed)
+                    sampled = self._call_jit(self._sample_jit, logits, *args)
+                self._call_jit(self._feed_jit, sampled, self.v_slot.bind(slot))
+            values = copy_out(self.chained, 2 * n).reshape(n, 2)  # waits for the n steps queued
+            engine_ms = 1e3 * (time.perf_counter() - t0) / n
+            for sampled_id, logprob in values.tolist():
+                done += 1
+                yield StepResult(token=int(sampled_id), logprob=float(logprob), engine_ms=engine_ms)
+                if int(sampled_id) in stops:
+                    return
 
     def _check_inputs(self, inputs: np.ndarray | Sequence[int]) -> np.ndarray:
         if self.is_first:
@@ -668,6 +747,11 @@ class ShardEngine:
                 self.forward(sid, make(1), token_ids=[0])
                 done += each
                 self._progress("warmup", done, total)
+            if self.chain:  # a queued step: the decode graph again, then greedy's and the feed's
+                for _ in range(steps):
+                    session.length = 0
+                    for _ in self._decode_chained(session, 0, 1, SamplingParams(), frozenset()):
+                        pass
             if self.is_last:
                 warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
                 self.configure_sampling(sid, warm)
@@ -686,6 +770,8 @@ class ShardEngine:
         jits = {"decode": self._decode_jit, **{f"prefill{b}": jit for b, jit in self._prefill_jits.items()}}
         if self.is_last:
             jits.update(greedy=self._greedy_jit, sample=self._sample_jit)
+        if self.chain:
+            jits.update(feed=self._feed_jit)
         return jits
 
     def _graph_tensors(self) -> dict[str, Tensor]:
@@ -693,7 +779,7 @@ class ShardEngine:
         named = {f"model.{k}": t for k, t in get_state_dict(self.model).items()}
         for name in (
             *("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"),
-            *("no_seen", "no_bias", "bias", "all_allowed", "allowed"),
+            *("no_seen", "no_bias", "bias", "all_allowed", "allowed", "chained"),
         ):
             named[name] = getattr(self, name)
         named.update({f"inputs{rows}": t for rows, t in self.inputs.items()})
