@@ -389,12 +389,15 @@ def test_prompt_chunks_default_to_512_tokens_on_nvidia_only():
 
 
 def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step(monkeypatch):
-    """CLUSTERCTL_DECODE_CHAIN (on by default on accelerators, here on the CPU): a whole model's decode steps queued
-    a few at a time, each step's input fed from the one before on the device. References: transformers' greedy ids,
-    and for seeded sampling the same engine called one forward a step."""
+    """A whole model's decode steps queued a few at a time (CLUSTERCTL_DECODE_CHAIN at most), each step's input fed
+    from the one before on the device. References: transformers' greedy ids, and for seeded sampling the same engine
+    called one forward a step."""
     from tinygrad.engine import realize
 
+    import cluster.engine.shard as shard
+
     monkeypatch.setenv("CLUSTERCTL_DECODE_CHAIN", "4")
+    monkeypatch.setattr(shard, "QUEUE_S", 60.0)  # queues as long as allowed, however slow this machine is today
     eng = ShardEngine(FIXTURES / "llama32", prefill_buckets=BUCKETS, max_context=40)
     eng.warmup()
     assert eng.chain == 4 and "feed" in eng._jits()
@@ -416,6 +419,10 @@ def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step
     # a stop id read in the middle of a queue of 4 ends the tokens there; the queue's other steps ran
     assert greedy_ids[3] not in greedy_ids[:3]
     assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 4)
+    # a queue holds the steps QUEUE_S takes: with steps slower than that, one at a time, and nothing is wasted
+    monkeypatch.setattr(shard, "QUEUE_S", 1e-9)
+    assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 3)
+    monkeypatch.setattr(shard, "QUEUE_S", 60.0)
     # a context that fills up mid-queue: every step that fits, then the error
     sid = eng.new_session()
     first = eng.forward(sid, prompt).token

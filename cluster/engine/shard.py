@@ -137,19 +137,20 @@ def default_prefill_buckets(device: str) -> tuple[int, ...]:
 
 
 # Decode steps a whole-model engine queues on its device before it reads their tokens: each step's sampled token is
-# fed to the next step's input on the device (`_feed`), so the host prepares step t+1 while the device runs step t,
-# instead of the device idling through each step's hand-over (0.3-0.9 ms of a 1.6 ms step on an H200,
-# bench/RESULTS.md). The cost: a stop token is seen up to DECODE_CHAIN - 1 steps late (those steps are wasted).
+# fed to the next step's input on the device (`_feed`), so the host prepares step t+1 while an accelerator runs step
+# t, instead of the device idling through each step's hand-over (0.3-0.9 ms of a 1.6 ms step on an H200,
+# bench/RESULTS.md); on CPUs it saves each step's copies and checks. A stop token is read up to a queue late and the
+# steps queued after it are wasted, so a queue holds at most QUEUE_S of steps (one step of a slow model).
 DECODE_CHAIN = 8
+QUEUE_S = 0.02
 
 
-def decode_chain(device: str) -> int:
-    """Steps queued at once (CLUSTERCTL_DECODE_CHAIN, 0 to DECODE_CHAIN): DECODE_CHAIN on accelerators, whose queues
-    run while the host works; 0 (every step read before the next) on tinygrad's CPU device, which runs each kernel
-    as it is launched, so queuing gains nothing there and a step read late wastes a whole step's time."""
+def decode_chain() -> int:
+    """The longest queue of decode steps (CLUSTERCTL_DECODE_CHAIN, 0 to DECODE_CHAIN; 0: every step read before
+    the next is run). Default DECODE_CHAIN."""
     value = os.environ.get("CLUSTERCTL_DECODE_CHAIN", "")
     if not value:
-        return 0 if device.split(":")[0] == "CPU" else DECODE_CHAIN
+        return DECODE_CHAIN
     if not value.isdigit() or int(value) > DECODE_CHAIN:
         raise ValueError(f"CLUSTERCTL_DECODE_CHAIN must be a whole number of steps from 0 to {DECODE_CHAIN}")
     return int(value)
@@ -208,7 +209,7 @@ class ShardEngine:
         narrow_block = CPU_ROW_BLOCK
         # the environment's switches, read once: what is read here is what the graph files' key holds
         self._env = graph_cache.engine_env()
-        chain = decode_chain(self.device)  # checked before the weights load
+        chain = decode_chain()  # checked before the weights load
         # replays of a device tinygrad has no graph for (CPU, OpenCL) through ours; 0: its executor, for comparison
         replay_graph = self._env["CLUSTERCTL_REPLAY_GRAPH"] != "0"
         if self.on_cpu:
@@ -287,6 +288,7 @@ class ShardEngine:
         self._sample_jit = TinyJit(sample)
         # a whole model's queued decode steps (decode_chain): each writes its (token, logprob) to a slot
         self.chain = chain if self.is_first and self.is_last else 0
+        self.step_s = QUEUE_S  # a queued decode step's time, as last measured: a first queue holds one step
         self.chained = Tensor.zeros(DECODE_CHAIN, 2, device=self.device).contiguous().realize()
         self.v_slot = UOp.variable("chain_slot", 0, DECODE_CHAIN - 1)
         self._feed_jit = TinyJit(self._feed)
@@ -571,8 +573,9 @@ class ShardEngine:
     def _decode_chained(
         self, s: _Session, token: int, steps: int, params: SamplingParams, stops: frozenset[int]
     ) -> Iterator[StepResult]:
-        """decode's steps queued `self.chain` at a time (decode_chain), each step's input fed from the one before it
-        on the device; the same tokens as one `forward` a step (the same graphs, the same draw for each position)."""
+        """decode's steps queued up to `self.chain` at a time (QUEUE_S of them), each step's input fed from the one
+        before it on the device; the same tokens as one `forward` a step (the same graphs, the same draw for each
+        position)."""
         self._check_inputs([token])
         copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
         if not params.greedy:
@@ -581,7 +584,8 @@ class ShardEngine:
             copy_into(self.sample_params, params.as_array())
         done = 0
         while done < steps:
-            n = min(self.chain, steps - done, self.max_context - s.length)
+            queue = max(1, min(self.chain, int(QUEUE_S / self.step_s)))
+            n = min(queue, steps - done, self.max_context - s.length)
             if n <= 0:
                 raise ContextFullError(
                     f"session {s.id!r}: {s.length} + 1 positions exceed the context of {self.max_context}"
@@ -601,7 +605,8 @@ class ShardEngine:
                     sampled = self._call_jit(self._sample_jit, logits, *args)
                 self._call_jit(self._feed_jit, sampled, self.v_slot.bind(slot))
             values = copy_out(self.chained, 2 * n).reshape(n, 2)  # waits for the n steps queued
-            engine_ms = 1e3 * (time.perf_counter() - t0) / n
+            self.step_s = (time.perf_counter() - t0) / n
+            engine_ms = 1e3 * self.step_s
             for sampled_id, logprob in values.tolist():
                 done += 1
                 yield StepResult(token=int(sampled_id), logprob=float(logprob), engine_ms=engine_ms)
