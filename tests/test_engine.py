@@ -423,6 +423,16 @@ def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step
     monkeypatch.setattr(shard, "QUEUE_S", 1e-9)
     assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 3)
     monkeypatch.setattr(shard, "QUEUE_S", 60.0)
+    # two sessions' decodes read in turns (as an engine process serves two streams): each queue starts from its own
+    # session's token and sampling, whatever the other session ran since
+    sessions = [(eng.new_session(sampling=p), p) for p in (SamplingParams(), sampled)]
+    streams = [eng.decode(sid, eng.forward(sid, prompt, sampling=p).token, 9, sampling=p) for sid, p in sessions]
+    turns = [[r.token for r in pair] for pair in zip(*streams, strict=True)]
+    assert [t[0] for t in turns] == greedy_ids[1:10] and [t[1] for t in turns] == run_tokens(
+        [eng], prompt, 10, sampled
+    )[1:]
+    for sid, _ in sessions:
+        eng.end_session(sid)
     # a context that fills up mid-queue: every step that fits, then the error
     sid = eng.new_session()
     first = eng.forward(sid, prompt).token

@@ -577,11 +577,8 @@ class ShardEngine:
         before it on the device; the same tokens as one `forward` a step (the same graphs, the same draw for each
         position)."""
         self._check_inputs([token])
-        copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
-        if not params.greedy:
-            if s.seed is None:
-                self.configure_sampling(s.id, params)
-            copy_into(self.sample_params, params.as_array())
+        if not params.greedy and s.seed is None:
+            self.configure_sampling(s.id, params)
         done = 0
         while done < steps:
             queue = max(1, min(self.chain, int(QUEUE_S / self.step_s)))
@@ -591,6 +588,11 @@ class ShardEngine:
                     f"session {s.id!r}: {s.length} + 1 positions exceed the context of {self.max_context}"
                 )
             t0 = time.perf_counter()
+            # the input and sampling buffers are the engine's, not the session's: other sessions' steps may have
+            # run since this one's last queue (an engine process serves them between a stream's results)
+            copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
+            if not params.greedy:
+                copy_into(self.sample_params, params.as_array())
             for slot in range(n):
                 pos, blocks = self.v_pos.bind(s.length), self.v_blocks.bind(blocks_past_first(s.length + 1))
                 logits = self._call_jit(self._decode_jit, self.inputs[1], s.cache, pos, blocks)
@@ -608,9 +610,9 @@ class ShardEngine:
             self.step_s = (time.perf_counter() - t0) / n
             engine_ms = 1e3 * self.step_s
             for sampled_id, logprob in values.tolist():
-                done += 1
-                yield StepResult(token=int(sampled_id), logprob=float(logprob), engine_ms=engine_ms)
-                if int(sampled_id) in stops:
+                done, token = done + 1, int(sampled_id)
+                yield StepResult(token=token, logprob=float(logprob), engine_ms=engine_ms)
+                if token in stops:
                     return
 
     def _check_inputs(self, inputs: np.ndarray | Sequence[int]) -> np.ndarray:
