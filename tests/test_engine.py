@@ -416,6 +416,14 @@ def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step
     assert decoded(SamplingParams(), 11) == (greedy_ids, len(prompt) + 11)
     sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
     assert decoded(sampled, 9)[0] == run_tokens([eng], prompt, 10, sampled)
+    # the repetition penalty's marks kept on the device, sampled and at temperature 0
+    for penalised in (
+        SamplingParams(temperature=0.9, seed=5, repetition_penalty=1.5),
+        SamplingParams(repetition_penalty=2.0),
+    ):
+        fed = eng._feed_jit.cnt
+        assert decoded(penalised, 11)[0] == run_tokens([eng], prompt, 12, penalised)
+        assert eng._feed_jit.cnt == fed + 11  # queued, not one forward a step
     # a stop id read in the middle of a queue of 4 ends the tokens there; the queue's other steps ran
     assert greedy_ids[3] not in greedy_ids[:3]
     assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 4)

@@ -49,10 +49,11 @@ def test_engine_on_opencl_matches_the_reference(name: str, env: dict[str, str], 
     assert eng.dtype == dtypes.float16  # what an accelerator computes in by default
     eng.warmup()
     check_float16_against_reference(eng, name)
-    # decode steps queued on the device, each fed from the one before (on by default here): the tokens of one
-    # forward call a step on the same engine, greedy and sampled
+    # decode steps queued on the device, each fed from the one before (on by default): the tokens of one forward
+    # call a step on the same engine, greedy, sampled, and with the repetition penalty's marks kept on the device
     assert eng.chain == DECODE_CHAIN
-    for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3)):
+    penalised = SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.3)
+    for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3), penalised):
         queued, stepped = (eng.new_session(sampling=params) for _ in range(2))
         first = eng.forward(queued, list(range(1, 12)), sampling=params).token
         assert eng.forward(stepped, list(range(1, 12)), sampling=params).token == first

@@ -290,6 +290,7 @@ class ShardEngine:
         self.chain = chain if self.is_first and self.is_last else 0
         self.step_s = QUEUE_S  # a queued decode step's time, as last measured: a first queue holds one step
         self.chained = Tensor.zeros(DECODE_CHAIN, 2, device=self.device).contiguous().realize()
+        self.unread_marks = Tensor.zeros(V, device=self.device).contiguous().realize()  # queued steps without penalty
         self.v_slot = UOp.variable("chain_slot", 0, DECODE_CHAIN - 1)
         self._feed_jit = TinyJit(self._feed)
         for jit in (*self._prefill_jits.values(), self._decode_jit, self._greedy_jit, self._sample_jit, self._feed_jit):
@@ -381,12 +382,16 @@ class ShardEngine:
         self.out_hidden[:, 0:T].assign(h)
         return self.out_hidden.realize()
 
-    def _feed(self, sampled: Tensor, slot: UOp) -> Tensor:
-        """A queued decode step's last kernels: its sampled (token, logprob) kept in slot `slot` of `chained`, and the
-        token written to the next step's input, on the device."""
-        self.inputs[1].assign(sampled[0:1].cast(dtypes.int32).reshape(1, 1))
+    def _feed(self, sampled: Tensor, slot: UOp, marks: Tensor) -> Tensor:
+        """A queued decode step's last kernels: its sampled (token, logprob) kept in slot `slot` of `chained`, the
+        token written to the next step's input, and marked in `marks` (the session's repetition-penalty marks, which
+        cover every input so far), on the device."""
+        token = sampled[0:1].cast(dtypes.int32)
+        self.inputs[1].assign(token.reshape(1, 1))
         self.chained[slot : slot + 1].assign(sampled.reshape(1, 2))
-        Tensor.realize(self.inputs[1], self.chained)
+        ids = Tensor.arange(marks.shape[0], dtype=dtypes.int32).to(marks.device)
+        marks.assign(marks.maximum((ids == token).float()))
+        Tensor.realize(self.inputs[1], self.chained, marks)
         return self.chained
 
     def _no_graphs(self) -> AbstractContextManager[Any]:
@@ -556,8 +561,8 @@ class ShardEngine:
             raise EngineError(f"layers [{self.start}, {self.end}) are not the whole model: decode step by step")
         stops = frozenset(int(i) for i in stop_ids)
         params = sampling or SamplingParams()
-        # what the device alone can carry from step to step: no logprobs to read, no penalty marks to update
-        if self.chain and logprobs == 0 and params.repetition_penalty == 1.0 and not params.biased:
+        # what the device alone can carry from step to step: no logprobs to read, no generated ids to count
+        if self.chain and logprobs == 0 and not params.biased:
             yield from self._decode_chained(self._session(session_id), token, steps, params, stops)
             return
         for _ in range(steps):
@@ -577,8 +582,9 @@ class ShardEngine:
         before it on the device; the same tokens as one `forward` a step (the same graphs, the same draw for each
         position)."""
         self._check_inputs([token])
-        if not params.greedy and s.seed is None:
+        if not params.greedy and (s.seed is None or (params.repetition_penalty != 1.0 and s.seen is None)):
             self.configure_sampling(s.id, params)
+        marking = not params.greedy and s.seen is not None and s.seen_host is not None
         done = 0
         while done < steps:
             queue = max(1, min(self.chain, int(QUEUE_S / self.step_s)))
@@ -593,6 +599,12 @@ class ShardEngine:
             copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
             if not params.greedy:
                 copy_into(self.sample_params, params.as_array())
+            marks = self.unread_marks
+            if marking:  # the queue's first input marked here, each later one by the step before it (_feed)
+                assert s.seen is not None and s.seen_host is not None
+                s.seen_host[token] = 1.0
+                copy_into(s.seen, s.seen_host)
+                marks = s.seen
             for slot in range(n):
                 pos, blocks = self.v_pos.bind(s.length), self.v_blocks.bind(blocks_past_first(s.length + 1))
                 logits = self._call_jit(self._decode_jit, self.inputs[1], s.cache, pos, blocks)
@@ -603,10 +615,14 @@ class ShardEngine:
                     assert s.seed is not None
                     draw = np.random.default_rng([s.seed, s.length]).random()
                     copy_into(self.uniform, np.array([draw], dtype=np.float32))
-                    args = (self.sample_params, self.uniform, self.no_seen, self.no_bias, self.all_allowed)
+                    seen = marks if marking else self.no_seen
+                    args = (self.sample_params, self.uniform, seen, self.no_bias, self.all_allowed)
                     sampled = self._call_jit(self._sample_jit, logits, *args)
-                self._call_jit(self._feed_jit, sampled, self.v_slot.bind(slot))
+                self._call_jit(self._feed_jit, sampled, self.v_slot.bind(slot), marks)
             values = copy_out(self.chained, 2 * n).reshape(n, 2)  # waits for the n steps queued
+            if marking:  # the host's copy of the marks, as the device made them
+                assert s.seen_host is not None
+                s.seen_host[values[:, 0].astype(np.int64)] = 1.0
             self.step_s = (time.perf_counter() - t0) / n
             engine_ms = 1e3 * self.step_s
             for sampled_id, logprob in values.tolist():
@@ -786,7 +802,7 @@ class ShardEngine:
         named = {f"model.{k}": t for k, t in get_state_dict(self.model).items()}
         for name in (
             *("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"),
-            *("no_seen", "no_bias", "bias", "all_allowed", "allowed", "chained"),
+            *("no_seen", "no_bias", "bias", "all_allowed", "allowed", "chained", "unread_marks"),
         ):
             named[name] = getattr(self, name)
         named.update({f"inputs{rows}": t for rows, t in self.inputs.items()})
