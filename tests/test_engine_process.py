@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -136,3 +137,20 @@ def test_an_engine_process_decodes_ahead_of_its_caller_with_the_tokens_of_step_b
         second_turn = answer(proc, follow_up, max_tokens=6, conversation=conv)[1]
         assert second_turn.tokens == answer(stepwise, follow_up, max_tokens=6)[1].tokens
         conv.close([proc])
+
+        # two requests at once with different prompts: one stream read by its caller, the other through the runner's
+        # reader thread, their steps served in turns by the one engine process (whose input buffers they share)
+        prompts = [prompt, prompt[3:] + [5, 6]]
+        queued = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.3)  # queued on the device
+        answers: dict[int, list[int]] = {}
+
+        def request(i: int) -> None:
+            answers[i] = answer(proc, prompts[i], max_tokens=30, sampling=queued)[1].tokens
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        expected = {i: answer(stepwise, p, max_tokens=30, sampling=queued)[1].tokens for i, p in enumerate(prompts)}
+        assert answers == expected and expected[0][:10] != greedy_ids[:10]
