@@ -84,8 +84,9 @@ def test_opencl_replays_give_the_executors_tokens() -> None:
 
 
 def _default_device(**env: str) -> str:
+    """default_device() in a new process, and the $DEV it leaves for the processes it starts: 'device DEV'."""
     child_env = {k: v for k, v in os.environ.items() if k != "DEV"} | env
-    code = "from cluster.engine.shard import default_device; print(default_device())"
+    code = "import os; from cluster.engine.shard import default_device; print(default_device(), os.environ['DEV'])"
     out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
@@ -99,9 +100,10 @@ def test_an_opencl_device_that_is_the_cpu_is_not_the_default() -> None:
     cl.clGetDeviceInfo(Device["CL"].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)  # type: ignore[attr-defined]
     if not kind.value & cl.CL_DEVICE_TYPE_CPU:
         pytest.skip("this OpenCL device is a real GPU: tinygrad's pick stands")
-    # tinygrad picks OpenCL over its CPU backend; the engine does not when the OpenCL device is the CPU (pocl)
-    assert _default_device() == "CPU"
-    assert _default_device(DEV="CL") == "CL"  # asked for by name: taken as it is
+    # tinygrad picks OpenCL over its CPU backend; the engine does not when the OpenCL device is the CPU (pocl), and
+    # the processes it starts inherit its choice, not tinygrad's (which tinygrad writes into $DEV)
+    assert _default_device() == "CPU CPU"
+    assert _default_device(DEV="CL") == "CL CL"  # asked for by name: taken as it is
 
 
 @pytest.mark.slow  # make test-slow (CI runs it)

@@ -103,10 +103,13 @@ def default_device() -> str:
     """tinygrad's default device, unless that is an OpenCL device that is the CPU itself (pocl, Intel's CPU
     runtime): tinygrad prefers OpenCL over its own CPU backend, which runs this engine's CPU kernels much faster.
     A device named in $DEV (as tinygrad read it at import; tinygrad writes its own pick there too, for children)
-    is taken as it is."""
+    is taken as it is. Where the pick is overruled, $DEV says so too: processes started from this one (engine
+    processes, nodes a script starts) took tinygrad's OpenCL pick for a user's choice and computed on pocl, 6x
+    slower on the tiny bench model."""
     device = Device.DEFAULT
     if not DEV.device and device.split(":")[0] == "CL" and _opencl_device_is_cpu(device):
         log.info("the OpenCL device is the CPU; using tinygrad's CPU backend (DEV=CL to use OpenCL anyway)")
+        os.environ["DEV"] = "CPU"
         return "CPU"
     return device
 
