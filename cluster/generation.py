@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cluster.constraints import Constraint, ThinkingFirst
-from cluster.engine.shard import ShardTime, StepResult
+from cluster.engine.shard import ShardTime, StepResult, decode_stepwise
 from cluster.reasoning import ReasoningSplitter, opened_by, thinking_tags
 from cluster.sampling import SamplingParams
 from cluster.stop_strings import StopStringFilter
@@ -235,14 +235,9 @@ def decode_steps(
     lone = len(shards) == 1
     decode: Callable[..., Iterator[StepResult]] | None = getattr(shards[0], "decode", None) if lone else None
     if decode is None:
-        stops = frozenset(stop_ids)
-        for _ in range(steps):
-            result = step(shards, sid, [token], sampling, logprobs, None, None, [token])
-            yield result
-            assert result.token is not None
-            token = result.token
-            if token in stops:
-                return
+        yield from decode_stepwise(
+            lambda token: step(shards, sid, [token], sampling, logprobs, None, None, [token]), token, steps, stop_ids
+        )
         return
     results = decode(sid, token, steps, sampling=sampling, logprobs=logprobs, stop_ids=list(stop_ids))
     try:

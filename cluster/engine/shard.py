@@ -33,6 +33,7 @@ from tinygrad.uop.ops import Ops
 from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, graph_cache, launch_graph
 from cluster.engine.buffers import copy_into, copy_out
 from cluster.engine.jit_replay import Replayer
+from cluster.engine.sampler import greedy, sample
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
     ATTN_BLOCK,
@@ -48,7 +49,7 @@ from cluster.models.decoder import (
     rope_tables,
     span_of,
 )
-from cluster.sampling import SamplingParams, greedy, sample, top_logprobs
+from cluster.sampling import SamplingParams, top_logprobs
 from cluster.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,21 @@ class ShardTime:
     end: int
     engine_ms: float
     wait_ms: float
+
+
+def decode_stepwise(
+    step: Callable[[int], StepResult], token: int, steps: int, stop_ids: Sequence[int] = ()
+) -> Iterator[StepResult]:
+    """Up to `steps` results of `step`, one call a token, each call's input the token sampled by the one before it;
+    ends after a token in `stop_ids`. The loop of every decode that is not queued on a device."""
+    stops = frozenset(int(i) for i in stop_ids)
+    for _ in range(steps):
+        result = step(token)
+        yield result
+        assert result.token is not None
+        token = result.token
+        if token in stops:
+            return
 
 
 @dataclass
@@ -562,21 +578,19 @@ class ShardEngine:
         decodes alone; in an engine process (Runner.stream) it runs without waiting for its caller between steps."""
         if not (self.is_first and self.is_last):
             raise EngineError(f"layers [{self.start}, {self.end}) are not the whole model: decode step by step")
-        stops = frozenset(int(i) for i in stop_ids)
         params = sampling or SamplingParams()
         # what the device alone can carry from step to step: no logprobs to read, no generated ids to count
         if self.chain and logprobs == 0 and not params.biased:
+            stops = frozenset(int(i) for i in stop_ids)
             yield from self._decode_chained(self._session(session_id), token, steps, params, stops)
             return
-        for _ in range(steps):
-            result = self.forward(
+
+        def one(token: int) -> StepResult:
+            return self.forward(
                 session_id, [token], sampling=sampling, token_ids=[token], logprobs=logprobs, generated=[token]
             )
-            yield result
-            assert result.token is not None
-            token = result.token
-            if token in stops:
-                return
+
+        yield from decode_stepwise(one, token, steps, stop_ids)
 
     def _decode_chained(
         self, s: _Session, token: int, steps: int, params: SamplingParams, stops: frozenset[int]
