@@ -8,16 +8,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from cluster.constraints import Constraint, answer_constraint
-from cluster.generation import Conversation, TokenChunk, encode_prompt, generate, generation_defaults
 from cluster.partition import format_bytes
 from cluster.reasoning import CLOSE as CLOSE_THINKING
 from cluster.reasoning import OPEN as OPEN_THINKING
-from cluster.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the engine's modules load tinygrad and numpy: client commands import them only when they run
+    from cluster.sampling import SamplingParams
 
 DEFAULT_NODE = "127.0.0.1:50051"
 
@@ -572,9 +572,12 @@ def _run_local(
     models_dir: Path | None,
 ) -> None:
     """The whole model in this process: no node, no network."""
+    from cluster.constraints import Constraint
     from cluster.engine.shard import EngineError, ShardEngine
+    from cluster.generation import generation_defaults
     from cluster.models.config import ConfigError, ModelConfig
     from cluster.registry import ModelNotFoundError, resolve_model
+    from cluster.sampling import SamplingParams
     from cluster.tokenizer import Tokenizer, TokenizerError
     from cluster.weights import CheckpointError
 
@@ -649,6 +652,8 @@ class _LocalTurns:
         out: _Output,
         raw: bool,
     ):
+        from cluster.generation import Conversation
+
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
         self.json_schema, self.template_kwargs = json_schema, template_kwargs
         self.stop, self.logprobs, self.out, self.raw = stop, logprobs, out, raw
@@ -657,6 +662,9 @@ class _LocalTurns:
         self.conversation = Conversation()  # chat turns reuse the KV cache of the conversation so far
 
     def __call__(self, text: str) -> None:
+        from cluster.constraints import answer_constraint
+        from cluster.generation import TokenChunk, encode_prompt, generate
+
         if self.raw:
             prompt = encode_prompt(self.tok, prompt=text, raw=True)
         else:

@@ -3,7 +3,7 @@
 
 llguidance walks the grammar on the coordinating node, one token at a time (~50 us a step for a 128k
 vocabulary); its mask, one bit per id, travels with each step to the last shard, whose sampler never picks a
-masked id (cluster/sampling.py). The mask depends only on the tokens sampled so far, so a session replayed after
+masked id (cluster/engine/sampler.py). The mask depends only on the tokens sampled so far, so a session replayed after
 a lost node goes on with the same constraint.
 """
 

@@ -174,6 +174,16 @@ def test_clear_errors_without_a_traceback(tmp_path):
         assert r.exit_code == 2 and "--prefill-chunks" in r.output, r.output
 
 
+def test_client_commands_do_not_load_the_engine():
+    """`nodes` and `plan` only talk to a node: they must not pay for importing tinygrad (0.1-0.4 s a command)."""
+    for command in (["nodes"], ["plan", "llama-3.2-1b"]):
+        args = [*command, "--node", f"127.0.0.1:{free_port()}", "--token", TEST_TOKEN]
+        p = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], *args], capture_output=True, text=True)
+        assert p.returncode == 1 and "no clusterctl node answers" in p.stderr, p.stderr[-2000:]  # nothing listens
+        imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time")}
+        assert "cluster.client" in imported and "tinygrad" not in imported
+
+
 def test_cpu_threads_sets_tinygrads_thread_count_here_and_for_engine_processes(monkeypatch):
     from tinygrad.helpers import NUM_CPU_THREADS
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import log_softmax, reference
 from tinygrad import Tensor, TinyJit
 
-from cluster.sampling import ROW, ROWS_ALIGN, SamplingParams, greedy, layout, sample, top_logprobs
+from cluster.engine.sampler import ROW, ROWS_ALIGN, greedy, layout, sample
+from cluster.sampling import SamplingParams, top_logprobs
 
 V = 64
 # a vocabulary over many of the sampler's rows (20 of 128 ids), the last one partly padding
