@@ -4,7 +4,9 @@
 
 Variants take turns step by step in one session, so that they share the machine's state: greedy (the greedy
 graph), greedy with a mask that allows every id (the sampler graph, plus the mask's upload), greedy with
-frequency and presence penalties (the sampler graph, plus the bias's upload), and sampling at temperature 0.6.
+frequency and presence penalties one forward a step (the sampler graph, plus the upload of the counts and the
+kernel that makes the bias from them; a decode queued on the device uploads them once a queue), and sampling at
+temperature 0.6.
 Also times llguidance on the host: building a JSON-schema constraint (first, with the tokenizer, and again) and
 computing one mask. Prints a markdown table.
 """

@@ -56,14 +56,16 @@ class SamplingParams:
         """Plain argmax: no temperature and no penalty, so the cheap graph suffices."""
         return self.temperature == 0 and self.repetition_penalty == 1.0 and not self.biased
 
-    def bias(self, vocab: int, counts: np.ndarray) -> np.ndarray:
-        """(V,) float32 added to the logits: logit_bias, less the penalties for the ids generated so far
-        (`counts`: how often each id was generated in this answer)."""
+    def logit_bias_array(self, vocab: int) -> np.ndarray:
+        """(V,) float32: logit_bias as a vector (an id named twice gets both biases). The device sampler adds it to
+        the logits, less OpenAI's penalties for the ids generated so far (engine.sampler.penalised_bias)."""
         out = np.zeros(vocab, dtype=np.float32)
         for i, b in self.logit_bias:
             out[i] += b
-        out -= self.presence_penalty * (counts > 0) + self.frequency_penalty * counts
         return out
+
+    def penalties_array(self) -> np.ndarray:
+        return np.array([self.presence_penalty, self.frequency_penalty], dtype=np.float32)
 
     def as_array(self) -> np.ndarray:
         return np.array(

@@ -47,7 +47,7 @@ def run_tokens(shards, prompt, n, sampling=None):
     try:
         ids, out = list(prompt), []
         for _ in range(n):
-            r = step(shards, sid, ids, sampling or SamplingParams(), 0)
+            r = step(shards, sid, ids, sampling or SamplingParams(), 0, generated=out[-1:])  # the prompt is not
             out.append(r.token)
             ids = [r.token]
         return out
@@ -424,6 +424,18 @@ def test_decode_steps_queued_on_the_device_give_the_tokens_of_one_forward_a_step
         fed = eng._feed_jit.cnt
         assert decoded(penalised, 11)[0] == run_tokens([eng], prompt, 12, penalised)
         assert eng._feed_jit.cnt == fed + 11  # queued, not one forward a step
+    # OpenAI's penalties and logit_bias: the generated ids counted on the device, the bias made there from them (a
+    # negative frequency penalty makes the sampled answer repeat ids inside a queue: counts left stale there fail it)
+    banned = greedy_ids[2]
+    answers = []
+    for biased in (
+        SamplingParams(presence_penalty=-2.0, frequency_penalty=1.5, logit_bias=((banned, -100.0),)),
+        SamplingParams(temperature=0.9, seed=5, frequency_penalty=-2.0, repetition_penalty=1.2),
+    ):
+        fed = eng._feed_jit.cnt
+        answers.append(decoded(biased, 11)[0])
+        assert answers[-1] == run_tokens([eng], prompt, 12, biased) and eng._feed_jit.cnt == fed + 11
+    assert banned not in answers[0] and answers[0] != greedy_ids
     # a stop id read in the middle of a queue of 4 ends the tokens there; the queue's other steps ran
     assert greedy_ids[3] not in greedy_ids[:3]
     assert decoded(SamplingParams(), 11, (greedy_ids[3],)) == (greedy_ids[:4], len(prompt) + 4)

@@ -138,3 +138,9 @@ def sample(logits: Tensor, params: Tensor, uniform: Tensor, seen: Tensor, bias: 
     drawn = (full * int(rows.shape[1]) + inside).minimum(V - 1).cast(dtypes.int32)
     token = (temp > 0).where(drawn, _first_max(penalised, top))
     return Tensor.stack(token.float(), _logprob(rows, _max(rows), token.contiguous()))
+
+
+def penalised_bias(base: Tensor, counts: Tensor, penalties: Tensor) -> Tensor:
+    """(V,) added to the logits: `base` (logit_bias) less OpenAI's penalties for the ids generated so far (`counts`:
+    how often each id was generated in this answer; `penalties`: presence, then frequency)."""
+    return base - (penalties[0] * (counts > 0).float() + penalties[1] * counts)

@@ -33,7 +33,7 @@ from tinygrad.uop.ops import Ops
 from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, graph_cache, launch_graph
 from cluster.engine.buffers import copy_into, copy_out
 from cluster.engine.jit_replay import Replayer
-from cluster.engine.sampler import greedy, sample
+from cluster.engine.sampler import greedy, penalised_bias, sample
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import (
     ATTN_BLOCK,
@@ -295,7 +295,12 @@ class ShardEngine:
         self.uniform = Tensor.zeros(1, device=self.device).contiguous().realize()
         self.no_seen = Tensor.zeros(V, device=self.device).contiguous().realize()
         self.no_bias = Tensor.zeros(V, device=self.device).contiguous().realize()
-        self.bias = Tensor.zeros(V, device=self.device).contiguous().realize()  # a biased step's SamplingParams.bias
+        # a biased step's logit_bias, its session's counts of generated ids, (presence, frequency), and the bias they
+        # make (_bias: one graph for both decode paths, so a queued decode counts on the device as a step's does)
+        self.logit_bias = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.counts = Tensor.zeros(V, device=self.device).contiguous().realize()
+        self.penalties = Tensor.zeros(2, device=self.device).contiguous().realize()
+        self.bias = Tensor.zeros(V, device=self.device).contiguous().realize()
         self.all_allowed = Tensor.ones(V, device=self.device).contiguous().realize()
         self.allowed = Tensor.ones(V, device=self.device).contiguous().realize()  # a constrained step's ids
         self.v_pos = UOp.variable("start_pos", 0, self.max_context - 1)
@@ -305,6 +310,7 @@ class ShardEngine:
         self._decode_jit = TinyJit(self._forward)
         self._greedy_jit = TinyJit(greedy)
         self._sample_jit = TinyJit(sample)
+        self._bias_jit = TinyJit(self._bias)
         # a whole model's queued decode steps (decode_chain): each writes its (token, logprob) to a slot
         self.chain = chain if self.is_first and self.is_last else 0
         self.step_s = QUEUE_S  # a queued decode step's time, as last measured: a first queue holds one step
@@ -312,7 +318,9 @@ class ShardEngine:
         self.unread_marks = Tensor.zeros(V, device=self.device).contiguous().realize()  # queued steps without penalty
         self.v_slot = UOp.variable("chain_slot", 0, DECODE_CHAIN - 1)
         self._feed_jit = TinyJit(self._feed)
-        for jit in (*self._prefill_jits.values(), self._decode_jit, self._greedy_jit, self._sample_jit, self._feed_jit):
+        self._count_jit = TinyJit(self._count_sampled)
+        samplers = (self._greedy_jit, self._sample_jit, self._bias_jit, self._feed_jit, self._count_jit)
+        for jit in (*self._prefill_jits.values(), self._decode_jit, *samplers):
             # capture on the first call: every input is realized up front, so TinyJit's eager first run
             # would only schedule and compile the same kernels once more
             jit.cnt = 1
@@ -412,6 +420,26 @@ class ShardEngine:
         marks.assign(marks.maximum((ids == token).float()))
         Tensor.realize(self.inputs[1], self.chained, marks)
         return self.chained
+
+    def _count_sampled(self, sampled: Tensor, counts: Tensor) -> Tensor:
+        """A queued biased step's sampled token counted as generated, on the device, for the next step's bias."""
+        ids = Tensor.arange(counts.shape[0], dtype=dtypes.int32).to(counts.device)
+        counts.assign(counts + (ids == sampled[0:1].cast(dtypes.int32)).float())
+        return counts.realize()
+
+    def _bias(self, base: Tensor, counts: Tensor, penalties: Tensor) -> Tensor:
+        self.bias.assign(penalised_bias(base, counts, penalties))
+        return self.bias.realize()
+
+    def _load_bias(self, s: _Session, params: SamplingParams) -> None:
+        """A biased step's inputs copied in: its logit_bias, penalties and the session's counts (the engine's
+        buffers: other sessions' steps may have run since)."""
+        V = self.cfg.vocab_size
+        if any(i >= V for i, _ in params.logit_bias):
+            raise EngineError(f"logit_bias names ids past the vocabulary of {V}")
+        copy_into(self.logit_bias, params.logit_bias_array(V))
+        copy_into(self.penalties, params.penalties_array())
+        copy_into(self.counts, s.counts if s.counts is not None else np.zeros(V, np.float32))
 
     def _no_graphs(self) -> AbstractContextManager[Any]:
         # JIT=2: TinyJit captures kernels without batching them into device graphs
@@ -579,8 +607,8 @@ class ShardEngine:
         if not (self.is_first and self.is_last):
             raise EngineError(f"layers [{self.start}, {self.end}) are not the whole model: decode step by step")
         params = sampling or SamplingParams()
-        # what the device alone can carry from step to step: no logprobs to read, no generated ids to count
-        if self.chain and logprobs == 0 and not params.biased:
+        # what the device alone can carry from step to step: no logprobs to read
+        if self.chain and logprobs == 0:
             stops = frozenset(int(i) for i in stop_ids)
             yield from self._decode_chained(self._session(session_id), token, steps, params, stops)
             return
@@ -602,6 +630,8 @@ class ShardEngine:
         if not params.greedy and (s.seed is None or (params.repetition_penalty != 1.0 and s.seen is None)):
             self.configure_sampling(s.id, params)
         marking = not params.greedy and s.seen is not None and s.seen_host is not None
+        if params.biased:  # the first input counts as generated; each later one is counted by the step before it
+            self._count(s, [token])
         done = 0
         while done < steps:
             queue = max(1, min(self.chain, int(QUEUE_S / self.step_s)))
@@ -616,6 +646,9 @@ class ShardEngine:
             copy_into(self.inputs[1], np.array([[token]], dtype=np.int32))
             if not params.greedy:
                 copy_into(self.sample_params, params.as_array())
+            bias = self.no_bias
+            if params.biased:
+                self._load_bias(s, params)
             marks = self.unread_marks
             if marking:  # the queue's first input marked here, each later one by the step before it (_feed)
                 assert s.seen is not None and s.seen_host is not None
@@ -633,13 +666,19 @@ class ShardEngine:
                     draw = np.random.default_rng([s.seed, s.length]).random()
                     copy_into(self.uniform, np.array([draw], dtype=np.float32))
                     seen = marks if marking else self.no_seen
-                    args = (self.sample_params, self.uniform, seen, self.no_bias, self.all_allowed)
+                    if params.biased:
+                        bias = self._call_jit(self._bias_jit, self.logit_bias, self.counts, self.penalties)
+                    args = (self.sample_params, self.uniform, seen, bias, self.all_allowed)
                     sampled = self._call_jit(self._sample_jit, logits, *args)
                 self._call_jit(self._feed_jit, sampled, self.v_slot.bind(slot), marks)
+                if params.biased:
+                    self._call_jit(self._count_jit, sampled, self.counts)
             values = copy_out(self.chained, 2 * n).reshape(n, 2)  # waits for the n steps queued
             if marking:  # the host's copy of the marks, as the device made them
                 assert s.seen_host is not None
                 s.seen_host[values[:, 0].astype(np.int64)] = 1.0
+            if params.biased:  # and of the counts
+                self._count(s, values[:, 0].astype(np.int64))
             self.step_s = (time.perf_counter() - t0) / n
             engine_ms = 1e3 * self.step_s
             for sampled_id, logprob in values.tolist():
@@ -664,7 +703,7 @@ class ShardEngine:
             raise EngineError("hidden states contain NaN or Inf")
         return x.astype(np.float16 if self.dtype == dtypes.float16 else np.float32)
 
-    def _count(self, s: _Session, generated: Sequence[int]) -> None:
+    def _count(self, s: _Session, generated: Sequence[int] | np.ndarray) -> None:
         V = self.cfg.vocab_size
         ids = np.asarray(generated, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= V:
@@ -715,11 +754,8 @@ class ShardEngine:
                 copy_into(self.allowed, mask)
                 allowed = self.allowed
             if params.biased:
-                V = self.cfg.vocab_size
-                if any(i >= V for i, _ in params.logit_bias):
-                    raise EngineError(f"logit_bias names ids past the vocabulary of {V}")
-                copy_into(self.bias, params.bias(V, s.counts if s.counts is not None else np.zeros(V, np.float32)))
-                bias = self.bias
+                self._load_bias(s, params)
+                bias = self._call_jit(self._bias_jit, self.logit_bias, self.counts, self.penalties)
             token, logprob = copy_out(
                 self._call_jit(self._sample_jit, logits, self.sample_params, self.uniform, seen, bias, allowed)
             ).tolist()
@@ -787,13 +823,18 @@ class ShardEngine:
                 self.forward(sid, make(1), token_ids=[0])
                 done += each
                 self._progress("warmup", done, total)
-            if self.chain:  # a queued step: the decode graph again, then greedy's and the feed's
-                for _ in range(steps):
-                    session.length = 0
-                    for _ in self._decode_chained(session, 0, 1, SamplingParams(), frozenset()):
-                        pass
+            # a biased sampled step (every sampler graph): its bias made from counts and OpenAI's penalties
+            warm = SamplingParams(
+                temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0, presence_penalty=0.1
+            )
+            if self.chain:  # a queued step: the decode graph again, then greedy's and the feed's; biased, the count's
+                for params in (SamplingParams(), warm):
+                    self.configure_sampling(sid, params)
+                    for _ in range(steps):
+                        session.length = 0
+                        for _ in self._decode_chained(session, 0, 1, params, frozenset()):
+                            pass
             if self.is_last:
-                warm = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0)
                 self.configure_sampling(sid, warm)
                 for _ in range(steps):
                     session.length = 0
@@ -809,9 +850,9 @@ class ShardEngine:
         """This shard's TinyJits by name (the samplers only on the last shard, the only one calling them)."""
         jits = {"decode": self._decode_jit, **{f"prefill{b}": jit for b, jit in self._prefill_jits.items()}}
         if self.is_last:
-            jits.update(greedy=self._greedy_jit, sample=self._sample_jit)
+            jits.update(greedy=self._greedy_jit, sample=self._sample_jit, bias=self._bias_jit)
         if self.chain:
-            jits.update(feed=self._feed_jit)
+            jits.update(feed=self._feed_jit, count=self._count_jit)
         return jits
 
     def _graph_tensors(self) -> dict[str, Tensor]:
@@ -819,7 +860,8 @@ class ShardEngine:
         named = {f"model.{k}": t for k, t in get_state_dict(self.model).items()}
         for name in (
             *("cos", "sin", "position_ids", "out_hidden", "sample_params", "uniform"),
-            *("no_seen", "no_bias", "bias", "all_allowed", "allowed", "chained", "unread_marks"),
+            *("no_seen", "no_bias", "logit_bias", "counts", "penalties", "bias", "all_allowed", "allowed"),
+            *("chained", "unread_marks"),
         ):
             named[name] = getattr(self, name)
         named.update({f"inputs{rows}": t for rows, t in self.inputs.items()})
