@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import BUCKETS, FIXTURES, graph_runners, two_sessions
-from tinygrad import Device, Tensor, TinyJit, UOp
+from tinygrad import Device, GlobalCounters, Tensor, TinyJit, UOp
+from tinygrad.engine import jit as tinygrad_jit
+from tinygrad.engine import realize
 from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine import cpu_graph, cpu_threads
@@ -46,6 +48,12 @@ def test_a_jit_replays_through_the_graph_with_new_inputs_and_variables(monkeypat
     assert sum(len(r.steps) for r in runners) >= 2
     if pool is not None:
         assert pool.handed_off > before, "the graph never ran a kernel's slices on the pool"
+    # a replay counts its kernels but no ops or bytes: building the graph skips tinygrad's symbolic statistics
+    # (seconds of every 1B shard's warm-up), and leaves tinygrad's estimator as it was for everything else
+    GlobalCounters.reset()
+    step(xs[0], w, n.bind(7))
+    assert GlobalCounters.kernel_count >= 1 and GlobalCounters.global_ops == GlobalCounters.global_mem == 0
+    assert tinygrad_jit.estimate_uop is realize.estimate_uop
 
 
 @pytest.mark.parametrize("name", ["llama32", "llama32-4bit"])
