@@ -77,6 +77,8 @@ def test_a_replayed_session_keeps_counting(engines, tok):
     first, last = engines.get("llama32", 0, 2), engines.get("llama32", 2, None)
     params = SamplingParams(temperature=0.9, seed=5, presence_penalty=0.8, frequency_penalty=1.5)
     uninterrupted = tokens([first, last], tok, params)
+    # the whole model decodes queued, counting on the device: the same answer as two shards stepping one token at a time
+    assert tokens([engines.get("llama32")], tok, params) == uninterrupted
     chain = Chain([first, _LostOnce(last, at=9)], lambda error: [first, last])
     assert tokens([chain], tok, params) == uninterrupted
     assert len(chain.recoveries) == 1
