@@ -104,6 +104,12 @@ def decode_stepwise(
             return
 
 
+def _one_hot(sampled: Tensor, like: Tensor) -> Tensor:
+    """(V,) float32: 1 at the id of a sampler's (token, logprob) output, 0 elsewhere; `like` gives V and the device."""
+    ids = Tensor.arange(like.shape[0], dtype=dtypes.int32).to(like.device)
+    return (ids == sampled[0:1].cast(dtypes.int32)).float()
+
+
 @dataclass
 class _Session:
     id: str
@@ -413,18 +419,15 @@ class ShardEngine:
         """A queued decode step's last kernels: its sampled (token, logprob) kept in slot `slot` of `chained`, the
         token written to the next step's input, and marked in `marks` (the session's repetition-penalty marks, which
         cover every input so far), on the device."""
-        token = sampled[0:1].cast(dtypes.int32)
-        self.inputs[1].assign(token.reshape(1, 1))
+        self.inputs[1].assign(sampled[0:1].cast(dtypes.int32).reshape(1, 1))
         self.chained[slot : slot + 1].assign(sampled.reshape(1, 2))
-        ids = Tensor.arange(marks.shape[0], dtype=dtypes.int32).to(marks.device)
-        marks.assign(marks.maximum((ids == token).float()))
+        marks.assign(marks.maximum(_one_hot(sampled, marks)))
         Tensor.realize(self.inputs[1], self.chained, marks)
         return self.chained
 
     def _count_sampled(self, sampled: Tensor, counts: Tensor) -> Tensor:
         """A queued biased step's sampled token counted as generated, on the device, for the next step's bias."""
-        ids = Tensor.arange(counts.shape[0], dtype=dtypes.int32).to(counts.device)
-        counts.assign(counts + (ids == sampled[0:1].cast(dtypes.int32)).float())
+        counts.assign(counts + _one_hot(sampled, counts))
         return counts.realize()
 
     def _bias(self, base: Tensor, counts: Tensor, penalties: Tensor) -> Tensor:
@@ -827,13 +830,12 @@ class ShardEngine:
             warm = SamplingParams(
                 temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=0, presence_penalty=0.1
             )
-            if self.chain:  # a queued step: the decode graph again, then greedy's and the feed's; biased, the count's
-                for params in (SamplingParams(), warm):
-                    self.configure_sampling(sid, params)
-                    for _ in range(steps):
-                        session.length = 0
-                        for _ in self._decode_chained(session, 0, 1, params, frozenset()):
-                            pass
+            if self.chain:  # a queued step: the feed's and the count's graphs (the greedy one ran above)
+                self.configure_sampling(sid, warm)
+                for _ in range(steps):
+                    session.length = 0
+                    for _ in self._decode_chained(session, 0, 1, warm, frozenset()):
+                        pass
             if self.is_last:
                 self.configure_sampling(sid, warm)
                 for _ in range(steps):
