@@ -60,7 +60,7 @@ def free_port() -> int:
 class Node:
     """One `clusterctl join` process on loopback, in its own process group with its engine processes."""
 
-    def __init__(self, name: str, models_dir: Path, log_path: Path, peers: list[str]):
+    def __init__(self, name: str, models_dir: Path, log_path: Path, peers: list[str], core: int | None = None):
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -70,10 +70,14 @@ class Node:
         args += ["--no-mdns", "--no-api"]  # nodes meet through --peer; the HTTP API's port would collide
         for peer in peers:
             args += ["--peer", peer]
+        pin: Callable[[], None] | None = None
+        if core is not None:  # a box of one core: the node and its engine process (which inherits this) on one
+            args += ["--cpu-threads", "1"]
+            pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
         self._log = open(self.log_path, "w")
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the cluster token travels in $CLUSTERCTL_TOKEN (see main)
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True, preexec_fn=pin
         )
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -110,13 +114,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, nodes: li
 
 
 @contextlib.contextmanager
-def cluster(n: int, models_dir: Path, log_dir: Path) -> Iterator[list[Node]]:
-    """N nodes that all know the first (and no other cluster's); stopped on the way out, errors included."""
+def cluster(n: int, models_dir: Path, log_dir: Path, pin: bool = False) -> Iterator[list[Node]]:
+    """N nodes that all know the first (and no other cluster's); stopped on the way out, errors included.
+    pin: node i (with its engine process) runs on core i alone, as if each node were a one-core machine."""
     nodes: list[Node] = []
     try:
         for i in range(n):
             log_path = log_dir / f"{n}-nodes-n{i + 1}.log"
-            nodes.append(Node(f"n{i + 1}", models_dir, log_path, [nodes[0].address] if nodes else []))
+            core = i % (os.cpu_count() or 1) if pin else None
+            nodes.append(Node(f"n{i + 1}", models_dir, log_path, [nodes[0].address] if nodes else [], core))
 
         def all_members() -> bool:
             with Client(nodes[0].address) as c:
@@ -195,13 +201,14 @@ def measure_clusters(
     warm_runs: int,
     log_dir: Path,
     log: Callable[[str], None],
+    pin: bool = False,
 ) -> list[Result]:
     """One cluster per node count, all up at once; the timed requests take turns between them, so load from
     other work on the machine falls on every node count alike instead of on whichever ran during it."""
     with contextlib.ExitStack() as stack:
         coordinators, results = [], []
         for n in counts:
-            nodes = stack.enter_context(cluster(n, model_dir.parent, log_dir))
+            nodes = stack.enter_context(cluster(n, model_dir.parent, log_dir, pin))
             coordinator = nodes[0].address
             t0 = time.perf_counter()
             request(coordinator, model_dir, prompt, 2, PLACE_TIMEOUT_S)  # plans, loads and warms up every shard
@@ -314,6 +321,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hop-runs", type=int, default=5, help="timed requests per node count for the hop latency")
     ap.add_argument("--no-hop", action="store_true", help="skip the hop latency")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process ShardEngine reference")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="node i and its engine process on core i alone (--cpu-threads 1): each node as a one-core machine",
+    )
     ap.add_argument("--out", type=Path, help="append the markdown to this file")
     ap.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
     ap.add_argument("--seed", type=int, default=0)
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"{model_dir.name}: nodes {args.node_counts} ...")
     results = measure_clusters(
-        args.node_counts, model_dir, prompt, args.tokens, args.runs, args.warm_runs, log_dir, log
+        args.node_counts, model_dir, prompt, args.tokens, args.runs, args.warm_runs, log_dir, log, args.pin
     )
     hops: list[Result] = []
     if not args.no_hop:
@@ -370,7 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         hop_prompt = make_prompt(hop_dir, args.prompt_len)
         log(f"hop latency on {hop_dir.name}: nodes {args.node_counts} ...")
         hops = measure_clusters(
-            args.node_counts, hop_dir, hop_prompt, args.hop_tokens, args.hop_runs, args.warm_runs, log_dir, log
+            args.node_counts,
+            hop_dir,
+            hop_prompt,
+            args.hop_tokens,
+            args.hop_runs,
+            args.warm_runs,
+            log_dir,
+            log,
+            args.pin,
         )
 
     notes.append(
@@ -414,8 +434,13 @@ def report(
         "(separate, idle but for health checks) and the timed requests take turns between them",
         f"- floor: {bandwidth / 1e9:.1f} GB/s memory read (all cores) / {resident / 1e9:.3g} GB resident "
         f"({disk_bytes / 1e9:.3g} GB on disk) = {bandwidth / resident:.1f} tok/s",
-        f"- {cores} cores: N nodes run N node processes plus N engine processes on the same {cores} cores; one "
-        "token visits the shards in turn, so a split adds no compute here, only hops",
+        (
+            "- pinned (--pin): node i and its engine process run on core i alone with --cpu-threads 1, as on "
+            "separate one-core machines (one node: one core; two: two)"
+            if args.pin
+            else f"- {cores} cores: N nodes run N node processes plus N engine processes on the same {cores} cores; "
+            "one token visits the shards in turn, so a split adds no compute here, only hops"
+        ),
         *[f"- {n}" for n in notes],
         "",
         speed_table(results, engine_tok_s, bandwidth / resident),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -195,28 +197,123 @@ def step(
     generated: Sequence[int] = (),
 ) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
+    A prompt longer than the shards' prefill chunk goes through them in chunks, pipelined (`_pipelined`).
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
     allowed: the ids the last shard may sample (a constraint's bitmask), or None for all.
     generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
+    chunk = pipeline_chunk(shards)
+    if chunk and len(ids) > chunk:
+        return _pipelined(shards, sid, ids, chunk, sampling, logprobs, context_ids, allowed, generated)
     x: Any = np.asarray(ids, dtype=np.int32)
-    penalised = ids if context_ids is None else context_ids
     times: list[ShardTime] = []
     for i, shard in enumerate(shards):
         last = i == len(shards) - 1
-        kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs} if last else {}
-        if last and allowed is not None:
-            kwargs["allowed"] = allowed
-        if last and len(generated) and sampling.biased:
-            kwargs["generated"] = list(generated)
+        kwargs = _last_kwargs(sampling, logprobs, ids if context_ids is None else context_ids, allowed, generated)
         t0 = time.perf_counter()
-        result = shard.forward(sid, x, **kwargs)
+        result = shard.forward(sid, x, **(kwargs if last else {}))
         times += shard_time(shard, result, 1e3 * (time.perf_counter() - t0))
         if last:
             result.times = times
             return result
         x = result.hidden
     raise ValueError("no shards")
+
+
+def _last_kwargs(
+    sampling: SamplingParams, logprobs: int, penalised: list[int], allowed: bytes | None, generated: Sequence[int]
+) -> dict[str, Any]:
+    """What the last shard's forward takes besides its input."""
+    kwargs: dict[str, Any] = {"sampling": sampling, "token_ids": penalised, "logprobs": logprobs}
+    if allowed is not None:
+        kwargs["allowed"] = allowed
+    if len(generated) and sampling.biased:
+        kwargs["generated"] = list(generated)
+    return kwargs
+
+
+def pipeline_chunk(shards: Sequence[Any]) -> int:
+    """Prompt positions a pipelined prefill hands from shard to shard at once: the biggest prefill chunk among the
+    shards (a chunk that size runs as whole graphs on every one of them). 0: no pipelining (one shard, or a shard
+    that does not say)."""
+    chunks = [int(getattr(shard, "prefill_chunk", 0) or 0) for shard in shards]
+    return max(chunks) if len(shards) > 1 and all(chunks) else 0
+
+
+_END = object()  # the end of a stage's inputs
+
+
+def _pipelined(
+    shards: Sequence[Shard],
+    sid: str,
+    ids: list[int],
+    chunk: int,
+    sampling: SamplingParams,
+    logprobs: int,
+    context_ids: list[int] | None,
+    allowed: bytes | None,
+    generated: Sequence[int],
+) -> StepResult:
+    """`step` for a long prompt: its chunks flow through the shards like an assembly line, each shard on its own
+    thread working on chunk k+1 while the next shard works on chunk k, so on separate machines the prompt takes
+    about the slowest shard's time instead of the sum of all of them. Every shard sees the same chunks in the same
+    order as one call would have run them (chunks are whole multiples of each engine's buckets), so the caches and
+    the sampled token are the ones `step` gives without pipelining.
+
+    The last shard samples after every chunk (a prompt step always does); only the last chunk's token counts,
+    and since a sampled draw depends on the position alone, the earlier ones change nothing. The repetition
+    penalty's marks accumulate, so each chunk marks its own ids and the last one the whole context."""
+    pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
+    penalised = ids if context_ids is None else context_ids
+    inboxes: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in shards]
+    for piece in pieces:
+        inboxes[0].put(np.asarray(piece, dtype=np.int32))
+    inboxes[0].put(_END)
+    engine_ms, wait_ms = [0.0] * len(shards), [0.0] * len(shards)
+    errors: list[BaseException] = []
+    out: list[StepResult] = []
+
+    def run(i: int) -> None:
+        shard, last = shards[i], i == len(shards) - 1
+        try:
+            for k in range(len(pieces)):
+                x = inboxes[i].get()
+                if x is _END or errors:
+                    break  # a stage before this one failed (or another did): the step is lost
+                final = k == len(pieces) - 1
+                kwargs: dict[str, Any] = {}
+                if last:
+                    kwargs = (
+                        _last_kwargs(sampling, logprobs, penalised, allowed, generated)
+                        if final
+                        else {"sampling": sampling, "token_ids": pieces[k], "logprobs": 0}
+                    )
+                t0 = time.perf_counter()
+                result = shard.forward(sid, x, **kwargs)
+                engine_ms[i] += result.engine_ms
+                wait_ms[i] += 1e3 * (time.perf_counter() - t0)
+                if not last:
+                    inboxes[i + 1].put(result.hidden)
+                elif final:
+                    out.append(result)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(e)
+        finally:
+            if not last:
+                inboxes[i + 1].put(_END)  # the next stage stops too, after what it was given
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"prefill-{i}", daemon=True) for i in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    result = out[0]
+    result.times = [
+        t for i, shard in enumerate(shards) for t in shard_time(shard, StepResult(engine_ms=engine_ms[i]), wait_ms[i])
+    ]
+    return result
 
 
 def decode_steps(

@@ -43,7 +43,7 @@ def single_node(models):
         if (model, prompt) not in cache:
             engine = ShardEngine(models[model], max_context=256)
             tok = Tokenizer.from_dir(models[model])
-            for p in PROMPTS:
+            for p in {prompt, *PROMPTS}:
                 ids = tok.encode(p, add_special_tokens=True)
                 *_, result = generate([engine], tok, ids, max_tokens=MAX_TOKENS, context_limit=256)
                 assert isinstance(result, GenerationResult)
@@ -107,6 +107,18 @@ def test_three_nodes_give_the_single_node_tokens(trio, models, single_node, mode
     with trio[0].client() as c:
         held = {n.name: [s["layers"] for s in n.shards if s["model_id"] == model] for n in c.nodes()}
     assert held == {"mem3": [[0, 3]], "mem2": [[3, 5]], "mem1": [[5, 6]]}
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_is_pipelined_through_the_nodes(trio, models, single_node):
+    """228 prompt ids in chunks of 64 (the nodes' prefill chunk), each node on its own chunk at once: the same
+    tokens as the single-node engine taking the prompt whole."""
+    long = " ".join(
+        ["The small river runs past the old mill, and in the morning the baker counts numbers like 2024."] * 6
+    )
+    assert cluster_tokens(trio[0], models["llama32"], long) == single_node("llama32", long)
+    with trio[0].client() as c:  # what the coordinator reads from each shard to cut the prompt
+        chunks = {n.name: [s["prefill_chunk"] for s in n.shards if s["model_id"] == "llama32"] for n in c.nodes()}
+    assert chunks == {"mem1": [64], "mem2": [64], "mem3": [64]}
 
 
 def test_requests_through_another_node_share_the_placed_shards(trio, models, single_node):

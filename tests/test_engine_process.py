@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BUCKETS, FIXTURES, reference
+from conftest import BUCKETS, CHUNK, FIXTURES, reference
 from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine.process import EngineProcess
@@ -154,3 +154,61 @@ def test_an_engine_process_decodes_ahead_of_its_caller_with_the_tokens_of_step_b
             t.join(120)
         expected = {i: answer(stepwise, p, max_tokens=30, sampling=queued)[1].tokens for i, p in enumerate(prompts)}
         assert answers == expected and expected[0][:10] != greedy_ids[:10]
+
+
+class Recording:
+    """A shard whose forward calls are timed (start, end): shows which calls overlapped."""
+
+    def __init__(self, shard):
+        self.shard, self.calls = shard, []
+        self.prefill_chunk = shard.prefill_chunk
+
+    def __getattr__(self, name):
+        return getattr(self.shard, name)
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.shard.forward(*args, **kwargs)
+        finally:
+            self.calls.append((t0, time.perf_counter()))
+
+
+def test_a_long_prompt_is_pipelined_through_shards_in_processes_of_their_own(engines):
+    """References: transformers' greedy ids, and the whole model in this process stepping one forward a step
+    (seeded sampling with the repetition penalty and logprobs). The prompt (17 ids) spans three chunks of 8."""
+    ref, tok = reference("llama32"), Tokenizer.from_dir(FIXTURES / "llama32")
+    prompt = ref["prompt_ids"]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3)
+    *expected, _ = generate(
+        [StepByStep(engines.get("llama32"))], tok, prompt, context_limit=128, max_tokens=6, sampling=params, logprobs=2
+    )
+    with (
+        EngineProcess(FIXTURES / "llama32", 0, 1, prefill_buckets=BUCKETS, max_context=128) as head,
+        EngineProcess(FIXTURES / "llama32", 1, None, prefill_buckets=BUCKETS, max_context=128) as tail,
+    ):
+        shards = [Recording(head), Recording(tail)]
+        assert [s.prefill_chunk for s in shards] == [CHUNK, CHUNK]
+        *_, result = generate(shards, tok, prompt, context_limit=128, max_tokens=12)
+        assert result.tokens == ref["greedy_ids"]
+        # the prompt step: the head's second chunk ran while the tail worked on the first
+        (h0, h1, _), (t0, _, _) = shards[0].calls[:3], shards[1].calls[:3]
+        assert len(shards[0].calls) == 3 + 11 and h1[0] < t0[1] and t0[0] >= h0[1]
+
+        *sampled, _ = generate(shards, tok, prompt, context_limit=128, max_tokens=6, sampling=params, logprobs=2)
+        assert [c.id for c in sampled] == [c.id for c in expected]
+        assert [c.logprob for c in sampled] == pytest.approx([c.logprob for c in expected], abs=1e-4)
+        assert [[i for i, _ in c.top] for c in sampled] == [[i for i, _ in c.top] for c in expected]
+        assert [lp for c in sampled for _, lp in c.top] == pytest.approx(
+            [lp for c in expected for _, lp in c.top], abs=1e-4
+        )
+
+        # a stage that fails ends the step with its error, and every stage's thread with it
+        threads = threading.active_count()
+        head.new_session("only-on-the-head")
+        with pytest.raises(EngineError, match="unknown session"):
+            step(shards, "only-on-the-head", prompt, SamplingParams(), 0)
+        assert threading.active_count() == threads
+        head.end_session("only-on-the-head")
+        *_, again = generate(shards, tok, prompt, context_limit=128, max_tokens=3)  # both still serve
+        assert again.tokens == ref["greedy_ids"][:3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ class EngineProcess:
 
     def info(self) -> dict[str, Any]:
         return self._call("info")
+
+    @functools.cached_property
+    def prefill_chunk(self) -> int:
+        """The engine's biggest prompt chunk: shards in processes of their own may pipeline a long prompt
+        (generation.pipeline_chunk); engines sharing one process may not, tinygrad runs one thing at a time."""
+        return int(self.info().get("prefill_chunk") or 0)
 
     def memory_used(self) -> int:
         return int(self._call("memory_used"))

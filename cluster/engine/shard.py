@@ -387,6 +387,7 @@ class ShardEngine:
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_session": self.kv_bytes_per_session(),
             "max_sessions": self.max_sessions,
+            "prefill_chunk": self.chunk,
             "quantized": self.cfg.quantization is not None,
             "cpu_threads": NUM_CPU_THREADS.value if self.on_cpu else None,
             "ready": self.ready,
