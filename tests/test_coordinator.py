@@ -15,6 +15,7 @@ from conftest import CHUNK, FIXTURES, TEST_TOKEN
 from cluster.chain import Cancellation, RequestCancelled
 from cluster.coordinator import Coordinator, LocalShard
 from cluster.discovery import Peer
+from cluster.engine.runner import STREAM_WINDOW
 from cluster.generation import GenerationResult
 from cluster.host import ShardBusyError, ShardHost
 from cluster.models.costs import model_costs
@@ -158,12 +159,15 @@ def test_a_one_node_decode_streamed_from_the_engine_process_survives_its_death(c
     (generation.decode_steps; test_engine_process shows it running ahead). Killed mid-answer, its shard is placed
     again and the answer is the one the first request gave (the reference: the same greedy request before)."""
     prompt = coordinator.encode("llama32", prompt=PROMPT, raw=True)
-    expected = coordinator.generate("llama32", prompt, max_tokens=16, sampling={"temperature": 0})
+    # longer than what the engine may decode ahead of 3 tokens read: the kill always lands mid-answer (with 16 the
+    # engine could finish the answer before the kill, and then nothing was recovered)
+    n = 3 + STREAM_WINDOW + 8
+    expected = coordinator.generate("llama32", prompt, max_tokens=n, sampling={"temperature": 0})
     *_, reference = expected
-    assert isinstance(reference, GenerationResult) and len(reference.tokens) == 16
+    assert isinstance(reference, GenerationResult) and len(reference.tokens) == n
     (hosted,) = coordinator.host.live_shards()
 
-    chunks = coordinator.generate("llama32", prompt, max_tokens=16, sampling={"temperature": 0})
+    chunks = coordinator.generate("llama32", prompt, max_tokens=n, sampling={"temperature": 0})
     got = [next(chunks).id for _ in range(3)]  # the first token (the prompt's step), then two decoded ones
     os.kill(hosted.engine.runner.pid, signal.SIGKILL)
     *rest, result = chunks
