@@ -86,6 +86,8 @@ class Chain:
         self.recoveries: list[float] = []  # seconds each recovery took
         self.sid = ""
         self.sampling = SamplingParams()
+        # (stage, done, total) for each chunk of a long prompt ("prompt") or of a lost node's replay ("replay")
+        self.progress: Callable[[str, int, int], None] = lambda stage, done, total: None
 
     def new_session(self, session_id: str | None = None, sampling: SamplingParams | None = None) -> str:
         self.sampling = sampling or SamplingParams()
@@ -134,7 +136,15 @@ class Chain:
             self._check_cancelled()
             try:
                 result = step(
-                    self.shards, session_id, ids, params, logprobs, list(token_ids or ids), allowed, generated
+                    self.shards,
+                    session_id,
+                    ids,
+                    params,
+                    logprobs,
+                    list(token_ids or ids),
+                    allowed,
+                    generated,
+                    lambda done, total: self.progress("prompt", done, total),
                 )
                 self.history += ids
                 self.generated += generated
@@ -203,7 +213,17 @@ class Chain:
         for shard in self.shards:
             shard.new_session(session_id, self.sampling)
         if self.history:  # one prefill rebuilds every shard's KV slice; its sampled token is not needed
-            step(self.shards, session_id, self.history, self.sampling, 0, self.history, None, self.generated)
+            step(
+                self.shards,
+                session_id,
+                self.history,
+                self.sampling,
+                0,
+                self.history,
+                None,
+                self.generated,
+                lambda done, total: self.progress("replay", done, total),
+            )
         took = time.perf_counter() - t0
         self.recoveries.append(took)
         log.warning(

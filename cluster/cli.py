@@ -42,7 +42,14 @@ def models_cmd() -> None:
 class _Bars:
     """tqdm bars for load, pull and warm-up progress (on stderr), one per stage and node."""
 
-    STAGES = {"load": "loading weights", "warmup": "compiling", "pull": "pulling weights", "plan": "planning"}
+    STAGES = {
+        "load": "loading weights",
+        "warmup": "compiling",
+        "pull": "pulling weights",
+        "plan": "planning",
+        "prompt": "reading the prompt",
+        "replay": "replaying the session",
+    }
 
     def __init__(self, enabled: bool):
         self.enabled, self.bars = enabled, {}  # type: ignore[var-annotated]
@@ -55,7 +62,9 @@ class _Bars:
         desc = self.STAGES.get(stage, stage) + (f" on {node}" if node else "")
         bar = self.bars.get((stage, node))
         if bar is None:
-            unit, scale = ("B", True) if stage == "pull" else ("step", False)
+            unit, scale = {"pull": ("B", True), "prompt": ("token", False), "replay": ("token", False)}.get(
+                stage, ("step", False)
+            )
             bar = self.bars[(stage, node)] = tqdm(
                 total=total, desc=desc, unit=unit, unit_scale=scale, file=sys.stderr, leave=False
             )

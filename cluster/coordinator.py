@@ -640,6 +640,7 @@ class Coordinator:
             return self.shards_for_session(placement)
 
         chain = Chain(self.shards_for_session(current[0]), replace, cancellation=cancellation)
+        chain.progress = lambda stage, done, total: progress(stage, "", done, total)
         try:
             for item in generate(
                 [chain],

@@ -195,16 +195,18 @@ def step(
     context_ids: list[int] | None = None,
     allowed: bytes | None = None,
     generated: Sequence[int] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
-    A prompt longer than the shards' prefill chunk goes through them in chunks, pipelined (`_pipelined`).
+    A prompt longer than the shards' prefill chunk goes through them in chunks, pipelined (`_pipelined`), and
+    `progress(done, total)` hears of each chunk that came out of the last shard.
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
     allowed: the ids the last shard may sample (a constraint's bitmask), or None for all.
     generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
     chunk = pipeline_chunk(shards)
     if chunk and len(ids) > chunk:
-        return _pipelined(shards, sid, ids, chunk, sampling, logprobs, context_ids, allowed, generated)
+        return _pipelined(shards, sid, ids, chunk, sampling, logprobs, context_ids, allowed, generated, progress)
     x: Any = np.asarray(ids, dtype=np.int32)
     times: list[ShardTime] = []
     for i, shard in enumerate(shards):
@@ -234,10 +236,11 @@ def _last_kwargs(
 
 def pipeline_chunk(shards: Sequence[Any]) -> int:
     """Prompt positions a pipelined prefill hands from shard to shard at once: the biggest prefill chunk among the
-    shards (a chunk that size runs as whole graphs on every one of them). 0: no pipelining (one shard, or a shard
-    that does not say)."""
+    shards (a chunk that size runs as whole graphs on every one of them). 0: the prompt goes whole, when a shard
+    does not say: an engine in the caller's process (tests, `run --local`), since engines sharing a process must
+    not run at once (tinygrad runs one thing at a time in a process)."""
     chunks = [int(getattr(shard, "prefill_chunk", 0) or 0) for shard in shards]
-    return max(chunks) if len(shards) > 1 and all(chunks) else 0
+    return max(chunks) if chunks and all(chunks) else 0
 
 
 _END = object()  # the end of a stage's inputs
@@ -253,10 +256,12 @@ def _pipelined(
     context_ids: list[int] | None,
     allowed: bytes | None,
     generated: Sequence[int],
+    progress: Callable[[int, int], None] | None,
 ) -> StepResult:
     """`step` for a long prompt: its chunks flow through the shards like an assembly line, each shard on its own
     thread working on chunk k+1 while the next shard works on chunk k, so on separate machines the prompt takes
-    about the slowest shard's time instead of the sum of all of them. Every shard sees the same chunks in the same
+    about the slowest shard's time instead of the sum of all of them (one shard: its chunks in turn, so that
+    `progress` can follow a long prompt). Every shard sees the same chunks in the same
     order as one call would have run them (chunks are whole multiples of each engine's buckets), so the caches and
     the sampled token are the ones `step` gives without pipelining.
 
@@ -294,7 +299,10 @@ def _pipelined(
                 wait_ms[i] += 1e3 * (time.perf_counter() - t0)
                 if not last:
                     inboxes[i + 1].put(result.hidden)
-                elif final:
+                    continue
+                if progress is not None:
+                    progress(min((k + 1) * chunk, len(ids)), len(ids))
+                if final:
                     out.append(result)
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             errors.append(e)

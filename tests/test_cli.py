@@ -141,11 +141,14 @@ def test_run_json_schema_and_openai_penalties_in_process(tmp_path, engines):
 
 @pytest.mark.slow  # make test-slow (CI runs it)
 def test_interactive_chat_reads_turns_until_an_empty_line():
-    p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input="Hi\nMore\n\n")
+    long = " ".join(["the river runs past the mill"] * 20)  # a turn of more than one prompt chunk (64 tokens here)
+    turns = f"Hi\nMore\n{long}\n\n"
+    p = clusterctl("run", str(FIXTURES / "llama32"), "--max-tokens", "3", "--temperature", "0", input=turns)
     assert p.returncode == 0, p.stderr
-    assert p.stderr.count("tokens, length") == 2  # one summary per turn
+    assert p.stderr.count("tokens, length") == 3  # one summary per turn
     assert "TTFT" in p.stderr and "tok/s" in p.stderr
-    assert p.stderr.count(" layers 0-4 ") == 2 and "(engine " in p.stderr  # where each turn's decode steps went
+    assert p.stderr.count(" layers 0-4 ") == 3 and "(engine " in p.stderr  # where each turn's decode steps went
+    assert re.search(r"reading the prompt:.*?\| *\d+/\d+ \[", p.stderr), p.stderr  # the long turn's chunks
     # the warm-up compiled what --prefill-chunks 64 asks (clusterctl() adds it): one chunk size, decode and the
     # sampler, each called twice (the default 16,64 makes it 8 steps)
     assert re.search(r"compiling on [^:\n]+:.*?\| *\d+/6 \[", p.stderr), p.stderr

@@ -10,13 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import CHUNK, FIXTURES, TEST_TOKEN
+from conftest import CHUNK, FIXTURES, TEST_TOKEN, reference
 
 from cluster.chain import Cancellation, RequestCancelled
 from cluster.coordinator import Coordinator, LocalShard
 from cluster.discovery import Peer
 from cluster.engine.runner import STREAM_WINDOW
-from cluster.generation import GenerationResult
+from cluster.generation import GenerationResult, Prompt
 from cluster.host import ShardBusyError, ShardHost
 from cluster.models.costs import model_costs
 
@@ -152,6 +152,26 @@ def test_a_local_shard_takes_its_place_at_the_first_step(coordinator: Coordinato
     assert hosted.sessions == {"s"}
     local.end_session(sid)
     assert hosted.sessions == set()
+
+
+def test_a_long_prompt_goes_in_chunks_that_the_caller_hears_of(coordinator: Coordinator) -> None:
+    """Reference: transformers' greedy ids for the fixture's 17-token prompt, here in chunks of 8."""
+    ref = reference("llama32")
+    events: list[tuple[str, str, int, int]] = []
+    chunks = coordinator.generate(
+        "llama32",
+        Prompt(ref["prompt_ids"]),
+        max_tokens=12,
+        sampling={"temperature": 0},
+        progress=lambda *e: events.append(e),
+    )
+    *_, result = chunks
+    assert isinstance(result, GenerationResult) and result.tokens == ref["greedy_ids"]
+    assert [e for e in events if e[0] == "prompt"] == [
+        ("prompt", "", 8, 17),
+        ("prompt", "", 16, 17),
+        ("prompt", "", 17, 17),
+    ]
 
 
 def test_a_one_node_decode_streamed_from_the_engine_process_survives_its_death(coordinator: Coordinator) -> None:

@@ -203,6 +203,15 @@ def test_a_long_prompt_is_pipelined_through_shards_in_processes_of_their_own(eng
             [lp for c in expected for _, lp in c.top], abs=1e-4
         )
 
+        # the caller hears of each chunk as it leaves the last shard
+        events: list[tuple[int, int]] = []
+        for shard in shards:
+            shard.new_session("progress")
+        first = step(shards, "progress", prompt, SamplingParams(), 0, progress=lambda *e: events.append(e))
+        assert first.token == ref["greedy_ids"][0] and events == [(8, 17), (16, 17), (17, 17)]
+        for shard in shards:
+            shard.end_session("progress")
+
         # a stage that fails ends the step with its error, and every stage's thread with it
         threads = threading.active_count()
         head.new_session("only-on-the-head")
