@@ -94,7 +94,7 @@ class PlacedShard:
     end: int
     bytes: int
     local: bool
-    prefill_chunk: int = 0  # the biggest prompt chunk its engine runs at once (generation.pipeline_chunk)
+    pipeline_chunk: int = 0  # the prompt chunk its engine takes in a pipelined prefill (generation.prompt_chunk)
 
 
 @dataclass
@@ -130,7 +130,7 @@ class RemoteShard:
     ):
         self.stub, self.shard_id, self.node, self.node_id = stub, shard_id, node, node_id
         self.layers = layers  # for the timing summary
-        self.prefill_chunk = 0  # its engine's biggest prompt chunk, for a pipelined prefill (0: not known)
+        self.pipeline_chunk = 0  # its engine's chunk of a pipelined prefill (0: not known)
         self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
         self._responses: Any = None
         self._first: pb.ForwardRequest | None = None
@@ -205,7 +205,7 @@ class LocalShard:
     def __init__(self, host: ShardHost, shard_id: str, node_id: str, node: str = "", layers: tuple[int, int] = (0, 0)):
         self.host, self.shard_id, self.node_id = host, shard_id, node_id
         self.node, self.layers = node, layers  # for the timing summary
-        self.prefill_chunk = 0  # its engine's biggest prompt chunk, for a pipelined prefill (0: not known)
+        self.pipeline_chunk = 0  # its engine's chunk of a pipelined prefill (0: not known)
         self._opening: tuple[str, SamplingParams | None] | None = None  # opened on the engine at the first step
         self._cancelled = threading.Event()
 
@@ -516,7 +516,7 @@ class Coordinator:
                     holder=self.self_id,
                     progress=report,
                 )
-                chunk = int(shard.info.get("prefill_chunk") or 0)
+                chunk = int(shard.info.get("pipeline_chunk") or 0)
                 return PlacedShard(a.node_id, a.name, a.address, shard.shard_id, a.start, a.end, a.bytes, True, chunk)
             request = pb.LoadShardRequest(
                 model_id=ref.model_id,
@@ -539,7 +539,7 @@ class Coordinator:
                             a.end,
                             a.bytes,
                             False,
-                            info.prefill_chunk,
+                            info.pipeline_chunk,
                         )
                     report(event.stage, event.done, event.total)
             except grpc.RpcError as e:
@@ -584,12 +584,12 @@ class Coordinator:
         for s in placement.shards:
             if s.local:
                 local = LocalShard(self.host, s.shard_id, s.node_id, s.name, (s.start, s.end))
-                local.prefill_chunk = s.prefill_chunk
+                local.pipeline_chunk = s.pipeline_chunk
                 shards.append(local)
             else:
                 stub = self._stub(s.address, placement.limit)
                 remote = RemoteShard(stub, s.shard_id, s.name, s.node_id, (s.start, s.end))
-                remote.prefill_chunk = s.prefill_chunk
+                remote.pipeline_chunk = s.pipeline_chunk
                 self._streams.setdefault(s.node_id, weakref.WeakSet()).add(remote)
                 shards.append(remote)
         return shards

@@ -204,7 +204,7 @@ def step(
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
     allowed: the ids the last shard may sample (a constraint's bitmask), or None for all.
     generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
-    chunk = pipeline_chunk(shards)
+    chunk = prompt_chunk(shards)
     if chunk and len(ids) > chunk:
         return _pipelined(shards, sid, ids, chunk, sampling, logprobs, context_ids, allowed, generated, progress)
     x: Any = np.asarray(ids, dtype=np.int32)
@@ -234,12 +234,12 @@ def _last_kwargs(
     return kwargs
 
 
-def pipeline_chunk(shards: Sequence[Any]) -> int:
-    """Prompt positions a pipelined prefill hands from shard to shard at once: the biggest prefill chunk among the
-    shards (a chunk that size runs as whole graphs on every one of them). 0: the prompt goes whole, when a shard
+def prompt_chunk(shards: Sequence[Any]) -> int:
+    """Prompt positions a pipelined prefill hands from shard to shard at once: the biggest `pipeline_chunk` among
+    the shards (each engine says what suits it: ShardEngine.pipeline_chunk). 0: the prompt goes whole, when a shard
     does not say: an engine in the caller's process (tests, `run --local`), since engines sharing a process must
     not run at once (tinygrad runs one thing at a time in a process)."""
-    chunks = [int(getattr(shard, "prefill_chunk", 0) or 0) for shard in shards]
+    chunks = [int(getattr(shard, "pipeline_chunk", 0) or 0) for shard in shards]
     return max(chunks) if chunks and all(chunks) else 0
 
 
@@ -261,9 +261,8 @@ def _pipelined(
     """`step` for a long prompt: its chunks flow through the shards like an assembly line, each shard on its own
     thread working on chunk k+1 while the next shard works on chunk k, so on separate machines the prompt takes
     about the slowest shard's time instead of the sum of all of them (one shard: its chunks in turn, so that
-    `progress` can follow a long prompt). Every shard sees the same chunks in the same
-    order as one call would have run them (chunks are whole multiples of each engine's buckets), so the caches and
-    the sampled token are the ones `step` gives without pipelining.
+    `progress` can follow a long prompt). Each engine's chunk is one it computes exactly as it would the whole
+    prompt (ShardEngine.pipeline_chunk), so the caches and the sampled token are those of one call.
 
     The last shard samples after every chunk (a prompt step always does); only the last chunk's token counts,
     and since a sampled draw depends on the position alone, the earlier ones change nothing. The repetition

@@ -197,7 +197,7 @@ class HostedShard:
             holders=len(self.holders),
             warmup_s=float(self.info.get("warmup_s") or 0.0),
             graphs_from_cache=bool(self.info.get("graphs_from_cache")),
-            prefill_chunk=int(self.info.get("prefill_chunk") or 0),
+            pipeline_chunk=int(self.info.get("pipeline_chunk") or 0),
         )
 
 

@@ -129,7 +129,7 @@ def test_a_prompt_longer_than_a_prefill_chunk_is_pipelined_through_the_nodes(tri
     # the client hears of each chunk as it leaves the last node (a progress bar in `clusterctl run`)
     assert [e for e in events if e[0] == "prompt"] == [("prompt", "", n, 228) for n in (64, 128, 192, 228)]
     with trio[0].client() as c:  # what the coordinator reads from each shard to cut the prompt
-        chunks = {n.name: [s["prefill_chunk"] for s in n.shards if s["model_id"] == "llama32"] for n in c.nodes()}
+        chunks = {n.name: [s["pipeline_chunk"] for s in n.shards if s["model_id"] == "llama32"] for n in c.nodes()}
     assert chunks == {"mem1": [64], "mem2": [64], "mem3": [64]}
 
 

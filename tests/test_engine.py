@@ -262,6 +262,26 @@ def test_prompt_chunk_plan(engines):
     assert sum(rows for rows, _ in eng._plan(100)) == 100
 
 
+@pytest.mark.parametrize("name", ["llama32", "llama32-4bit"])
+def test_a_prompt_in_pipeline_chunks_gives_the_whole_prompts_numbers_to_the_bit(engines, name):
+    """What lets a pipelined prefill (generation.step) hand a CPU shard its smallest chunks: in float32 they give
+    the hidden states, and the cache the next step reads, of the prompt taken whole (its plan: 8, 8, then 4).
+    Not so in float16, where the engine asks for its biggest chunk instead."""
+    eng = engines.get(name, 0, 2)
+    ids = np.asarray(reference(name)["prompt_ids"])
+    assert eng.pipeline_chunk == 4 and engines.get(name, dtype="float16").pipeline_chunk == CHUNK
+
+    def run(size: int) -> tuple[np.ndarray, np.ndarray]:
+        sid = eng.new_session()
+        hidden = np.concatenate([eng.forward(sid, ids[i : i + size]).hidden for i in range(0, len(ids), size)])
+        after = eng.forward(sid, ids[:1]).hidden
+        eng.end_session(sid)
+        return hidden, after
+
+    whole, chunked = run(len(ids)), run(eng.pipeline_chunk)
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+
+
 @pytest.mark.parametrize("name", ["llama32", "qwen2", "llama32-4bit"])
 def test_float16_compute_stays_close_to_the_reference(engines, name):
     """The accelerator default (float16 compute, fp16 KV cache), exercised on CPU against the same fp32

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BUCKETS, CHUNK, FIXTURES, reference
+from conftest import BUCKETS, FIXTURES, reference
 from tinygrad.helpers import NUM_CPU_THREADS
 
 from cluster.engine.process import EngineProcess
@@ -161,7 +161,7 @@ class Recording:
 
     def __init__(self, shard):
         self.shard, self.calls = shard, []
-        self.prefill_chunk = shard.prefill_chunk
+        self.pipeline_chunk = shard.pipeline_chunk
 
     def __getattr__(self, name):
         return getattr(self.shard, name)
@@ -176,7 +176,8 @@ class Recording:
 
 def test_a_long_prompt_is_pipelined_through_shards_in_processes_of_their_own(engines):
     """References: transformers' greedy ids, and the whole model in this process stepping one forward a step
-    (seeded sampling with the repetition penalty and logprobs). The prompt (17 ids) spans three chunks of 8."""
+    (seeded sampling with the repetition penalty and logprobs). The prompt (17 ids) goes in five chunks of 4 (the
+    engines' smallest chunk size: float32 on CPU)."""
     ref, tok = reference("llama32"), Tokenizer.from_dir(FIXTURES / "llama32")
     prompt = ref["prompt_ids"]
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3)
@@ -188,12 +189,12 @@ def test_a_long_prompt_is_pipelined_through_shards_in_processes_of_their_own(eng
         EngineProcess(FIXTURES / "llama32", 1, None, prefill_buckets=BUCKETS, max_context=128) as tail,
     ):
         shards = [Recording(head), Recording(tail)]
-        assert [s.prefill_chunk for s in shards] == [CHUNK, CHUNK]
+        assert [s.pipeline_chunk for s in shards] == [BUCKETS[0], BUCKETS[0]]
         *_, result = generate(shards, tok, prompt, context_limit=128, max_tokens=12)
         assert result.tokens == ref["greedy_ids"]
         # the prompt step: the head's second chunk ran while the tail worked on the first
-        (h0, h1, _), (t0, _, _) = shards[0].calls[:3], shards[1].calls[:3]
-        assert len(shards[0].calls) == 3 + 11 and h1[0] < t0[1] and t0[0] >= h0[1]
+        (h0, h1), (t0, _) = shards[0].calls[:2], shards[1].calls[:2]
+        assert len(shards[0].calls) == 5 + 11 and h1[0] < t0[1] and t0[0] >= h0[1]
 
         *sampled, _ = generate(shards, tok, prompt, context_limit=128, max_tokens=6, sampling=params, logprobs=2)
         assert [c.id for c in sampled] == [c.id for c in expected]
@@ -208,7 +209,7 @@ def test_a_long_prompt_is_pipelined_through_shards_in_processes_of_their_own(eng
         for shard in shards:
             shard.new_session("progress")
         first = step(shards, "progress", prompt, SamplingParams(), 0, progress=lambda *e: events.append(e))
-        assert first.token == ref["greedy_ids"][0] and events == [(8, 17), (16, 17), (17, 17)]
+        assert first.token == ref["greedy_ids"][0] and events == [(4, 17), (8, 17), (12, 17), (16, 17), (17, 17)]
         for shard in shards:
             shard.end_session("progress")
 

@@ -22,7 +22,8 @@ from cluster.client import Client, DoesNotFit, NodeUnavailable
 
 pytestmark = pytest.mark.slow  # several nodes killed and restarted: make test-slow (CI runs it)
 
-PROMPT = "The small river runs past"
+# longer than the nodes' prefill chunk (64 tokens): the prompt, and the replay after a lost node, are pipelined
+PROMPT = " ".join(["The small river runs past the mill."] * 10)
 TOKENS = 48
 KILL_AFTER = 8
 SAMPLED = {"temperature": 0.9, "seed": 11}
@@ -68,15 +69,21 @@ def start(nodes: list[NodeProcess]) -> None:
 
 
 def stream_with_kill(
-    client: Client, model: Path, victim: NodeProcess, killed_at: list[float] | None = None, **sampling: float
+    client: Client,
+    model: Path,
+    victim: NodeProcess,
+    killed_at: list[float] | None = None,
+    events: list[tuple[str, str, int, int]] | None = None,
+    **sampling: float,
 ) -> tuple[list[int], float]:
     """Generation (greedy unless `sampling` says otherwise); SIGKILL `victim` once KILL_AFTER tokens arrived (the
-    time goes into `killed_at`). Returns the tokens and the longest gap between two tokens (the recovery, as the
-    client sees it)."""
+    time goes into `killed_at`, the progress events into `events`). Returns the tokens and the longest gap between
+    two tokens (the recovery, as the client sees it)."""
     got: list[int] = []
     arrivals: list[float] = []
     options = {"temperature": 0.0, **sampling}
-    for chunk in client.generate(str(model), PROMPT, raw=True, max_tokens=TOKENS, **options):
+    heard = (lambda *e: events.append(e)) if events is not None else None
+    for chunk in client.generate(str(model), PROMPT, raw=True, max_tokens=TOKENS, on_progress=heard, **options):
         if chunk.finish_reason is not None:
             assert chunk.tokens == got
             break
@@ -97,8 +104,12 @@ def test_killing_the_middle_node_mid_generation_keeps_the_answer(tmp_path, model
         with r3.client() as c:
             held = [(s["name"], s["layers"]) for s in c.plan(str(model)).shards]
             assert held == [("r3", [0, 3]), ("r2", [3, 5]), ("r1", [5, 6])]  # r2 holds the middle shard
-            tokens, recovery_s = stream_with_kill(c, model, r2, **SAMPLED)
+            events: list[tuple[str, str, int, int]] = []
+            tokens, recovery_s = stream_with_kill(c, model, r2, events=events, **SAMPLED)
         assert tokens == sampled_reference
+        # the replay (the prompt and the tokens before the kill) went through the new shards in chunks
+        replayed = [(done, total) for stage, _, done, total in events if stage == "replay"]
+        assert len(replayed) >= 2 and replayed[-1][0] == replayed[-1][1] > 64, events
         log = r3.log()
         found = re.search(r"recovered in ([0-9.]+) s", log)
         assert found, log

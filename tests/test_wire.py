@@ -55,7 +55,7 @@ def test_node_info_becomes_the_node_view_the_sdk_and_dashboard_share():
     from cluster.client import NodeView
 
     shard = pb.ShardInfo(model_id="m", start=2, end=5, device="CPU", weight_bytes=10, sessions=1, memory_used=12)
-    shard.max_sessions, shard.warmup_s, shard.graphs_from_cache, shard.prefill_chunk = 3, 0.456, True, 64
+    shard.max_sessions, shard.warmup_s, shard.graphs_from_cache, shard.pipeline_chunk = 3, 0.456, True, 64
     info = pb.NodeInfo(node_id="id", name="a", device="CPU", device_kind="cpu", host="10.0.0.1", port=50051)
     info.total_memory, info.free_memory = 8, 3
     info.shards.append(shard)
@@ -72,7 +72,7 @@ def test_node_info_becomes_the_node_view_the_sdk_and_dashboard_share():
             "memory_used": 12,
             "warmup_s": 0.46,
             "graphs_from_cache": True,
-            "prefill_chunk": 64,
+            "pipeline_chunk": 64,
         }
     ]
     assert NodeView(**view).shards == view["shards"]

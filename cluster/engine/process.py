@@ -82,10 +82,10 @@ class EngineProcess:
         return self._call("info")
 
     @functools.cached_property
-    def prefill_chunk(self) -> int:
-        """The engine's biggest prompt chunk: shards in processes of their own may pipeline a long prompt
-        (generation.pipeline_chunk); engines sharing one process may not, tinygrad runs one thing at a time."""
-        return int(self.info().get("prefill_chunk") or 0)
+    def pipeline_chunk(self) -> int:
+        """ShardEngine.pipeline_chunk: shards in processes of their own may pipeline a long prompt
+        (generation.prompt_chunk); engines sharing one process may not, tinygrad runs one thing at a time."""
+        return int(self.info().get("pipeline_chunk") or 0)
 
     def memory_used(self) -> int:
         return int(self._call("memory_used"))

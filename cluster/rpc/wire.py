@@ -133,7 +133,7 @@ def node_info_dict(n: pb.NodeInfo) -> dict[str, Any]:
             "memory_used": s.memory_used,
             "warmup_s": round(s.warmup_s, 2),
             "graphs_from_cache": s.graphs_from_cache,
-            "prefill_chunk": s.prefill_chunk,
+            "pipeline_chunk": s.pipeline_chunk,
         }
         for s in n.shards
     ]
