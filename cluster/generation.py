@@ -29,6 +29,7 @@ from cluster.stop_strings import StopStringFilter
 from cluster.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+PROGRESS_REPORTS = 8  # a prompt through one shard is cut in at most this many chunks
 
 
 class Shard(Protocol):
@@ -206,6 +207,8 @@ def step(
     generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
     chunk = prompt_chunk(shards)
     if chunk and len(ids) > chunk:
+        if len(shards) == 1:  # nothing to overlap: cut only for `progress`, in at most PROGRESS_REPORTS chunks,
+            chunk *= -(-len(ids) // (chunk * PROGRESS_REPORTS))  # since every chunk also runs the lm_head once
         return _pipelined(shards, sid, ids, chunk, sampling, logprobs, context_ids, allowed, generated, progress)
     x: Any = np.asarray(ids, dtype=np.int32)
     times: list[ShardTime] = []

@@ -16,9 +16,10 @@ from cluster.chain import Cancellation, RequestCancelled
 from cluster.coordinator import Coordinator, LocalShard
 from cluster.discovery import Peer
 from cluster.engine.runner import STREAM_WINDOW
-from cluster.generation import GenerationResult, Prompt
+from cluster.generation import GenerationResult, Prompt, generate
 from cluster.host import ShardBusyError, ShardHost
 from cluster.models.costs import model_costs
+from cluster.tokenizer import Tokenizer
 
 PROMPT = "The quick brown fox"
 
@@ -154,24 +155,27 @@ def test_a_local_shard_takes_its_place_at_the_first_step(coordinator: Coordinato
     assert hosted.sessions == set()
 
 
-def test_a_long_prompt_goes_in_chunks_that_the_caller_hears_of(coordinator: Coordinator) -> None:
-    """Reference: transformers' greedy ids for the fixture's 17-token prompt, here in chunks of 8."""
+def test_a_long_prompt_goes_in_chunks_that_the_caller_hears_of(coordinator: Coordinator, engines) -> None:
+    """References: transformers' greedy ids for the fixture's 17-token prompt, here in chunks of 8; for a prompt of
+    102 tokens, the in-process engine taking it whole (the same bits in float32 on CPU, whatever the chunks)."""
     ref = reference("llama32")
-    events: list[tuple[str, str, int, int]] = []
-    chunks = coordinator.generate(
-        "llama32",
-        Prompt(ref["prompt_ids"]),
-        max_tokens=12,
-        sampling={"temperature": 0},
-        progress=lambda *e: events.append(e),
+
+    def answer(ids: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        events: list[tuple[str, str, int, int]] = []
+        chunks = coordinator.generate(
+            "llama32", Prompt(ids), max_tokens=12, sampling={"temperature": 0}, progress=lambda *e: events.append(e)
+        )
+        *_, result = chunks
+        assert isinstance(result, GenerationResult)
+        return result.tokens, [(done, total) for stage, _, done, total in events if stage == "prompt"]
+
+    assert answer(ref["prompt_ids"]) == (ref["greedy_ids"], [(8, 17), (16, 17), (17, 17)])
+    # one shard has nothing to overlap: a long prompt goes in at most 8 chunks (each also runs the lm_head once)
+    long = ref["prompt_ids"] * 6
+    *_, whole = generate(
+        [engines.get("llama32")], Tokenizer.from_dir(FIXTURES / "llama32"), long, max_tokens=12, context_limit=128
     )
-    *_, result = chunks
-    assert isinstance(result, GenerationResult) and result.tokens == ref["greedy_ids"]
-    assert [e for e in events if e[0] == "prompt"] == [
-        ("prompt", "", 8, 17),
-        ("prompt", "", 16, 17),
-        ("prompt", "", 17, 17),
-    ]
+    assert answer(long) == (whole.tokens, [(n, 102) for n in (16, 32, 48, 64, 80, 96, 102)])
 
 
 def test_a_one_node_decode_streamed_from_the_engine_process_survives_its_death(coordinator: Coordinator) -> None:
