@@ -70,14 +70,12 @@ class Node:
         args += ["--no-mdns", "--no-api"]  # nodes meet through --peer; the HTTP API's port would collide
         for peer in peers:
             args += ["--peer", peer]
-        pin: Callable[[], None] | None = None
         if core is not None:  # a box of one core: the node and its engine process (which inherits this) on one
-            args += ["--cpu-threads", "1"]
-            pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
+            args = ["taskset", "--cpu-list", str(core), *args, "--cpu-threads", "1"]
         self._log = open(self.log_path, "w")
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the cluster token travels in $CLUSTERCTL_TOKEN (see main)
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True, preexec_fn=pin
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
         )
 
     def log_tail(self, chars: int = 3000) -> str:

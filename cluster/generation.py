@@ -199,7 +199,7 @@ def step(
     progress: Callable[[int, int], None] | None = None,
 ) -> StepResult:
     """Push token ids through every shard; the last returns the sampled token, with every shard's time in `times`.
-    A prompt longer than the shards' prefill chunk goes through them in chunks, pipelined (`_pipelined`), and
+    A prompt longer than one chunk (`prompt_chunk`) goes through them in chunks, pipelined (`_pipelined`), and
     `progress(done, total)` hears of each chunk that came out of the last shard.
 
     context_ids: the ids the repetition penalty covers when they are more than `ids` (a reused prefix).
@@ -239,9 +239,10 @@ def _last_kwargs(
 
 def prompt_chunk(shards: Sequence[Any]) -> int:
     """Prompt positions a pipelined prefill hands from shard to shard at once: the biggest `pipeline_chunk` among
-    the shards (each engine says what suits it: ShardEngine.pipeline_chunk). 0: the prompt goes whole, when a shard
+    the shards (each engine says what suits it: ShardEngine.pipeline_chunk_size). 0: the prompt goes whole, when a shard
     does not say: an engine in the caller's process (tests, `run --local`), since engines sharing a process must
     not run at once (tinygrad runs one thing at a time in a process)."""
+    # a ShardEngine itself has no `pipeline_chunk` (only its `pipeline_chunk_size`): engines in this process stay whole
     chunks = [int(getattr(shard, "pipeline_chunk", 0) or 0) for shard in shards]
     return max(chunks) if chunks and all(chunks) else 0
 
@@ -265,7 +266,7 @@ def _pipelined(
     thread working on chunk k+1 while the next shard works on chunk k, so on separate machines the prompt takes
     about the slowest shard's time instead of the sum of all of them (one shard: its chunks in turn, so that
     `progress` can follow a long prompt). Each engine's chunk is one it computes exactly as it would the whole
-    prompt (ShardEngine.pipeline_chunk), so the caches and the sampled token are those of one call.
+    prompt (ShardEngine.pipeline_chunk_size), so the caches and the sampled token are those of one call.
 
     The last shard samples after every chunk (a prompt step always does); only the last chunk's token counts,
     and since a sampled draw depends on the position alone, the earlier ones change nothing. The repetition

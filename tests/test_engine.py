@@ -31,7 +31,7 @@ from cluster.engine.shard import (
     session_capacity,
     uses_graphs,
 )
-from cluster.generation import step
+from cluster.generation import prompt_chunk, step
 from cluster.models.config import ModelConfig
 from cluster.models.decoder import _Loader
 from cluster.sampling import SamplingParams
@@ -269,7 +269,7 @@ def test_a_prompt_in_pipeline_chunks_gives_the_whole_prompts_numbers_to_the_bit(
     Not so in float16, where the engine asks for its biggest chunk instead."""
     eng = engines.get(name, 0, 2)
     ids = np.asarray(reference(name)["prompt_ids"])
-    assert eng.pipeline_chunk == 4 and engines.get(name, dtype="float16").pipeline_chunk == CHUNK
+    assert eng.pipeline_chunk_size == 4 and engines.get(name, dtype="float16").pipeline_chunk_size == CHUNK
 
     def run(size: int) -> tuple[np.ndarray, np.ndarray]:
         sid = eng.new_session()
@@ -278,8 +278,10 @@ def test_a_prompt_in_pipeline_chunks_gives_the_whole_prompts_numbers_to_the_bit(
         eng.end_session(sid)
         return hidden, after
 
-    whole, chunked = run(len(ids)), run(eng.pipeline_chunk)
+    whole, chunked = run(len(ids)), run(eng.pipeline_chunk_size)
     assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    # engines in the caller's process are never cut into chunks (threads would run two of them at once)
+    assert prompt_chunk([eng]) == 0 and prompt_chunk([eng, engines.get(name, 2, None)]) == 0
 
 
 @pytest.mark.parametrize("name", ["llama32", "qwen2", "llama32-4bit"])

@@ -83,7 +83,7 @@ class EngineProcess:
 
     @functools.cached_property
     def pipeline_chunk(self) -> int:
-        """ShardEngine.pipeline_chunk: shards in processes of their own may pipeline a long prompt
+        """ShardEngine.pipeline_chunk_size: shards in processes of their own may pipeline a long prompt
         (generation.prompt_chunk); engines sharing one process may not, tinygrad runs one thing at a time."""
         return int(self.info().get("pipeline_chunk") or 0)
 

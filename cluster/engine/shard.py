@@ -374,7 +374,7 @@ class ShardEngine:
         return self.start, self.end
 
     @property
-    def pipeline_chunk(self) -> int:
+    def pipeline_chunk_size(self) -> int:
         """The prompt chunk a pipelined prefill (generation.step) should hand this engine. On CPU in float32 the
         smallest chunk size it compiled: a token costs the same in every size there and comes out the same to the
         bit (not so in float16), so small chunks overlap the shards most. Elsewhere the biggest, whose multiples
@@ -396,7 +396,7 @@ class ShardEngine:
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_session": self.kv_bytes_per_session(),
             "max_sessions": self.max_sessions,
-            "pipeline_chunk": self.pipeline_chunk,
+            "pipeline_chunk": self.pipeline_chunk_size,
             "quantized": self.cfg.quantization is not None,
             "cpu_threads": NUM_CPU_THREADS.value if self.on_cpu else None,
             "ready": self.ready,
