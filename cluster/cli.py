@@ -71,10 +71,12 @@ class _Bars:
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
+            del self.bars[(stage, node)]  # the next turn's long prompt gets a bar of its own
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
 
 
 def _node_option(f: Any) -> Any:
@@ -611,7 +613,7 @@ def _run_local(
         engine.warmup()
         bars.close()
         session = _LocalTurns(
-            engine, tokenizer, sampling, max_tokens, stop, json_schema, template_kwargs, logprobs, out, raw
+            engine, tokenizer, sampling, max_tokens, stop, json_schema, template_kwargs, logprobs, out, raw, bars
         )
         if prompt is not None:
             session(prompt)
@@ -660,10 +662,12 @@ class _LocalTurns:
         logprobs: int,
         out: _Output,
         raw: bool,
+        bars: _Bars,
     ):
         from cluster.generation import Conversation
 
         self.engine, self.tok, self.sampling, self.max_tokens = engine, tokenizer, sampling, max_tokens
+        self.bars = bars  # a long prompt's chunks
         self.json_schema, self.template_kwargs = json_schema, template_kwargs
         self.stop, self.logprobs, self.out, self.raw = stop, logprobs, out, raw
         self.context = int(engine.info()["max_context"])  # type: ignore[attr-defined]
@@ -694,7 +698,9 @@ class _LocalTurns:
             context_limit=self.context,
             conversation=self.conversation,
             constraint=constraint,
+            progress=lambda done, total: self.bars("prompt", done, total),
         ):
+            self.bars.close()
             if isinstance(item, TokenChunk):
                 self.out.token(item.id, item.text, item.logprob, item.top)
             else:

@@ -206,6 +206,8 @@ def step(
     allowed: the ids the last shard may sample (a constraint's bitmask), or None for all.
     generated: the ids among `ids` that the answer generated (OpenAI's penalties count them)."""
     chunk = prompt_chunk(shards)
+    if not chunk and len(shards) == 1 and progress is not None:  # an engine in this process: on this thread
+        chunk = int(getattr(shards[0], "pipeline_chunk_size", 0) or 0)
     if chunk and len(ids) > chunk:
         if len(shards) == 1:  # nothing to overlap: cut only for `progress`, in at most PROGRESS_REPORTS chunks,
             chunk *= -(-len(ids) // (chunk * PROGRESS_REPORTS))  # since every chunk also runs the lm_head once
@@ -313,11 +315,16 @@ def _pipelined(
             if not last:
                 inboxes[i + 1].put(_END)  # the next stage stops too, after what it was given
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"prefill-{i}", daemon=True) for i in range(len(shards))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if len(shards) == 1:
+        run(0)  # nothing to overlap, and an engine in this process stays on its thread
+    else:
+        threads = [
+            threading.Thread(target=run, args=(i,), name=f"prefill-{i}", daemon=True) for i in range(len(shards))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
     result = out[0]
@@ -374,11 +381,13 @@ def generate(
     context_limit: int,
     conversation: Conversation | None = None,
     constraint: Constraint | ThinkingFirst | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[TokenChunk | GenerationResult]:
     """Yield a TokenChunk per generated token, then one GenerationResult.
 
     Without `conversation` the session lives for this call only; with one it stays open for the next turn.
-    With `constraint`, every token is one its grammar allows (constrained decoding).
+    With `constraint`, every token is one its grammar allows (constrained decoding). `progress(done, total)`
+    hears of a long prompt's chunks (`step`); a Chain reports its own.
     """
     sampling = sampling or SamplingParams()
     prompt = list(prompt_ids)
@@ -422,7 +431,10 @@ def generate(
                 result = decoded
             else:
                 allowed = constraint.allowed() if constraint is not None else None
-                result = step(shards, sid, ids, sampling, logprobs, context, allowed, ids if tokens else ())
+                prompt_progress = None if tokens else progress
+                result = step(
+                    shards, sid, ids, sampling, logprobs, context, allowed, ids if tokens else (), prompt_progress
+                )
             context = None
             conv.tokens += ids
             position += len(ids)

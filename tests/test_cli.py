@@ -102,6 +102,19 @@ def test_run_chat_with_logprobs_in_process(tmp_path):
         assert t["top"][0][1] == pytest.approx(t["logprob"], abs=1e-4)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it)
+def test_run_local_shows_a_long_prompt_being_read():
+    """The whole model in this process takes a long prompt in chunks on its own thread, for the bar alone (the
+    tokens are those of the prompt taken whole: test_engine checks the bits)."""
+    long = " ".join(["the river runs past the mill"] * 20)
+    p = clusterctl(
+        "run", str(FIXTURES / "llama32"), long, "--raw", "--local", "--max-tokens", "3", "--temperature", "0"
+    )
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"reading the prompt:.*?\| *\d+/\d+ \[", p.stderr), p.stderr
+    assert "tokens, length" in p.stderr
+
+
 @pytest.mark.slow  # make test-slow (CI runs it); the API and SDK cases in make test cover the same paths
 def test_run_json_schema_and_openai_penalties_in_process(tmp_path, engines):
     """--json-schema @FILE holds the answer to the schema; --frequency-penalty and --presence-penalty count its
