@@ -126,11 +126,17 @@ class RemoteShard:
     """One session on a shard of another node: a bidirectional stream, one response per request."""
 
     def __init__(
-        self, stub: pb_grpc.WorkerStub, shard_id: str, node: str, node_id: str = "", layers: tuple[int, int] = (0, 0)
+        self,
+        stub: pb_grpc.WorkerStub,
+        shard_id: str,
+        node: str,
+        node_id: str = "",
+        layers: tuple[int, int] = (0, 0),
+        pipeline_chunk: int = 0,
     ):
         self.stub, self.shard_id, self.node, self.node_id = stub, shard_id, node, node_id
         self.layers = layers  # for the timing summary
-        self.pipeline_chunk = 0  # its engine's chunk of a pipelined prefill (0: not known)
+        self.pipeline_chunk = pipeline_chunk  # its engine's chunk of a pipelined prefill (0: not known)
         self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
         self._responses: Any = None
         self._first: pb.ForwardRequest | None = None
@@ -202,10 +208,18 @@ class LocalShard:
     session is opened: every request then waits for places in layer order, whichever node coordinates it, so
     two requests never wait on each other in a circle."""
 
-    def __init__(self, host: ShardHost, shard_id: str, node_id: str, node: str = "", layers: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        host: ShardHost,
+        shard_id: str,
+        node_id: str,
+        node: str = "",
+        layers: tuple[int, int] = (0, 0),
+        pipeline_chunk: int = 0,
+    ):
         self.host, self.shard_id, self.node_id = host, shard_id, node_id
         self.node, self.layers = node, layers  # for the timing summary
-        self.pipeline_chunk = 0  # its engine's chunk of a pipelined prefill (0: not known)
+        self.pipeline_chunk = pipeline_chunk  # its engine's chunk of a pipelined prefill (0: not known)
         self._opening: tuple[str, SamplingParams | None] | None = None  # opened on the engine at the first step
         self._cancelled = threading.Event()
 
@@ -583,13 +597,10 @@ class Coordinator:
         shards: list[Any] = []
         for s in placement.shards:
             if s.local:
-                local = LocalShard(self.host, s.shard_id, s.node_id, s.name, (s.start, s.end))
-                local.pipeline_chunk = s.pipeline_chunk
-                shards.append(local)
+                shards.append(LocalShard(self.host, s.shard_id, s.node_id, s.name, (s.start, s.end), s.pipeline_chunk))
             else:
                 stub = self._stub(s.address, placement.limit)
-                remote = RemoteShard(stub, s.shard_id, s.name, s.node_id, (s.start, s.end))
-                remote.pipeline_chunk = s.pipeline_chunk
+                remote = RemoteShard(stub, s.shard_id, s.name, s.node_id, (s.start, s.end), s.pipeline_chunk)
                 self._streams.setdefault(s.node_id, weakref.WeakSet()).add(remote)
                 shards.append(remote)
         return shards
