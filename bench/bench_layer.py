@@ -20,7 +20,7 @@ os.environ.setdefault("DEV", "CPU")
 import numpy as np  # noqa: E402
 from tinygrad import Device, Tensor, TinyJit, dtypes  # noqa: E402
 
-from cluster.engine import cpu_matmul, cpu_threads  # noqa: E402
+from cluster.engine import cpu_matmul, cpu_quant, cpu_threads  # noqa: E402
 from cluster.models.config import QuantSpec  # noqa: E402
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, Linear, QuantLinear  # noqa: E402
 
@@ -68,6 +68,7 @@ def main() -> None:
         raise SystemExit(f"this measures tinygrad's CPU backend, not {Device.DEFAULT}")
     cpu_threads.enable()
     cpu_matmul.enable()
+    quant_kernel = cpu_quant.enable("CPU")  # as an engine on this CPU; CLUSTERCTL_CPU_QUANT=0: tinygrad's code
     rng = np.random.default_rng(0)
     layers = [layer(args.weights, args.n_in, args.n_out, rng) for _ in range(args.copies)]
     xn = rng.standard_normal((1, args.tokens, args.n_in)).astype(np.float32)
@@ -95,6 +96,7 @@ def main() -> None:
         f"{args.weights} {args.n_in}->{args.n_out} x{args.tokens} tokens, {args.copies} copies: "
         f"median {med * 1e3:.3f} ms ({work / med / 1e9:.1f} {unit}), best {best * 1e3:.3f} ms "
         f"({work / best / 1e9:.1f}), max error {err:.1e}"
+        + (", cpu_quant kernel" if quant_kernel and args.weights != "bf16" and args.tokens == 1 else "")
     )
 
 

@@ -22,7 +22,7 @@ from conftest import FIXTURES
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.helpers import Context
 
-from cluster.engine import cpu_matmul
+from cluster.engine import cpu_matmul, cpu_quant
 from cluster.engine.shard import ShardEngine
 from cluster.models.config import QuantSpec
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, Linear, QuantLinear, cpu_row_block
@@ -108,13 +108,16 @@ def test_prefill_matmul_is_tiled_and_right_decode_is_left_alone(kind: str, monke
 @pytest.mark.parametrize(
     ("kind", "vector"), [("mlx-4bit", "unsigned_int8"), ("mlx-8bit", "unsigned_int8"), ("bf16", "unsigned_short8")]
 )
-def test_narrow_decode_widens_a_whole_block_of_8_rows_per_vector(kind: str, vector: str) -> None:
+def test_narrow_decode_widens_a_whole_block_of_8_rows_per_vector(
+    kind: str, vector: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The matvec of a step loads the 8 rows of a block of packed words or bf16 bits at once, where tinygrad
     alone loads 4; its values still equal numpy's. (A layer big enough for tinygrad to compute several rows
-    together.)"""
+    together; MLX words in tinygrad's code, as on CPUs without AVX2, not cpu_quant's kernel.)"""
     from tinygrad.codegen import to_program_cache
 
     assert cpu_matmul.enable()
+    monkeypatch.setattr(cpu_quant, "_enabled", False)
     rng = np.random.default_rng(7)
     if kind == "bf16":
         layer, w = _bf16_layer(rng, out=1024, inputs=512)
@@ -135,7 +138,7 @@ import numpy as np
 from tinygrad import Tensor
 from tinygrad.codegen import to_program_cache
 from tinygrad.engine import worker
-from cluster.engine import cpu_matmul
+from cluster.engine import cpu_matmul, cpu_quant
 if sys.argv[1] == "pool-first":
     worker.get_worker_pool()  # a compile pool that exists before enable()
 if sys.argv[1] != "off":

@@ -30,7 +30,7 @@ from tinygrad.helpers import DEV, NUM_CPU_THREADS
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
 
-from cluster.engine import cpu_graph, cpu_matmul, cpu_threads, gpu_matvec, graph_cache, launch_graph
+from cluster.engine import cpu_graph, cpu_matmul, cpu_quant, cpu_threads, gpu_matvec, graph_cache, launch_graph
 from cluster.engine.buffers import copy_into, copy_out
 from cluster.engine.jit_replay import Replayer
 from cluster.engine.sampler import greedy, penalised_bias, sample
@@ -243,6 +243,7 @@ class ShardEngine:
                 cpu_graph.enable()
             if cpu_matmul.enable():
                 narrow_block = CPU_NARROW_ROW_BLOCK
+                cpu_quant.enable(self.device)  # reads the blocks of 8 rows that cpu_matmul's layout gives
         else:
             if self._env["CLUSTERCTL_GPU_MATVEC"] != "0":  # 0: tinygrad's own options, for comparison
                 gpu_matvec.enable()

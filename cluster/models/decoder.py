@@ -14,6 +14,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 
+from cluster.engine import cpu_quant
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
 from cluster.weights import Checkpoint, CheckpointError, row_blocked, widen_bf16
 
@@ -203,6 +204,10 @@ class QuantLinear:
                 # x 8192x2048, bench/RESULTS.md); decode (one row) keeps it fused, gpu_matvec's form
                 w = w.contiguous()
             return x.linear(w.T, self.bias)
+        if self.row_blocked and cpu_quant.applies(x, self.packed, self.scales, self.spec.bits, self.spec.group_size):
+            # x86 with AVX2: integer multiply-adds of a hand-written kernel (cpu_quant), ~2x tinygrad's code below
+            y = cpu_quant.matvec(x, self.packed, self.scales, self.biases, self.spec.bits, self.spec.group_size)
+            return y if self.bias is None else y + self.bias
         # CPU decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of
         # three (~2x faster, bench/). Each group's sum runs as one partial sum per position in a word, then
         # a short sum: a constant shift per partial sum and independent adds (1.6x faster than one sum).

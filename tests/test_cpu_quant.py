@@ -1,0 +1,157 @@
+"""The AVX2 kernel for MLX-quantized decode products on x86 CPUs (cluster/engine/cpu_quant.py).
+
+Reference: numpy in float64 on the same weights (MLX words unpacked LSB first, value = q * scale + bias per group),
+for layers stored as the loader stores them on CPUs (blocks of 8 rows). The whole-model references (mlx-lm) are in
+test_engine, whose 4-bit and mixed 4/8-bit fixtures decode through this kernel on such a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from tinygrad import Device, Tensor, TinyJit, dtypes
+from tinygrad.helpers import NUM_CPU_THREADS
+from tinygrad.uop.ops import Ops
+
+from cluster.engine import cpu_matmul, cpu_quant
+from cluster.engine.shard import ShardEngine
+from cluster.models.config import QuantSpec
+from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, QuantLinear
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on() -> None:
+    if Device.DEFAULT != "CPU" or not cpu_matmul.enable() or not cpu_quant.enable("CPU"):
+        pytest.skip("needs tinygrad's CPU device on an x86 CPU with AVX2 and FMA")
+
+
+def programs(jit: Any) -> list[Any]:
+    """The programs one replay of a captured TinyJit runs, in order (graph batches expanded)."""
+    calls = []
+    for call in jit.captured.linear.src:
+        ast = call.src[0]
+        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call])
+    return [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
+
+
+def _blocked(a: np.ndarray) -> Tensor:
+    """(out, cols) -> (out/8, cols, 8), as the loader stores a CPU weight."""
+    rows, cols = a.shape
+    R = CPU_NARROW_ROW_BLOCK
+    return Tensor(np.ascontiguousarray(a.reshape(rows // R, R, cols).transpose(0, 2, 1))).realize()
+
+
+def _layer(rng: np.random.Generator, bits: int, group: int, out: int, inputs: int) -> tuple[QuantLinear, np.ndarray]:
+    per_word = 32 // bits
+    levels = rng.integers(0, 1 << bits, size=(out, inputs), dtype=np.uint32)
+    words = levels.reshape(out, inputs // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
+    packed = np.bitwise_or.reduce(words, axis=-1)
+    scales = rng.uniform(-0.05, 0.05, size=(out, inputs // group)).astype(np.float32)
+    biases = rng.uniform(-0.5, 0.5, size=(out, inputs // group)).astype(np.float32)
+    w = levels.reshape(out, -1, group) * scales[..., None].astype(np.float64) + biases[..., None]
+    layer = QuantLinear(
+        _blocked(packed), _blocked(scales), _blocked(biases), QuantSpec(group, bits), dtypes.float32, row_blocked=True
+    )
+    return layer, w.reshape(out, inputs)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "out", "inputs"),
+    [(4, 64, 1024, 2048), (4, 32, 64, 64), (4, 128, 256, 512), (8, 64, 512, 1024), (8, 32, 128, 64), (8, 128, 64, 256)],
+)
+def test_decode_product_matches_float64(bits: int, group: int, out: int, inputs: int) -> None:
+    """float32's precision, not int16's: the rounding residual's second pass keeps the error near 1e-7 of the
+    largest output (one int16 pass alone: ~3e-5). Activations with an outlier in each group, as real ones have."""
+    rng = np.random.default_rng(bits * 1000 + group)
+    layer, w = _layer(rng, bits, group, out, inputs)
+    x = rng.standard_normal((1, 1, inputs)).astype(np.float32)
+    x[..., ::group] *= 40.0
+    step = TinyJit(lambda t: layer(t).realize())
+    for _ in range(3):  # the eager call, the capture, a replay
+        got = step(Tensor(x).realize()).numpy()
+    assert got.shape == (1, 1, out)
+    ref = x.reshape(-1).astype(np.float64) @ w.T
+    err = np.abs(got.reshape(-1) - ref).max() / np.abs(ref).max()
+    assert err < 2e-6, f"relative error {err:.1e}"
+    assert f"q{bits}_matvec_{inputs}_{out}_{group}" in [p.arg.name for p in programs(step)]
+
+
+def test_the_kernel_runs_in_slices_one_per_core() -> None:
+    """tinygrad hands the kernel its core_id like its own kernels (cpu_threads runs the slices at once); the rows
+    are shared out so that every slice writes its own and together they write them all."""
+    rng = np.random.default_rng(3)
+    layer, w = _layer(rng, 4, 64, 8 * 5, 128)  # 5 row blocks: slices of unequal size
+    x = rng.standard_normal((1, 1, 128)).astype(np.float32)
+    step = TinyJit(lambda t: layer(t).realize())
+    for _ in range(3):
+        got = step(Tensor(x).realize()).numpy().reshape(-1)
+    np.testing.assert_allclose(got, x.reshape(-1).astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+    (program,) = [p for p in programs(step) if p.arg.name.startswith("q4_matvec")]
+    assert program.arg.global_size[0] == min(NUM_CPU_THREADS.value, 5)
+
+
+def test_prompt_chunks_and_other_layouts_keep_tinygrads_code() -> None:
+    rng = np.random.default_rng(5)
+    layer, w = _layer(rng, 4, 64, 64, 256)
+    x = Tensor(rng.standard_normal((1, 1, 256)).astype(np.float32))
+    assert cpu_quant.applies(x, layer.packed, layer.scales, 4, 64)
+    prompt = Tensor(rng.standard_normal((1, 4, 256)).astype(np.float32))
+    assert not cpu_quant.applies(prompt, layer.packed, layer.scales, 4, 64)
+    assert not cpu_quant.applies(x, layer.packed.reshape(64, -1), layer.scales, 4, 64)  # not in blocks of 8
+    assert not cpu_quant.applies(x.half(), layer.packed, layer.scales, 4, 64)
+    assert not cpu_quant.applies(x, layer.packed, layer.scales, 3, 64)
+    # 8-bit sums of a 512-wide group could overflow int32 (256 fit)
+    assert not cpu_quant.applies(Tensor.zeros(1, 1, 1024), layer.packed, layer.scales, 8, 512)
+    assert cpu_quant.applies(Tensor.zeros(1, 1, 1024), layer.packed, layer.scales, 8, 256)
+    np.testing.assert_allclose(
+        layer(prompt).numpy()[0], prompt.numpy()[0].astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_the_switch_turns_it_off_for_a_new_engine() -> None:
+    """CLUSTERCTL_CPU_QUANT=0 keeps tinygrad's code (the engine's kernel list says which ran); the same tokens."""
+    probe = """
+import sys
+import numpy as np
+from cluster.engine.shard import ShardEngine
+eng = ShardEngine(sys.argv[1], max_context=32, prefill_buckets=(4,))
+eng.new_session("s")
+ids = [eng.forward("s", [1, 2, 3]).token]
+for _ in range(4):
+    ids.append(eng.forward("s", [ids[-1]]).token)
+linear = eng._decode_jit.captured.linear
+print(ids, any(u.op.name == "PROGRAM" and "matvec" in u.arg.name for u in linear.toposort()))
+"""
+    outs = {}
+    for switch in ("1", "0"):
+        env = {**os.environ, "CLUSTERCTL_CPU_QUANT": switch, "CLUSTERCTL_GRAPH_CACHE": "off"}
+        run = subprocess.run(
+            [sys.executable, "-c", probe, str(FIXTURES / "llama32-4bit")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        outs[switch] = run.stdout.strip().splitlines()[-1]
+    ids_on, used_on = outs["1"].rsplit(" ", 1)
+    ids_off, used_off = outs["0"].rsplit(" ", 1)
+    assert (used_on, used_off) == ("True", "False")
+    assert ids_on == ids_off
+
+
+def test_an_engine_decodes_through_the_kernel() -> None:
+    eng = ShardEngine(FIXTURES / "llama32-4bit", max_context=32, prefill_buckets=(4,))
+    eng.new_session("s")
+    token = eng.forward("s", [1, 2, 3]).token
+    eng.forward("s", [token])
+    eng.forward("s", [token])
+    names = [p.arg.name for p in programs(eng._decode_jit)]
+    # q, k, v, o, gate, up, down in each of 4 layers, and the (tied, quantized) lm_head
+    assert sum(name.startswith("q4_matvec") for name in names) == 4 * 7 + 1
