@@ -53,8 +53,8 @@ PEER_DTYPES = ("float32", "bfloat16")
 class Row:
     implementation: str
     dtype: str
-    load_s: float
-    warmup_s: float
+    load_s: float | None  # None: the peer does not report it
+    warmup_s: float | None
     ttft_ms: float
     decode_tok_s: float
     resident_bytes: int
@@ -248,6 +248,29 @@ def measure_peer(
     return row, r
 
 
+def measure_llama_cpp(llama_bench: Path, gguf: Path, prompt_len: int, tokens: int, bandwidth: float) -> Row:
+    """llama.cpp's own benchmark on a GGUF of the same checkpoint (converted and quantized with llama.cpp's
+    tools): prompt processing of prompt_len tokens and generation of `tokens`, on every core, 3 repetitions."""
+    cmd = [str(llama_bench), "-m", str(gguf), "-p", str(prompt_len), "-n", str(tokens)]
+    cmd += ["-t", str(os.cpu_count() or 1), "-r", "3", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed on {gguf}:\n{proc.stderr[-4000:]}")
+    tests = json.loads(proc.stdout)
+    prompt = next(t for t in tests if t["n_prompt"] > 0)
+    gen = next(t for t in tests if t["n_gen"] > 0)
+    return Row(
+        implementation=f"llama.cpp {gen['build_commit']} (llama-bench, {gen['backends']})",
+        dtype=gen["model_type"].split()[-1] if gen["model_type"] else gguf.stem,
+        load_s=None,
+        warmup_s=None,
+        ttft_ms=1e3 * prompt_len / prompt["avg_ts"],  # prompt processing only: llama-bench samples no token
+        decode_tok_s=gen["avg_ts"],
+        resident_bytes=int(gen["model_size"]),
+        bandwidth=bandwidth,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- report
 def cpu_model() -> str:
     try:
@@ -273,8 +296,10 @@ def table(rows: list[Row]) -> str:
         floor = r.bandwidth / r.resident_bytes
         kernels = "—" if r.kernels is None else str(r.kernels)
         sampled = "—" if r.sampled_tok_s is None else f"{r.sampled_tok_s:.2f}"
+        load = "—" if r.load_s is None else f"{r.load_s:.1f}"
+        warmup = "—" if r.warmup_s is None else f"{r.warmup_s:.1f}"
         lines.append(
-            f"| {r.implementation} | {r.dtype} | {r.load_s:.1f} | {r.warmup_s:.1f} | {r.ttft_ms:.0f} "
+            f"| {r.implementation} | {r.dtype} | {load} | {warmup} | {r.ttft_ms:.0f} "
             f"| {r.decode_tok_s:.2f} | {sampled} | {kernels} | {r.resident_bytes / 1e9:.2f} | {floor:.2f} "
             f"| {100 * r.decode_tok_s / floor:.0f}% |"
         )
@@ -308,6 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--no-peer", action="store_true", help="skip HF transformers")
     ap.add_argument("--ref-python", default=REF_PYTHON, help="Python with torch + transformers for the peer")
+    ap.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary: time it on each --gguf too")
+    ap.add_argument("--gguf", type=Path, action="append", default=[], help="a GGUF of the same checkpoint (repeatable)")
     ap.add_argument("--out", type=Path, help="append the table to this markdown file")
     ap.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
     ap.add_argument("--seed", type=int, default=0)
@@ -372,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(
             f"peer: torch threads {peers['float32']['threads']}, greedy decode with a manual DynamicCache loop; "
             f"the engine's decoded tokens equal HF float32's at {same}/{args.tokens} positions"
+        )
+    for gguf in args.gguf if args.llama_bench else []:
+        log(f"peer llama.cpp {gguf.name} ...")
+        rows.append(measure_llama_cpp(args.llama_bench, gguf, args.prompt_len, args.tokens, all_cores))
+    if args.llama_bench and args.gguf:
+        notes.append(
+            "llama.cpp: llama-bench on GGUFs of the same checkpoint (llama.cpp's convert_hf_to_gguf.py, then "
+            "llama-quantize), every core, 3 repetitions; its TTFT is prompt processing alone (no token sampled)"
         )
     text = report(args, rows, notes)
     print(text)
