@@ -261,7 +261,7 @@ def measure_llama_cpp(llama_bench: Path, gguf: Path, prompt_len: int, tokens: in
     gen = next(t for t in tests if t["n_gen"] > 0)
     return Row(
         implementation=f"llama.cpp {gen['build_commit']} (llama-bench, {gen['backends']})",
-        dtype=gen["model_type"].split()[-1] if gen["model_type"] else gguf.stem,
+        dtype=gen["model_type"].split(" ", 2)[-1] if gen["model_type"] else gguf.stem,  # "llama 1B Q4_0" -> Q4_0
         load_s=None,
         warmup_s=None,
         ttft_ms=1e3 * prompt_len / prompt["avg_ts"],  # prompt processing only: llama-bench samples no token

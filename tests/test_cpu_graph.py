@@ -34,8 +34,7 @@ def test_a_jit_replays_through_the_graph_with_new_inputs_and_variables(monkeypat
     w = Tensor(rng.standard_normal((4096, 512), dtype=np.float32)).realize()
     xs = [Tensor(rng.standard_normal((1, 512), dtype=np.float32)).realize() for _ in range(3)]
     monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_S", 0.0)  # the product's slices go to the pool once proven
-    pool = cpu_threads._slice_pool() if NUM_CPU_THREADS.value >= 2 else None
-    before = pool.handed_off if pool is not None else 0
+    before = cpu_threads.handed_off()
     for i in range(8):
         x, cols = xs[i % 3], 2 + 5 * i  # a different input buffer and a different bound value each call
         out = step(x, w, n.bind(cols)).numpy()
@@ -46,8 +45,8 @@ def test_a_jit_replays_through_the_graph_with_new_inputs_and_variables(monkeypat
     runners = graph_runners(step)
     assert runners and all(isinstance(r, cpu_graph.CPUGraph) for r in runners)
     assert sum(len(r.steps) for r in runners) >= 2
-    if pool is not None:
-        assert pool.handed_off > before, "the graph never ran a kernel's slices on the pool"
+    if NUM_CPU_THREADS.value >= 2:
+        assert cpu_threads.handed_off() > before, "the graph never ran a kernel's slices on the pool"
     # a replay counts its kernels but no ops or bytes: building the graph skips tinygrad's symbolic statistics
     # (seconds of every 1B shard's warm-up), and leaves tinygrad's estimator as it was for everything else
     GlobalCounters.reset()

@@ -6,9 +6,11 @@ thread, so a decode step used one core. The slices write disjoint parts of the o
 once on a few threads gives the same bits; ctypes releases the GIL while a kernel runs. On a 2-core machine
 this took the 1B model from 4.1 to 7.6 tok/s (bench/RESULTS.md).
 
-A kernel stays on the calling thread until `SERIAL_TRIALS` serial runs all took at least `MIN_PARALLEL_S`:
-handing its slices to other threads costs tens of microseconds, more than a small kernel saves, and the
-fastest of a few runs is not fooled by one run the scheduler happened to interrupt.
+The slices go to spin_pool's C threads, which poll for the next kernel instead of sleeping (waking a sleeping
+thread cost 0.3 ms a kernel on the test VM); where that pool cannot be built, to Python threads blocked on a
+queue. A kernel stays on the calling thread until `SERIAL_TRIALS` serial runs all took at least `MIN_PARALLEL_S`:
+a hand-off costs more than a small kernel saves, and the fastest of a few runs is not fooled by one run the
+scheduler happened to interrupt.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from typing import Any
 
 from tinygrad.helpers import NUM_CPU_THREADS
+
+from cluster.engine import spin_pool
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +73,33 @@ class _SlicePool:
 
 
 _pool: _SlicePool | None = None
+_spin: spin_pool.SpinPool | None = None
+_spin_pid = 0  # the process whose spinning pool `_spin` is (None there: none could be built)
 _pool_lock = threading.Lock()
 _serial_call: Any = None
 
 
 def _slice_pool() -> _SlicePool:
+    """Python threads blocked on a queue: slices of kernels the spinning pool cannot call."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool.pid != os.getpid():  # threads do not survive a fork
             _pool = _SlicePool(max(1, NUM_CPU_THREADS.value - 1))
         return _pool
+
+
+def handed_off() -> int:
+    """Slices this process ran on pool threads so far (for tests and curiosity)."""
+    pools: list[Any] = [_pool, _spin if _spin_pid == os.getpid() else None]
+    return sum(p.handed_off for p in pools if p is not None and p.pid == os.getpid())
+
+
+def _spinning_pool() -> spin_pool.SpinPool | None:
+    global _spin, _spin_pid
+    with _pool_lock:
+        if _spin_pid != os.getpid():
+            _spin, _spin_pid = spin_pool.start(NUM_CPU_THREADS.value), os.getpid()
+        return _spin
 
 
 def run_slices(prg: Any, slices: list[list[ctypes.c_uint64]]) -> None:
@@ -93,7 +114,11 @@ def run_slices(prg: Any, slices: list[list[ctypes.c_uint64]]) -> None:
             prg._serial_trials = trials  # consecutive slow runs; one fast run starts the count again
             prg._slices_in_parallel = trials >= SERIAL_TRIALS
         return
-    _slice_pool().run(prg.fxn, slices)
+    spinning = _spinning_pool()
+    if spinning is not None and spinning.fits(slices):
+        spinning.run(prg.fxn, slices)
+    else:
+        _slice_pool().run(prg.fxn, slices)
 
 
 def _call(
