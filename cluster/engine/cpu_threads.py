@@ -90,8 +90,8 @@ def _slice_pool() -> _SlicePool:
 
 def handed_off() -> int:
     """Slices this process ran on pool threads so far (for tests and curiosity)."""
-    pools: list[Any] = [_pool, _spin if _spin_pid == os.getpid() else None]
-    return sum(p.handed_off for p in pools if p is not None and p.pid == os.getpid())
+    pools: list[Any] = [_pool, _spin]
+    return sum(p.handed_off for p in pools if p is not None and p.pid == os.getpid())  # a parent's count is not ours
 
 
 def _spinning_pool() -> spin_pool.SpinPool | None:
