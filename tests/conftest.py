@@ -73,6 +73,37 @@ def check_float16_against_reference(eng: Any, name: str) -> None:
     assert [r.token for r, _ in results] == [int(np.argmax(want)) for _, want in results]
 
 
+def row_blocks(a: np.ndarray, block: int) -> Any:
+    """(out, cols) -> a Tensor (out/R, cols, R), as Checkpoint.load(row_block=R) stores a CPU weight."""
+    from tinygrad import Tensor
+
+    rows, cols = a.shape
+    return Tensor(np.ascontiguousarray(a.reshape(rows // block, block, cols).transpose(0, 2, 1)))
+
+
+def mlx_layer(
+    rng: np.random.Generator, bits: int, group: int, out: int, inputs: int, scales: tuple[float, float] = (0.01, 0.1)
+) -> tuple[Any, np.ndarray]:
+    """A QuantLinear of random MLX levels (uint32 words, LSB first), scales drawn from `scales` and biases from
+    (-0.5, 0.5) per group, its rows blocked as the loader stores them on CPUs; and its (out, in) float64 weight."""
+    from tinygrad import dtypes
+
+    from cluster.models.config import QuantSpec
+    from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, QuantLinear, cpu_row_block
+
+    per_word = 32 // bits
+    levels = rng.integers(0, 1 << bits, size=(out, inputs), dtype=np.uint32)
+    words = levels.reshape(out, inputs // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
+    packed = np.bitwise_or.reduce(words, axis=-1)
+    scale = rng.uniform(*scales, size=(out, inputs // group)).astype(np.float32)
+    bias = rng.uniform(-0.5, 0.5, size=(out, inputs // group)).astype(np.float32)
+    w = levels.reshape(out, -1, group) * scale[..., None] + bias[..., None]  # float64: uint32 * float32
+    block = cpu_row_block(out, CPU_NARROW_ROW_BLOCK)
+    blocked = [row_blocks(a, block) for a in (packed, scale, bias)]
+    layer = QuantLinear(*blocked, QuantSpec(group, bits), dtypes.float32, row_blocked=True)
+    return layer, w.reshape(out, inputs)
+
+
 def graph_runners(jit: Any) -> list[Any]:
     """The graph runners a captured TinyJit replays through."""
     from tinygrad.engine.realize import graph_cache

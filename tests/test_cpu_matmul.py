@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, mlx_layer, row_blocks
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.helpers import Context
 
 from cluster.engine import cpu_matmul, cpu_quant
 from cluster.engine.shard import ShardEngine
-from cluster.models.config import QuantSpec
 from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, CPU_ROW_BLOCK, Linear, QuantLinear, cpu_row_block
 
 pytestmark = pytest.mark.skipif(Device.DEFAULT != "CPU", reason="needs tinygrad's CPU device")
@@ -32,46 +31,21 @@ pytestmark = pytest.mark.skipif(Device.DEFAULT != "CPU", reason="needs tinygrad'
 IN, OUT, GROUP = 256, 64, 64
 
 
-def _blocked(a: np.ndarray, block: int = CPU_ROW_BLOCK) -> Tensor:
-    """(out, cols) -> (out/R, cols, R), as Checkpoint.load(row_block=R) stores a CPU weight."""
-    rows, cols = a.shape
-    return Tensor(np.ascontiguousarray(a.reshape(rows // block, block, cols).transpose(0, 2, 1)))
-
-
 def _bf16_layer(rng: np.random.Generator, out: int = OUT, inputs: int = IN) -> tuple[Linear, np.ndarray]:
     bits = (rng.standard_normal((out, inputs), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    layer = Linear(_blocked(bits, cpu_row_block(out, CPU_NARROW_ROW_BLOCK)), dtype=dtypes.float32, row_blocked=True)
+    layer = Linear(row_blocks(bits, cpu_row_block(out, CPU_NARROW_ROW_BLOCK)), dtype=dtypes.float32, row_blocked=True)
     return layer, (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _f32_layer(rng: np.random.Generator) -> tuple[Linear, np.ndarray]:
     w = rng.standard_normal((OUT, IN), dtype=np.float32)
-    return Linear(_blocked(w), dtype=dtypes.float32, row_blocked=True), w
+    return Linear(row_blocks(w, CPU_ROW_BLOCK), dtype=dtypes.float32, row_blocked=True), w
 
 
 def _quant_layer(
     bits: int, out: int = OUT, inputs: int = IN
 ) -> Callable[[np.random.Generator], tuple[QuantLinear, np.ndarray]]:
-    def build(rng: np.random.Generator) -> tuple[QuantLinear, np.ndarray]:
-        per_word = 32 // bits
-        levels = rng.integers(0, 1 << bits, size=(out, inputs), dtype=np.uint32)
-        words = levels.reshape(out, inputs // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
-        packed = np.bitwise_or.reduce(words, axis=-1)
-        scales = rng.uniform(0.01, 0.1, size=(out, inputs // GROUP)).astype(np.float32)
-        biases = rng.uniform(-0.5, 0.5, size=(out, inputs // GROUP)).astype(np.float32)
-        w = levels.reshape(out, -1, GROUP) * scales[..., None] + biases[..., None]
-        block = cpu_row_block(out, CPU_NARROW_ROW_BLOCK)
-        layer = QuantLinear(
-            _blocked(packed, block),
-            _blocked(scales, block),
-            _blocked(biases, block),
-            QuantSpec(GROUP, bits),
-            dtypes.float32,
-            row_blocked=True,
-        )
-        return layer, w.reshape(out, inputs)
-
-    return build
+    return lambda rng: mlx_layer(rng, bits, GROUP, out, inputs)
 
 
 LAYERS = {"bf16": _bf16_layer, "float32": _f32_layer, "mlx-4bit": _quant_layer(4), "mlx-8bit": _quant_layer(8)}

@@ -14,15 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
-from tinygrad import Device, Tensor, TinyJit, dtypes
+from conftest import FIXTURES, mlx_layer
+from tinygrad import Device, Tensor, TinyJit
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_matmul, cpu_quant
 from cluster.engine.shard import ShardEngine
-from cluster.models.config import QuantSpec
-from cluster.models.decoder import CPU_NARROW_ROW_BLOCK, QuantLinear
 
 
 @pytest.fixture(autouse=True)
@@ -40,27 +38,6 @@ def programs(jit: Any) -> list[Any]:
     return [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
 
 
-def _blocked(a: np.ndarray) -> Tensor:
-    """(out, cols) -> (out/8, cols, 8), as the loader stores a CPU weight."""
-    rows, cols = a.shape
-    R = CPU_NARROW_ROW_BLOCK
-    return Tensor(np.ascontiguousarray(a.reshape(rows // R, R, cols).transpose(0, 2, 1))).realize()
-
-
-def _layer(rng: np.random.Generator, bits: int, group: int, out: int, inputs: int) -> tuple[QuantLinear, np.ndarray]:
-    per_word = 32 // bits
-    levels = rng.integers(0, 1 << bits, size=(out, inputs), dtype=np.uint32)
-    words = levels.reshape(out, inputs // per_word, per_word) << (np.arange(per_word, dtype=np.uint32) * bits)
-    packed = np.bitwise_or.reduce(words, axis=-1)
-    scales = rng.uniform(-0.05, 0.05, size=(out, inputs // group)).astype(np.float32)
-    biases = rng.uniform(-0.5, 0.5, size=(out, inputs // group)).astype(np.float32)
-    w = levels.reshape(out, -1, group) * scales[..., None].astype(np.float64) + biases[..., None]
-    layer = QuantLinear(
-        _blocked(packed), _blocked(scales), _blocked(biases), QuantSpec(group, bits), dtypes.float32, row_blocked=True
-    )
-    return layer, w.reshape(out, inputs)
-
-
 @pytest.mark.parametrize(
     ("bits", "group", "out", "inputs"),
     [(4, 64, 1024, 2048), (4, 32, 64, 64), (4, 128, 256, 512), (8, 64, 512, 1024), (8, 32, 128, 64), (8, 128, 64, 256)],
@@ -69,7 +46,7 @@ def test_decode_product_matches_float64(bits: int, group: int, out: int, inputs:
     """float32's precision, not int16's: the rounding residual's second pass keeps the error near 1e-7 of the
     largest output (one int16 pass alone: ~3e-5). Activations with an outlier in each group, as real ones have."""
     rng = np.random.default_rng(bits * 1000 + group)
-    layer, w = _layer(rng, bits, group, out, inputs)
+    layer, w = mlx_layer(rng, bits, group, out, inputs, scales=(-0.05, 0.05))
     x = rng.standard_normal((1, 1, inputs)).astype(np.float32)
     x[..., ::group] *= 40.0
     step = TinyJit(lambda t: layer(t).realize())
@@ -86,7 +63,7 @@ def test_the_kernel_runs_in_slices_one_per_core() -> None:
     """tinygrad hands the kernel its core_id like its own kernels (cpu_threads runs the slices at once); the rows
     are shared out so that every slice writes its own and together they write them all."""
     rng = np.random.default_rng(3)
-    layer, w = _layer(rng, 4, 64, 8 * 5, 128)  # 5 row blocks: slices of unequal size
+    layer, w = mlx_layer(rng, 4, 64, 8 * 5, 128, scales=(-0.05, 0.05))  # 5 row blocks: slices of unequal size
     x = rng.standard_normal((1, 1, 128)).astype(np.float32)
     step = TinyJit(lambda t: layer(t).realize())
     for _ in range(3):
@@ -98,7 +75,7 @@ def test_the_kernel_runs_in_slices_one_per_core() -> None:
 
 def test_prompt_chunks_and_other_layouts_keep_tinygrads_code() -> None:
     rng = np.random.default_rng(5)
-    layer, w = _layer(rng, 4, 64, 64, 256)
+    layer, w = mlx_layer(rng, 4, 64, 64, 256, scales=(-0.05, 0.05))
     x = Tensor(rng.standard_normal((1, 1, 256)).astype(np.float32))
     assert cpu_quant.applies(x, layer.packed, layer.scales, 4, 64)
     prompt = Tensor(rng.standard_normal((1, 4, 256)).astype(np.float32))

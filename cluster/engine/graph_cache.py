@@ -69,6 +69,11 @@ _ENGINE_ENV = (
 )
 
 
+def user_cache() -> Path:
+    """clusterctl's folder in the user's cache directory ($XDG_CACHE_HOME, default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "clusterctl"
+
+
 def cache_dir() -> Path | None:
     """Where graphs are kept; None when the cache is turned off."""
     chosen = os.environ.get("CLUSTERCTL_GRAPH_CACHE", "")
@@ -76,7 +81,7 @@ def cache_dir() -> Path | None:
         return None
     if chosen:
         return Path(chosen).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "clusterctl" / "graphs"
+    return user_cache() / "graphs"
 
 
 @cache

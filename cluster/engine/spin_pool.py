@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cluster.engine import graph_cache
+
 log = logging.getLogger(__name__)
 
 MAX_ARGS = 32
@@ -130,8 +132,7 @@ void pool_run(void *fn, const uint64_t *args, int slices) {
 
 def _library_path() -> Path:
     digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "clusterctl"
-    return base / f"spin_pool-{digest}.so"
+    return graph_cache.user_cache() / f"spin_pool-{digest}.so"
 
 
 def _build(path: Path) -> None:
