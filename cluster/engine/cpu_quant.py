@@ -1,7 +1,8 @@
-"""A hand-written AVX2 kernel for the decode products of MLX-quantized weights (4-bit and 8-bit) on x86 CPUs.
+"""Hand-written AVX2 kernels for the products of MLX-quantized weights (4-bit and 8-bit) on x86 CPUs: decode (one
+token) and prompt chunks.
 
-tinygrad's C for such a product converts every level to a float and multiplies it by its activation: about six
-vector instructions for eight weights, so a 4-bit model's decode was bound by instruction issue, not by memory
+Decode. tinygrad's C for such a product converts every level to a float and multiplies it by its activation: about
+six vector instructions for eight weights, so a 4-bit model's decode was bound by instruction issue, not by memory
 (bench/RESULTS.md). Here AVX2's vpmaddwd multiplies two levels by two int16 activations and adds the products in
 one instruction, in int32 sums that cannot overflow within a weight group. Each group's activations are written as
 int16 twice: x = dx * (xq + xr / 65534), xq the rounded activation (dx = max|x| / 32767 per group) and xr its
@@ -9,15 +10,18 @@ rounding residual, so the products keep float32's precision (errors near 1e-7 of
 float code; one int16 alone gave 3e-5, which moved the tests' logprobs by 5e-3). The group's integer sums are
 scaled once: y = sum_g scale_g * dx_g * (sum(q xq) + sum(q xr) / 65534) + bias_g * sum(x_g).
 
+Prompt chunks. A matmul is bound by multiply-adds, so the weights are made floats (q * scale + bias, as tinygrad's
+code makes them) once per chunk in small panels in L1, and a GEMM register tile runs over them (see _MATMUL_SOURCE):
+~1.5-2x tinygrad's tiled matmul on the same layout (cpu_matmul), which CPUs without AVX2 keep.
+
 The weights stay as the loader keeps them on CPUs (blocks of 8 rows, decoder.CPU_NARROW_ROW_BLOCK): one 256-bit
 load holds the same word of 8 rows, and masking a word with 0x000F000F (4-bit) puts level k and level k + 4 side
-by side as int16s, a pair for vpmaddwd. Prompt chunks keep tinygrad's matmuls (cpu_matmul), which read the same
-layout.
+by side as int16s, a pair for vpmaddwd; shifting and masking it with 0xF gives level k of the 8 rows as int32s.
 
-The kernel is C source handed to tinygrad as a custom kernel (a PROGRAM with its own SOURCE): tinygrad compiles
-it with its CPU compiler, captures it in TinyJits and graph files, and runs it as `core_id` slices like its own
-kernels (cpu_threads runs those at once). `enable()` compiles a probe to check that the compiler targets AVX2 and
-FMA; elsewhere (older x86, ARM), or with CLUSTERCTL_CPU_QUANT=0, QuantLinear keeps tinygrad's code.
+The kernels are C source handed to tinygrad as custom kernels (a PROGRAM with its own SOURCE): tinygrad compiles
+them with its CPU compiler, captures them in TinyJits and graph files, and runs them as `core_id` slices like its
+own kernels (cpu_threads runs those at once). `enable()` compiles a probe to check that the compiler targets AVX2
+and FMA; elsewhere (older x86, ARM), or with CLUSTERCTL_CPU_QUANT=0, QuantLinear keeps tinygrad's code.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from math import prod
 
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import AddrSpace
@@ -103,8 +108,85 @@ void NAME(float* restrict y, const float* restrict x, const uint32_t* restrict w
 """
 
 
+# Y (T, OUT) = X (T, IN) W^T for a prompt chunk of T tokens, same weight layout, in float32 as tinygrad's code does
+# (each level made the float q * scale + bias, so the products are the same). A GEMM's register tile: 2 row blocks
+# x 6 tokens, 12 sums in registers, two weight vectors and one broadcast activation a step (a broadcast per
+# multiply-add, as one row block would take, left Zen 3's FMA pipes half idle). The weights are made in panels of
+# KC inputs x 16 rows in L1: the first tile of a panel makes them from the words and leaves them there, the other
+# tiles of tokens load them.
+_MATMUL_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+enum { T = %(tokens)d, IN = %(in)d, OUT = %(out)d, GS = %(group)d, BITS = %(bits)d, THREADS = %(threads)d,
+       KC = %(panel)d, PER_WORD = 32 / BITS, WORDS = IN / PER_WORD, G = IN / GS, BLOCKS = OUT / 8, RB = 2, TILE = 6 };
+/* y (NT tokens, NR row blocks) += x w^T over the panel of inputs k0 .. k0 + KC; MAKE: make the weights from the
+   words and leave them in wp (KC, RB * 8), else read them there */
+static inline __attribute__((always_inline)) void tile(float* restrict y, const float* restrict x, float* restrict wp,
+    const uint32_t* restrict w, const float* restrict s, const float* restrict bi, const int b0, const int k0,
+    const int NT, const int NR, const int MAKE) {
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  __m256 acc[RB][TILE];
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (long)t*OUT + r*8);
+  for (int g = k0 / GS; g < (k0 + KC) / GS; g++) {
+    __m256 scale[RB], bias[RB];
+    if (MAKE)
+      for (int r = 0; r < NR; r++) {
+        scale[r] = _mm256_loadu_ps(s + ((long)(b0 + r) * G + g) * 8);
+        bias[r] = _mm256_loadu_ps(bi + ((long)(b0 + r) * G + g) * 8);
+      }
+    for (int j = g * GS / PER_WORD; j < (g + 1) * GS / PER_WORD; j++) {
+      __m256i v[RB];
+      if (MAKE)
+        for (int r = 0; r < NR; r++) v[r] = _mm256_loadu_si256((const __m256i*)(w + ((long)(b0 + r) * WORDS + j) * 8));
+      for (int kk = 0; kk < PER_WORD; kk++) {
+        const int k = j * PER_WORD + kk;
+        __m256 wk[RB];
+        for (int r = 0; r < NR; r++) {
+          float* slot = wp + (k - k0) * RB * 8 + r * 8;
+          if (MAKE) {
+            __m256i q = _mm256_and_si256(_mm256_srli_epi32(v[r], kk * BITS), mask);
+            wk[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), scale[r], bias[r]);
+            _mm256_store_ps(slot, wk[r]);
+          } else
+            wk[r] = _mm256_load_ps(slot);
+        }
+        for (int t = 0; t < NT; t++) {
+          const __m256 xb = _mm256_broadcast_ss(x + (long)t*IN + k);
+          for (int r = 0; r < NR; r++) acc[r][t] = _mm256_fmadd_ps(wk[r], xb, acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (long)t*OUT + r*8, acc[r][t]);
+}
+/* all T tokens times row blocks b .. b + NR - 1, panel by panel */
+static inline __attribute__((always_inline)) void rows(float* restrict y, const float* restrict x,
+    const uint32_t* restrict w, const float* restrict s, const float* restrict bi, float* restrict wp, const int b,
+    const int NR) {
+  enum { FIRST = T < TILE ? T : TILE, REST = (T - FIRST) %% TILE };
+  for (int k0 = 0; k0 < IN; k0 += KC) {
+    tile(y + b*8, x, wp, w, s, bi, b, k0, FIRST, NR, 1);
+    int t = FIRST;
+    for (; t + TILE <= T; t += TILE) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, w, s, bi, b, k0, TILE, NR, 0);
+    if (REST) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, w, s, bi, b, k0, REST, NR, 0);
+  }
+}
+void NAME(float* restrict y, const float* restrict x, const uint32_t* restrict w, const float* restrict s,
+          const float* restrict bi, const int core_id) {
+  const int per = (BLOCKS + THREADS - 1) / THREADS, b0 = core_id * per, b1 = b0 + per < BLOCKS ? b0 + per : BLOCKS;
+  float wp[KC * RB * 8] __attribute__((aligned(32)));
+  int b = b0;
+  for (; b + RB <= b1; b += RB) rows(y, x, w, s, bi, wp, b, RB);
+  for (; b < b1; b++) rows(y, x, w, s, bi, wp, b, 1);
+}
+"""
+PANEL = 256  # inputs of a weight panel: 256 x 16 floats, 16 KB of L1
+
+
 def enable(device: str) -> bool:
-    """Use the kernel for `device`'s quantized decode products from now on (process-wide, as tinygrad's compiler
+    """Use the kernels for `device`'s quantized products from now on (process-wide, as tinygrad's compiler
     is), where the device is tinygrad's CPU with its C renderer, the compiler targets AVX2 and FMA and
     CLUSTERCTL_CPU_QUANT is not 0. Returns whether it is on."""
     global _enabled
@@ -125,9 +207,9 @@ def enable(device: str) -> bool:
 
 
 def applies(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: int) -> bool:
-    """Whether `matvec` computes this product: one token in float32, weights in blocks of 8 rows, a group whose
-    integer sums fit in int32."""
-    if not _enabled or x.shape[-2] != 1 or packed.ndim != 3 or packed.shape[-1] != ROW_BLOCK:
+    """Whether `matvec` (one token) or `matmul` (a prompt chunk) computes this product: activations in float32,
+    weights in blocks of 8 rows, a group whose integer sums fit in int32 (matvec's)."""
+    if not _enabled or packed.ndim != 3 or packed.shape[-1] != ROW_BLOCK:
         return False
     if bits not in (4, 8) or x.dtype != dtypes.float32 or scales.dtype != dtypes.float32:
         return False
@@ -144,13 +226,28 @@ def applies(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: in
 def matvec(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int) -> Tensor:
     """x (..., 1, in) float32 times the (out, in) weight that packed, scales and biases hold (blocks of 8 rows):
     (..., 1, out)."""
-    n_in, n_out = int(x.shape[-1]), int(packed.shape[0]) * ROW_BLOCK
+    return _product(_SOURCE, "matvec", x, packed, scales, biases, bits, group_size)
+
+
+def matmul(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int) -> Tensor:
+    """x (..., T, in) float32, a prompt chunk, times the same weight: (..., T, out)."""
+    return _product(_MATMUL_SOURCE, "matmul", x, packed, scales, biases, bits, group_size)
+
+
+def _product(
+    template: str, form: str, x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int
+) -> Tensor:
+    """One of the kernels as a tinygrad custom kernel over `x`'s rows (tokens), sliced by row blocks over the cores."""
+    n_in, n_out, tokens = int(x.shape[-1]), int(packed.shape[0]) * ROW_BLOCK, prod(int(d) for d in x.shape[:-1])
     threads = max(1, min(NUM_CPU_THREADS.value, n_out // ROW_BLOCK))
-    name = f"q{bits}_matvec_{n_in}_{n_out}_{group_size}"
-    sizes = {"in": n_in, "out": n_out, "group": group_size, "bits": bits, "threads": threads}
-    source = _SOURCE.replace("NAME", name) % sizes
+    name = f"q{bits}_{form}_{n_in}_{n_out}_{group_size}" + (f"_{tokens}" if tokens > 1 else "")
+    panel = max(p for p in range(group_size, min(PANEL, n_in) + 1, group_size) if n_in % p == 0)
+    sizes = {"in": n_in, "out": n_out, "group": group_size, "bits": bits, "threads": threads, "tokens": tokens}
+    sizes["panel"] = panel
+    source = template.replace("NAME", name) % sizes
     weight_bytes = packed.nbytes() + scales.nbytes() + biases.nbytes()
-    estimates = Estimates(ops=2 * n_in * n_out, lds=weight_bytes, mem=weight_bytes + 4 * (n_in + n_out))
+    io_bytes = 4 * tokens * (n_in + n_out)
+    estimates = Estimates(ops=2 * n_in * n_out * tokens, lds=weight_bytes + io_bytes, mem=weight_bytes + io_bytes)
 
     def kernel(y: UOp, xs: UOp, w: UOp, s: UOp, b: UOp) -> UOp:
         # what tinygrad reads of a kernel before running it: its buffers (y written, the rest read) and core_id
@@ -159,6 +256,7 @@ def matvec(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int,
         sink = y.flatten()[core.cast(dtypes.weakint)].store(reads).sink(arg=KernelInfo(name=name, estimates=estimates))
         return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=()), UOp(Ops.SOURCE, arg=source)))
 
-    out = Tensor.empty(n_out, dtype=dtypes.float32, device=x.device)
-    y = Tensor.custom_kernel(out, x.reshape(n_in).contiguous(), packed, scales, biases, fxn=kernel)[0]
+    out = Tensor.empty(tokens * n_out, dtype=dtypes.float32, device=x.device)
+    flat = x.reshape(tokens * n_in).contiguous()
+    y = Tensor.custom_kernel(out, flat, packed, scales, biases, fxn=kernel)[0]
     return y.reshape(*x.shape[:-1], n_out)

@@ -196,6 +196,13 @@ class QuantLinear:
         if gpu and not prompt and float_unpack():
             w = self.dequantize_float(packed, scales, biases)
             return x.float().linear(w.T, None if self.bias is None else self.bias.float()).cast(self.dtype)
+        bits, group = self.spec.bits, self.spec.group_size
+        if not gpu and self.row_blocked and cpu_quant.applies(x, self.packed, self.scales, bits, group):
+            # x86 with AVX2, hand-written kernels (cpu_quant): a decode product in integer multiply-adds, ~2x
+            # tinygrad's code below; a prompt chunk's matmul making each weight once for a tile of tokens, ~2x
+            product = cpu_quant.matmul if prompt else cpu_quant.matvec
+            y = product(x, self.packed, self.scales, self.biases, bits, group)
+            return y if self.bias is None else y + self.bias
         if prompt or gpu:
             w = self.dequantize(packed, scales, biases)
             if prompt and gpu:
@@ -204,10 +211,6 @@ class QuantLinear:
                 # x 8192x2048, bench/RESULTS.md); decode (one row) keeps it fused, gpu_matvec's form
                 w = w.contiguous()
             return x.linear(w.T, self.bias)
-        if self.row_blocked and cpu_quant.applies(x, self.packed, self.scales, self.spec.bits, self.spec.group_size):
-            # x86 with AVX2: integer multiply-adds of a hand-written kernel (cpu_quant), ~2x tinygrad's code below
-            y = cpu_quant.matvec(x, self.packed, self.scales, self.biases, self.spec.bits, self.spec.group_size)
-            return y if self.bias is None else y + self.bias
         # CPU decode: sum(w x) = sum_g scale_g * sum(q x) + bias_g * sum(x), one multiply per weight instead of
         # three (~2x faster, bench/). Each group's sum runs as one partial sum per position in a word, then
         # a short sum: a constant shift per partial sum and independent adds (1.6x faster than one sum).
