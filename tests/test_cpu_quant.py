@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, mlx_layer
-from tinygrad import Device, Tensor, TinyJit
+from conftest import FIXTURES, mlx_layer, row_blocks
+from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_matmul, cpu_quant
 from cluster.engine.shard import ShardEngine
+from cluster.models.decoder import Linear
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,25 @@ def test_prompt_chunk_matches_float64(bits: int, group: int, blocks: int, inputs
     assert f"q{bits}_matmul_{inputs}_{8 * blocks}_{group}_{tokens}" in [p.arg.name for p in programs(step)]
 
 
+@pytest.mark.parametrize(("blocks", "inputs", "tokens"), [(128, 2048, 16), (5, 72, 13), (3, 512, 64)])
+def test_bf16_prompt_chunk_matches_float64(blocks: int, inputs: int, tokens: int) -> None:
+    """The same GEMM over bf16 weights (uint16 bits in blocks of 8 rows, as the loader stores them on CPUs), each
+    widened to the float32 it stands for: float32's error."""
+    rng = np.random.default_rng(tokens)
+    bits = (rng.standard_normal((8 * blocks, inputs)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    w = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    layer = Linear(row_blocks(bits, 8).realize(), None, dtypes.float32, row_blocked=True)
+    x = rng.standard_normal((1, tokens, inputs)).astype(np.float32)
+    step = TinyJit(lambda t: layer(t).realize())
+    for _ in range(3):
+        got = step(Tensor(x).realize()).numpy()
+    ref = x[0].astype(np.float64) @ w.T
+    err = np.abs(got[0] - ref).max() / np.abs(ref).max()
+    assert err < 2e-6, f"relative error {err:.1e}"
+    assert f"bf16_matmul_{inputs}_{8 * blocks}_{tokens}" in [p.arg.name for p in programs(step)]
+    assert not cpu_quant.bf16_applies(Tensor(x[:, :1]), layer.weight)  # decode keeps decoder._matvec
+
+
 def test_other_layouts_keep_tinygrads_code() -> None:
     rng = np.random.default_rng(5)
     layer, w = mlx_layer(rng, 4, 64, 64, 256, scales=(-0.05, 0.05))
@@ -123,6 +143,7 @@ def test_the_switch_turns_it_off_for_a_new_engine() -> None:
 import sys
 import numpy as np
 from cluster.engine.shard import ShardEngine
+from cluster.models.decoder import Linear
 eng = ShardEngine(sys.argv[1], max_context=32, prefill_buckets=(4,))
 eng.new_session("s")
 ids = [eng.forward("s", [1, 2, 3]).token]
@@ -162,3 +183,12 @@ def test_an_engine_runs_prompts_and_decodes_through_the_kernels() -> None:
     names = [p.arg.name for p in programs(eng._prefill_jits[4])]
     assert sum(name.startswith("q4_matmul") and name.endswith("_4") for name in names) == 4 * 7
     assert sum(name.startswith("q4_matvec") for name in names) == 1
+
+
+def test_a_bf16_engine_runs_its_prompts_through_the_kernel() -> None:
+    eng = ShardEngine(FIXTURES / "llama32", max_context=32, prefill_buckets=(4,))
+    eng.new_session("s")
+    eng.forward("s", [1, 2, 3])
+    names = [p.arg.name for p in programs(eng._prefill_jits[4])]
+    # q, k, v, o, gate, up, down in each of 4 layers (the tied lm_head runs on the last row only)
+    assert sum(name.startswith("bf16_matmul") and name.endswith("_4") for name in names) == 4 * 7

@@ -327,7 +327,9 @@ def test_a_truncated_session_goes_on_like_a_fresh_one(engines):
     finally:
         eng.end_session(fresh)
         eng.end_session(used)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    # not to the bit: the two sessions split attention over other chunks, which moves float32 logprobs by ~1e-5
+    # (8e-6 through tinygrad's prompt matmuls, 1.4e-5 through cpu_quant's on x86)
+    np.testing.assert_allclose(got, want, atol=5e-5)
 
 
 def test_copying_host_data_of_the_wrong_size_into_an_engine_buffer_is_refused():

@@ -1,5 +1,5 @@
-"""Hand-written AVX2 kernels for the products of MLX-quantized weights (4-bit and 8-bit) on x86 CPUs: decode (one
-token) and prompt chunks.
+"""Hand-written AVX2 kernels for the products of narrow weights on x86 CPUs: MLX-quantized ones (4-bit and 8-bit) in
+decode (one token) and prompt chunks, and bf16 ones in prompt chunks.
 
 Decode. tinygrad's C for such a product converts every level to a float and multiplies it by its activation: about
 six vector instructions for eight weights, so a 4-bit model's decode was bound by instruction issue, not by memory
@@ -10,9 +10,11 @@ rounding residual, so the products keep float32's precision (errors near 1e-7 of
 float code; one int16 alone gave 3e-5, which moved the tests' logprobs by 5e-3). The group's integer sums are
 scaled once: y = sum_g scale_g * dx_g * (sum(q xq) + sum(q xr) / 65534) + bias_g * sum(x_g).
 
-Prompt chunks. A matmul is bound by multiply-adds, so the weights are made floats (q * scale + bias, as tinygrad's
-code makes them) once per chunk in small panels in L1, and a GEMM register tile runs over them (see _MATMUL_SOURCE):
-~1.5-2x tinygrad's tiled matmul on the same layout (cpu_matmul), which CPUs without AVX2 keep.
+Prompt chunks. A matmul is bound by multiply-adds, so the weights are made floats (q * scale + bias, or bf16 bits
+widened, as tinygrad's code makes them) once per chunk in small panels in L1, and a GEMM register tile runs over
+them (see _MATMUL_SOURCE): ~1.5-2.5x tinygrad's tiled matmul on the same layout (cpu_matmul), which CPUs without
+AVX2 keep. (bf16 decode stays tinygrad's code, at 77% of the memory floor on the test VM: not measured against
+this form.)
 
 The weights stay as the loader keeps them on CPUs (blocks of 8 rows, decoder.CPU_NARROW_ROW_BLOCK): one 256-bit
 load holds the same word of 8 rows, and masking a word with 0x000F000F (4-bit) puts level k and level k + 4 side
@@ -21,7 +23,7 @@ by side as int16s, a pair for vpmaddwd; shifting and masking it with 0xF gives l
 The kernels are C source handed to tinygrad as custom kernels (a PROGRAM with its own SOURCE): tinygrad compiles
 them with its CPU compiler, captures them in TinyJits and graph files, and runs them as `core_id` slices like its
 own kernels (cpu_threads runs those at once). `enable()` compiles a probe to check that the compiler targets AVX2
-and FMA; elsewhere (older x86, ARM), or with CLUSTERCTL_CPU_QUANT=0, QuantLinear keeps tinygrad's code.
+and FMA; elsewhere (older x86, ARM), or with CLUSTERCTL_CPU_QUANT=0, Linear and QuantLinear keep tinygrad's code.
 """
 
 from __future__ import annotations
@@ -108,26 +110,57 @@ void NAME(float* restrict y, const float* restrict x, const uint32_t* restrict w
 """
 
 
-# Y (T, OUT) = X (T, IN) W^T for a prompt chunk of T tokens, same weight layout, in float32 as tinygrad's code does
-# (each level made the float q * scale + bias, so the products are the same). A GEMM's register tile: 2 row blocks
-# x 6 tokens, 12 sums in registers, two weight vectors and one broadcast activation a step (a broadcast per
-# multiply-add, as one row block would take, left Zen 3's FMA pipes half idle). The weights are made in panels of
-# KC inputs x 16 rows in L1: the first tile of a panel makes them from the words and leaves them there, the other
-# tiles of tokens load them.
+# Y (T, OUT) = X (T, IN) W^T for a prompt chunk of T tokens, in float32 as tinygrad's code does (each level made the
+# float q * scale + bias, each bf16 widened, so the products are the same). A GEMM's register tile: 2 row blocks x 6
+# tokens, 12 sums in registers, two weight vectors and one broadcast activation a step (a broadcast per multiply-add,
+# as one row block would take, left Zen 3's FMA pipes half idle). The weights are made in panels of KC inputs x 16
+# rows in L1: the first tile of a panel makes them from the stored words and leaves them there, the other tiles of
+# tokens load them. BITS 16: bf16 weights (uint16 bits, the same blocks of 8 rows), no scales or biases.
 _MATMUL_SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
-enum { T = %(tokens)d, IN = %(in)d, OUT = %(out)d, GS = %(group)d, BITS = %(bits)d, THREADS = %(threads)d,
-       KC = %(panel)d, PER_WORD = 32 / BITS, WORDS = IN / PER_WORD, G = IN / GS, BLOCKS = OUT / 8, RB = 2, TILE = 6 };
+#define BITS %(bits)d
+enum { T = %(tokens)d, IN = %(in)d, OUT = %(out)d, GS = %(group)d, THREADS = %(threads)d,
+       KC = %(panel)d, PER_WORD = BITS == 16 ? 1 : 32 / BITS, WORDS = IN / PER_WORD, G = IN / GS, BLOCKS = OUT / 8,
+       RB = 2, TILE = 6 };
+#if BITS == 16
+#define WEIGHTS const uint16_t* restrict w
+#define WEIGHT_ARGS w
+#else
+#define WEIGHTS const uint32_t* restrict w, const float* restrict s, const float* restrict bi
+#define WEIGHT_ARGS w, s, bi
+#endif
+typedef struct { __m256 v[RB][TILE]; } sums;
+static inline __attribute__((always_inline)) void step(sums* acc, const __m256* wk, const float* restrict x,
+    const int k, const int NT, const int NR) {
+  for (int t = 0; t < NT; t++) {
+    const __m256 xb = _mm256_broadcast_ss(x + (long)t*IN + k);
+    for (int r = 0; r < NR; r++) acc->v[r][t] = _mm256_fmadd_ps(wk[r], xb, acc->v[r][t]);
+  }
+}
 /* y (NT tokens, NR row blocks) += x w^T over the panel of inputs k0 .. k0 + KC; MAKE: make the weights from the
-   words and leave them in wp (KC, RB * 8), else read them there */
+   stored ones and leave them in wp (KC, RB * 8), else read them there */
 static inline __attribute__((always_inline)) void tile(float* restrict y, const float* restrict x, float* restrict wp,
-    const uint32_t* restrict w, const float* restrict s, const float* restrict bi, const int b0, const int k0,
-    const int NT, const int NR, const int MAKE) {
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  __m256 acc[RB][TILE];
+    WEIGHTS, const int b0, const int k0, const int NT, const int NR, const int MAKE) {
+  sums acc;
   for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++) acc[r][t] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (long)t*OUT + r*8);
+    for (int t = 0; t < NT; t++) acc.v[r][t] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (long)t*OUT + r*8);
+#if BITS == 16
+  for (int k = k0; k < k0 + KC; k++) {
+    __m256 wk[RB];
+    for (int r = 0; r < NR; r++) {
+      float* slot = wp + (k - k0) * RB * 8 + r * 8;
+      if (MAKE) {  /* bf16 bits are the top half of the float32 */
+        __m128i bits = _mm_loadu_si128((const __m128i*)(w + ((long)(b0 + r) * IN + k) * 8));
+        wk[r] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+        _mm256_store_ps(slot, wk[r]);
+      } else
+        wk[r] = _mm256_load_ps(slot);
+    }
+    step(&acc, wk, x, k, NT, NR);
+  }
+#else
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
   for (int g = k0 / GS; g < (k0 + KC) / GS; g++) {
     __m256 scale[RB], bias[RB];
     if (MAKE)
@@ -151,35 +184,31 @@ static inline __attribute__((always_inline)) void tile(float* restrict y, const 
           } else
             wk[r] = _mm256_load_ps(slot);
         }
-        for (int t = 0; t < NT; t++) {
-          const __m256 xb = _mm256_broadcast_ss(x + (long)t*IN + k);
-          for (int r = 0; r < NR; r++) acc[r][t] = _mm256_fmadd_ps(wk[r], xb, acc[r][t]);
-        }
+        step(&acc, wk, x, k, NT, NR);
       }
     }
   }
+#endif
   for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (long)t*OUT + r*8, acc[r][t]);
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (long)t*OUT + r*8, acc.v[r][t]);
 }
 /* all T tokens times row blocks b .. b + NR - 1, panel by panel */
-static inline __attribute__((always_inline)) void rows(float* restrict y, const float* restrict x,
-    const uint32_t* restrict w, const float* restrict s, const float* restrict bi, float* restrict wp, const int b,
-    const int NR) {
+static inline __attribute__((always_inline)) void rows(float* restrict y, const float* restrict x, WEIGHTS,
+    float* restrict wp, const int b, const int NR) {
   enum { FIRST = T < TILE ? T : TILE, REST = (T - FIRST) %% TILE };
   for (int k0 = 0; k0 < IN; k0 += KC) {
-    tile(y + b*8, x, wp, w, s, bi, b, k0, FIRST, NR, 1);
+    tile(y + b*8, x, wp, WEIGHT_ARGS, b, k0, FIRST, NR, 1);
     int t = FIRST;
-    for (; t + TILE <= T; t += TILE) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, w, s, bi, b, k0, TILE, NR, 0);
-    if (REST) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, w, s, bi, b, k0, REST, NR, 0);
+    for (; t + TILE <= T; t += TILE) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, WEIGHT_ARGS, b, k0, TILE, NR, 0);
+    if (REST) tile(y + (long)t*OUT + b*8, x + (long)t*IN, wp, WEIGHT_ARGS, b, k0, REST, NR, 0);
   }
 }
-void NAME(float* restrict y, const float* restrict x, const uint32_t* restrict w, const float* restrict s,
-          const float* restrict bi, const int core_id) {
+void NAME(float* restrict y, const float* restrict x, WEIGHTS, const int core_id) {
   const int per = (BLOCKS + THREADS - 1) / THREADS, b0 = core_id * per, b1 = b0 + per < BLOCKS ? b0 + per : BLOCKS;
   float wp[KC * RB * 8] __attribute__((aligned(32)));
   int b = b0;
-  for (; b + RB <= b1; b += RB) rows(y, x, w, s, bi, wp, b, RB);
-  for (; b < b1; b++) rows(y, x, w, s, bi, wp, b, 1);
+  for (; b + RB <= b1; b += RB) rows(y, x, WEIGHT_ARGS, wp, b, RB);
+  for (; b < b1; b++) rows(y, x, WEIGHT_ARGS, wp, b, 1);
 }
 """
 PANEL = 256  # inputs of a weight panel: 256 x 16 floats, 16 KB of L1
@@ -226,37 +255,57 @@ def applies(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: in
 def matvec(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int) -> Tensor:
     """x (..., 1, in) float32 times the (out, in) weight that packed, scales and biases hold (blocks of 8 rows):
     (..., 1, out)."""
-    return _product(_SOURCE, "matvec", x, packed, scales, biases, bits, group_size)
+    return _product(_SOURCE, f"q{bits}_matvec", x, [packed, scales, biases], bits, group_size)
 
 
 def matmul(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int) -> Tensor:
     """x (..., T, in) float32, a prompt chunk, times the same weight: (..., T, out)."""
-    return _product(_MATMUL_SOURCE, "matmul", x, packed, scales, biases, bits, group_size)
+    return _product(_MATMUL_SOURCE, f"q{bits}_matmul", x, [packed, scales, biases], bits, group_size)
 
 
-def _product(
-    template: str, form: str, x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int
-) -> Tensor:
-    """One of the kernels as a tinygrad custom kernel over `x`'s rows (tokens), sliced by row blocks over the cores."""
-    n_in, n_out, tokens = int(x.shape[-1]), int(packed.shape[0]) * ROW_BLOCK, prod(int(d) for d in x.shape[:-1])
+def bf16_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether `bf16_matmul` computes this product: a prompt chunk in float32, bf16 bits in blocks of 8 rows."""
+    return (
+        _enabled
+        and isinstance(x.shape[-2], int)
+        and x.shape[-2] > 1
+        and x.dtype == dtypes.float32
+        and weight.dtype == dtypes.uint16
+        and weight.ndim == 3
+        and weight.shape[-1] == ROW_BLOCK
+        and str(x.device).split(":")[0] == "CPU"
+    )
+
+
+def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., T, in) float32 times a bf16 weight stored as (out/8, in, 8) uint16 bits: (..., T, out)."""
+    return _product(_MATMUL_SOURCE, "bf16_matmul", x, [weight], 16, ROW_BLOCK)
+
+
+def _product(template: str, form: str, x: Tensor, weights: list[Tensor], bits: int, group_size: int) -> Tensor:
+    """One of the kernels as a tinygrad custom kernel over `x`'s rows (tokens), sliced by row blocks over the cores.
+    `weights`: the stored weight (blocks of 8 rows) and, for MLX ones, its scales and biases."""
+    n_in, n_out, tokens = int(x.shape[-1]), int(weights[0].shape[0]) * ROW_BLOCK, prod(int(d) for d in x.shape[:-1])
     threads = max(1, min(NUM_CPU_THREADS.value, n_out // ROW_BLOCK))
-    name = f"q{bits}_{form}_{n_in}_{n_out}_{group_size}" + (f"_{tokens}" if tokens > 1 else "")
+    name = f"{form}_{n_in}_{n_out}" + (f"_{group_size}" if bits < 16 else "") + (f"_{tokens}" if tokens > 1 else "")
     panel = max(p for p in range(group_size, min(PANEL, n_in) + 1, group_size) if n_in % p == 0)
     sizes = {"in": n_in, "out": n_out, "group": group_size, "bits": bits, "threads": threads, "tokens": tokens}
     sizes["panel"] = panel
     source = template.replace("NAME", name) % sizes
-    weight_bytes = packed.nbytes() + scales.nbytes() + biases.nbytes()
+    weight_bytes = sum(w.nbytes() for w in weights)
     io_bytes = 4 * tokens * (n_in + n_out)
     estimates = Estimates(ops=2 * n_in * n_out * tokens, lds=weight_bytes + io_bytes, mem=weight_bytes + io_bytes)
 
-    def kernel(y: UOp, xs: UOp, w: UOp, s: UOp, b: UOp) -> UOp:
+    def kernel(y: UOp, xs: UOp, *ws: UOp) -> UOp:
         # what tinygrad reads of a kernel before running it: its buffers (y written, the rest read) and core_id
-        core = UOp.param(5, dtypes.int, vmin_vmax=(0, threads - 1), name="core_id", addrspace=AddrSpace.ALU)
-        reads = xs.flatten()[0] + s.flatten()[0] + b.flatten()[0] + w.flatten()[0].cast(dtypes.float32)
+        core = UOp.param(2 + len(ws), dtypes.int, vmin_vmax=(0, threads - 1), name="core_id", addrspace=AddrSpace.ALU)
+        reads = xs.flatten()[0]
+        for w in ws:
+            reads = reads + w.flatten()[0].cast(dtypes.float32)
         sink = y.flatten()[core.cast(dtypes.weakint)].store(reads).sink(arg=KernelInfo(name=name, estimates=estimates))
         return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=()), UOp(Ops.SOURCE, arg=source)))
 
     out = Tensor.empty(tokens * n_out, dtype=dtypes.float32, device=x.device)
     flat = x.reshape(tokens * n_in).contiguous()
-    y = Tensor.custom_kernel(out, flat, packed, scales, biases, fxn=kernel)[0]
+    y = Tensor.custom_kernel(out, flat, *weights, fxn=kernel)[0]
     return y.reshape(*x.shape[:-1], n_out)

@@ -131,6 +131,10 @@ class Linear:
         return w if w.dtype == self.dtype else w.cast(self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.row_blocked and cpu_quant.bf16_applies(x, self.weight):
+            # a prompt chunk on x86 with AVX2: cpu_quant's GEMM widens each bf16 weight once for a tile of tokens
+            y = cpu_quant.bf16_matmul(x, self.weight)
+            return y if self.bias is None else y + self.bias
         w = self.widen(self.matrix())
         if x.shape[-2] == 1 and w.shape[1] % _LANES == 0 and cpu_codegen(w):
             return _matvec(x, w, self.bias)
