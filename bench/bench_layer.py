@@ -96,7 +96,7 @@ def main() -> None:
         f"{args.weights} {args.n_in}->{args.n_out} x{args.tokens} tokens, {args.copies} copies: "
         f"median {med * 1e3:.3f} ms ({work / med / 1e9:.1f} {unit}), best {best * 1e3:.3f} ms "
         f"({work / best / 1e9:.1f}), max error {err:.1e}"
-        + (", cpu_quant kernel" if quant_kernel and args.weights != "bf16" and args.tokens == 1 else "")
+        + (", cpu_quant kernel" if quant_kernel and (args.weights != "bf16" or args.tokens > 1) else "")
     )
 
 
