@@ -104,6 +104,17 @@ def mlx_layer(
     return layer, w.reshape(out, inputs)
 
 
+def jit_programs(jit: Any) -> list[Any]:
+    """The programs (PROGRAM uops) one replay of a captured TinyJit runs, in order (graph batches expanded)."""
+    from tinygrad.uop.ops import Ops
+
+    calls = []
+    for call in jit.captured.linear.src:
+        ast = call.src[0]
+        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call])
+    return [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
+
+
 def graph_runners(jit: Any) -> list[Any]:
     """The graph runners a captured TinyJit replays through."""
     from tinygrad.engine.realize import graph_cache

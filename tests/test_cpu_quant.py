@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any
 
 import numpy as np
 import pytest
 from conftest import FIXTURES, mlx_layer, row_blocks
+from conftest import jit_programs as programs
 from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import NUM_CPU_THREADS
-from tinygrad.uop.ops import Ops
 
 from cluster.engine import cpu_matmul, cpu_quant
 from cluster.engine.shard import ShardEngine
@@ -29,15 +28,6 @@ from cluster.models.decoder import Linear
 def _kernel_on() -> None:
     if Device.DEFAULT != "CPU" or not cpu_matmul.enable() or not cpu_quant.enable("CPU"):
         pytest.skip("needs tinygrad's CPU device on an x86 CPU with AVX2 and FMA")
-
-
-def programs(jit: Any) -> list[Any]:
-    """The programs one replay of a captured TinyJit runs, in order (graph batches expanded)."""
-    calls = []
-    for call in jit.captured.linear.src:
-        ast = call.src[0]
-        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call])
-    return [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,11 @@ def enable(device: str) -> bool:
     return True
 
 
+def enabled() -> bool:
+    """Whether `enable` turned the kernels on in this process."""
+    return _enabled
+
+
 def applies(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: int) -> bool:
     """Whether `matvec` (one token) or `matmul` (a prompt chunk) computes this product: activations in float32,
     weights in blocks of 8 rows, a group whose integer sums fit in int32 (matvec's)."""
@@ -296,16 +301,23 @@ def _product(template: str, form: str, x: Tensor, weights: list[Tensor], bits: i
     io_bytes = 4 * tokens * (n_in + n_out)
     estimates = Estimates(ops=2 * n_in * n_out * tokens, lds=weight_bytes + io_bytes, mem=weight_bytes + io_bytes)
 
-    def kernel(y: UOp, xs: UOp, *ws: UOp) -> UOp:
+    out = Tensor.empty(tokens * n_out, dtype=dtypes.float32, device=x.device)
+    flat = x.reshape(tokens * n_in).contiguous()
+    y = run_c_kernel(name, source, threads, estimates, out, flat, *weights)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def run_c_kernel(name: str, source: str, threads: int, estimates: Estimates, out: Tensor, *inputs: Tensor) -> Tensor:
+    """`out` written by the C function `name` in `source`, called as name(out, *inputs, core_id) once for each
+    core_id in [0, threads) (cpu_threads runs them at once): tinygrad compiles it and captures it like its own."""
+
+    def kernel(y: UOp, *xs: UOp) -> UOp:
         # what tinygrad reads of a kernel before running it: its buffers (y written, the rest read) and core_id
-        core = UOp.param(2 + len(ws), dtypes.int, vmin_vmax=(0, threads - 1), name="core_id", addrspace=AddrSpace.ALU)
-        reads = xs.flatten()[0]
-        for w in ws:
-            reads = reads + w.flatten()[0].cast(dtypes.float32)
+        core = UOp.param(1 + len(xs), dtypes.int, vmin_vmax=(0, threads - 1), name="core_id", addrspace=AddrSpace.ALU)
+        reads = xs[0].flatten()[0].cast(dtypes.float32)
+        for x in xs[1:]:
+            reads = reads + x.flatten()[0].cast(dtypes.float32)
         sink = y.flatten()[core.cast(dtypes.weakint)].store(reads).sink(arg=KernelInfo(name=name, estimates=estimates))
         return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=()), UOp(Ops.SOURCE, arg=source)))
 
-    out = Tensor.empty(tokens * n_out, dtype=dtypes.float32, device=x.device)
-    flat = x.reshape(tokens * n_in).contiguous()
-    y = Tensor.custom_kernel(out, flat, *weights, fxn=kernel)[0]
-    return y.reshape(*x.shape[:-1], n_out)
+    return Tensor.custom_kernel(out, *inputs, fxn=kernel)[0]

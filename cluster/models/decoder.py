@@ -14,7 +14,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 
-from cluster.engine import cpu_quant
+from cluster.engine import cpu_attention, cpu_quant
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
 from cluster.weights import Checkpoint, CheckpointError, row_blocked, widen_bf16
 
@@ -332,7 +332,11 @@ class Block:
         values = cache[1, :, :, 0:span, :]
         # scores, softmax and weighted sum in float32, as transformers does for half models (and tinygrad 0.14's
         # OpenCL renderer cannot compile a max over half values)
-        attn = q.float().scaled_dot_product_attention(keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+        if T > 1 and cpu_attention.applies(q, cache):
+            # x86 with AVX2: a flash-attention kernel reading the cache itself (~4 GFLOP/s in tinygrad's code)
+            attn = cpu_attention.attention(q, cache, start_pos)
+        else:
+            attn = q.float().scaled_dot_product_attention(keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
         attn = attn.cast(x.dtype).transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
         if T > 1 and not cpu_codegen(attn):
             # on GPUs a prompt chunk's heads are written token by token, so o's product reads plain rows and gets
