@@ -27,6 +27,7 @@ from tinygrad.renderer import Estimates
 from tinygrad.uop.ops import UOp
 
 from cluster.engine import cpu_quant
+from cluster.engine.c_kernel import EXP_NEG, run_c_kernel
 
 ROWS = 16  # query rows of a tile: two vectors
 
@@ -35,23 +36,7 @@ _SOURCE = r"""
 #include <stdint.h>
 enum { H = %(heads)d, KV = %(kv)d, G = H / KV, T = %(tokens)d, HD = %(hd)d, L = %(length)d, THREADS = %(threads)d,
        ROWS = G * T, TILES = (ROWS + 15) / 16, KB = 5 };
-/* e^x for x <= 0: 2^n p(r), Cephes' expf polynomial; below -87 it flushes to ~1e-38 */
-static inline __m256 exp_neg(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+%(exp)s
 /* y (H, T, HD) = softmax(q k^T * scale, causal) v for q (H, T, HD) and cache (2, KV, L, HD); pos[0]: the chunk's
    first position */
 void NAME(float* restrict y, const float* restrict q, const float* restrict cache, const int* restrict pos,
@@ -160,11 +145,11 @@ def attention(q: Tensor, cache: Tensor, start_pos: int | UOp) -> Tensor:
     threads = max(1, min(NUM_CPU_THREADS.value, kv * tiles))
     name = f"attention_{heads}_{kv}_{hd}_{tokens}"
     sizes = {"heads": heads, "kv": kv, "tokens": tokens, "hd": hd, "length": length, "threads": threads}
-    source = _SOURCE.replace("NAME", name) % {**sizes, "scale": 1 / math.sqrt(hd)}
+    source = _SOURCE.replace("NAME", name) % {**sizes, "scale": 1 / math.sqrt(hd), "exp": EXP_NEG}
     # estimates for a full cache (the span is not known here): scores and weighted sums
     estimates = Estimates(ops=4 * heads * tokens * length * hd, lds=cache.nbytes(), mem=cache.nbytes())
     out = Tensor.empty(heads * tokens * hd, dtype=dtypes.float32, device=q.device)
     pos = Tensor.full((1,), start_pos, dtype=dtypes.int32, device=q.device).contiguous()
     flat_q = q.reshape(heads * tokens * hd).contiguous()
-    y = cpu_quant.run_c_kernel(name, source, threads, estimates, out, flat_q, cache, pos)
+    y = run_c_kernel(name, source, threads, estimates, out, flat_q, cache, pos)
     return y.reshape(1, heads, tokens, hd)

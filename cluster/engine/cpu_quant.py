@@ -34,11 +34,11 @@ import platform
 from math import prod
 
 from tinygrad import Device, Tensor, dtypes
-from tinygrad.dtype import AddrSpace
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.renderer import Estimates
 from tinygrad.renderer.cstyle import ClangRenderer
-from tinygrad.uop.ops import KernelInfo, Ops, UOp
+
+from cluster.engine.c_kernel import run_c_kernel
 
 log = logging.getLogger(__name__)
 
@@ -305,19 +305,3 @@ def _product(template: str, form: str, x: Tensor, weights: list[Tensor], bits: i
     flat = x.reshape(tokens * n_in).contiguous()
     y = run_c_kernel(name, source, threads, estimates, out, flat, *weights)
     return y.reshape(*x.shape[:-1], n_out)
-
-
-def run_c_kernel(name: str, source: str, threads: int, estimates: Estimates, out: Tensor, *inputs: Tensor) -> Tensor:
-    """`out` written by the C function `name` in `source`, called as name(out, *inputs, core_id) once for each
-    core_id in [0, threads) (cpu_threads runs them at once): tinygrad compiles it and captures it like its own."""
-
-    def kernel(y: UOp, *xs: UOp) -> UOp:
-        # what tinygrad reads of a kernel before running it: its buffers (y written, the rest read) and core_id
-        core = UOp.param(1 + len(xs), dtypes.int, vmin_vmax=(0, threads - 1), name="core_id", addrspace=AddrSpace.ALU)
-        reads = xs[0].flatten()[0].cast(dtypes.float32)
-        for x in xs[1:]:
-            reads = reads + x.flatten()[0].cast(dtypes.float32)
-        sink = y.flatten()[core.cast(dtypes.weakint)].store(reads).sink(arg=KernelInfo(name=name, estimates=estimates))
-        return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=()), UOp(Ops.SOURCE, arg=source)))
-
-    return Tensor.custom_kernel(out, *inputs, fxn=kernel)[0]

@@ -14,7 +14,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 
-from cluster.engine import cpu_attention, cpu_quant
+from cluster.engine import cpu_attention, cpu_quant, cpu_silu
 from cluster.models.config import ModelConfig, QuantSpec, RopeConfig
 from cluster.weights import Checkpoint, CheckpointError, row_blocked, widen_bf16
 
@@ -351,6 +351,8 @@ class Block:
         else:
             # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)
             gate, up = m["gate"](h).contiguous(), m["up"](h).contiguous()
+        if cpu_silu.applies(gate):  # x86 with AVX2: 8 lanes on every core, ~20x tinygrad's code
+            return x + m["down"](cpu_silu.silu_mul(gate, up))
         return x + m["down"]((gate.silu() * up).contiguous())
 
 
