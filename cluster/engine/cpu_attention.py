@@ -1,20 +1,21 @@
-"""A hand-written AVX2 kernel for a prompt chunk's attention on x86 CPUs: causal, grouped-query, read straight from
-the KV cache.
+"""A hand-written AVX2 kernel for attention on x86 CPUs: causal, grouped-query, read straight from the KV cache,
+for prompt chunks and decode steps alike.
 
-tinygrad's code for the scores of a chunk against the cached positions (a symbolic span, RoPE and the grouped heads
-folded into its index arithmetic) read every key element alone: ~4 GFLOP/s on the test VM, so attention grew to a
-third of the time to the first token at a few hundred positions and most of it for a chunk after a long chat
-(bench/RESULTS.md). This kernel is a flash-attention loop: for a tile of 16 query rows (the heads that share a KV
-head, token by token) it walks the cached keys in blocks of 5, keeps the scores of the block in registers with the
-16 rows across the vector lanes (the tile's queries transposed once into L1, so each key element is one broadcast
-for 16 rows), updates each row's running maximum and sum (online softmax) and adds the block's values into the
-tile's output, also transposed in L1. Float32 throughout, as the engine's attention on CPUs; exp is a Cephes-style
-polynomial (errors of ~1e-7 relative).
+tinygrad's code for attention against a symbolic span of cached positions (RoPE and the grouped heads folded into
+its index arithmetic) read every key element alone: ~4 GFLOP/s on the test VM, so attention grew to a third of the
+time to the first token at a few hundred positions, and a 1B decode step at 1000 positions took 121 ms against
+~50 ms at the start (bench/RESULTS.md). This kernel is a flash-attention loop: for a tile of 16 query rows (the
+heads that share a KV head, token by token) it walks the cached keys in blocks of 5, keeps the scores of the block
+in registers with the 16 rows across the vector lanes (the tile's queries transposed once into L1, so each key
+element is one broadcast for 16 rows), updates each row's running maximum and sum (online softmax) and adds the
+block's values into the tile's output, also transposed in L1. Float32 throughout, as the engine's attention on
+CPUs; exp is c_kernel.EXP_NEG. A decode step fills 4 of a tile's 16 rows for a model with 4 query heads per KV
+head: wasteful, and still ~2x faster than tinygrad's code at 1000 positions.
 
 Query row r of KV head h is query head h * G + r // T at token r % T, at absolute position start + r % T, and sees
 keys 0 .. start + r % T (the causal mask attention_mask makes); start is read from a one-element buffer, since a
 C kernel handed to tinygrad cannot take its symbolic variables. Used where cpu_quant's kernels are
-(`cpu_quant.enabled()`: x86 with AVX2 and FMA, CLUSTERCTL_CPU_QUANT not 0); decode steps keep tinygrad's code.
+(`cpu_quant.enabled()`: x86 with AVX2 and FMA, CLUSTERCTL_CPU_QUANT not 0).
 """
 
 from __future__ import annotations
@@ -121,12 +122,11 @@ void NAME(float* restrict y, const float* restrict q, const float* restrict cach
 
 
 def applies(q: Tensor, cache: Tensor) -> bool:
-    """Whether `attention` computes this chunk's attention: a prompt chunk (several tokens) in float32 of one sequence,
-    a float32 cache on the CPU, heads a multiple of 8 wide."""
+    """Whether `attention` computes this attention: queries in float32 of one sequence, a float32 cache on the CPU,
+    heads a multiple of 8 wide."""
     return (
         cpu_quant.enabled()
         and isinstance(q.shape[-2], int)
-        and q.shape[-2] > 1
         and q.shape[0] == 1
         and q.dtype == dtypes.float32
         and cache.dtype == dtypes.float32

@@ -332,8 +332,8 @@ class Block:
         values = cache[1, :, :, 0:span, :]
         # scores, softmax and weighted sum in float32, as transformers does for half models (and tinygrad 0.14's
         # OpenCL renderer cannot compile a max over half values)
-        if T > 1 and cpu_attention.applies(q, cache):
-            # x86 with AVX2: a flash-attention kernel reading the cache itself (~4 GFLOP/s in tinygrad's code)
+        if cpu_attention.applies(q, cache):
+            # x86 with AVX2: a flash-attention kernel reading the cache itself (tinygrad's code: ~4 GFLOP/s)
             attn = cpu_attention.attention(q, cache, start_pos)
         else:
             attn = q.float().scaled_dot_product_attention(keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
