@@ -15,7 +15,7 @@ head: wasteful, and still ~2x faster than tinygrad's code at 1000 positions.
 Query row r of KV head h is query head h * G + r // T at token r % T, at absolute position start + r % T, and sees
 keys 0 .. start + r % T (the causal mask attention_mask makes); start is read from a one-element buffer, since a
 C kernel handed to tinygrad cannot take its symbolic variables. Used where cpu_quant's kernels are
-(`cpu_quant.enabled()`: x86 with AVX2 and FMA, CLUSTERCTL_CPU_QUANT not 0).
+(`cpu_quant.takes`: x86 with AVX2 and FMA, CLUSTERCTL_CPU_QUANT not 0).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _SOURCE = r"""
 enum { H = %(heads)d, KV = %(kv)d, G = H / KV, T = %(tokens)d, HD = %(hd)d, L = %(length)d, THREADS = %(threads)d,
        ROWS = G * T, TILES = (ROWS + 15) / 16, KB = 5 };
 %(exp)s
-/* y (H, T, HD) = softmax(q k^T * scale, causal) v for q (H, T, HD) and cache (2, KV, L, HD); pos[0]: the chunk's
+/* y (T, H, HD) = softmax(q k^T * scale, causal) v for q (H, T, HD) and cache (2, KV, L, HD); pos[0]: the chunk's
    first position */
 void NAME(float* restrict y, const float* restrict q, const float* restrict cache, const int* restrict pos,
           const int core_id) {
@@ -114,7 +114,8 @@ void NAME(float* restrict y, const float* restrict q, const float* restrict cach
     _mm256_store_ps(l + 8, l1);
     for (int i = 0; i < 16 && r0 + i < ROWS; i++) {
       const float inv = 1.f / l[i];
-      for (int d = 0; d < HD; d++) y[((long)kh * ROWS + r0 + i) * HD + d] = ot[d][i] * inv;
+      const int r = r0 + i;  /* query head kh * G + r / T, token r %% T */
+      for (int d = 0; d < HD; d++) y[((long)(r %% T) * H + kh * G + r / T) * HD + d] = ot[d][i] * inv;
     }
   }
 }
@@ -125,13 +126,11 @@ def applies(q: Tensor, cache: Tensor) -> bool:
     """Whether `attention` computes this attention: queries in float32 of one sequence, a float32 cache on the CPU,
     heads a multiple of 8 wide."""
     return (
-        cpu_quant.enabled()
+        cpu_quant.takes(q)
         and isinstance(q.shape[-2], int)
         and q.shape[0] == 1
-        and q.dtype == dtypes.float32
         and cache.dtype == dtypes.float32
         and int(q.shape[-1]) % 8 == 0
-        and str(q.device).split(":")[0] == "CPU"
     )
 
 
@@ -150,6 +149,6 @@ def attention(q: Tensor, cache: Tensor, start_pos: int | UOp) -> Tensor:
     estimates = Estimates(ops=4 * heads * tokens * length * hd, lds=cache.nbytes(), mem=cache.nbytes())
     out = Tensor.empty(heads * tokens * hd, dtype=dtypes.float32, device=q.device)
     pos = Tensor.full((1,), start_pos, dtype=dtypes.int32, device=q.device).contiguous()
-    flat_q = q.reshape(heads * tokens * hd).contiguous()
-    y = run_c_kernel(name, source, threads, estimates, out, flat_q, cache, pos)
-    return y.reshape(1, heads, tokens, hd)
+    y = run_c_kernel(name, source, threads, estimates, out, q.reshape(heads * tokens * hd), cache, pos)
+    # written token by token, so the heads' concatenation that o's product reads is this buffer as it is
+    return y.reshape(1, tokens, heads, hd).permute(0, 2, 1, 3)

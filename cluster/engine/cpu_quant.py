@@ -235,26 +235,22 @@ def enable(device: str) -> bool:
     return True
 
 
-def enabled() -> bool:
-    """Whether `enable` turned the kernels on in this process."""
-    return _enabled
+def takes(x: Tensor) -> bool:
+    """Whether the hand-written kernels (these, cpu_attention's, cpu_silu's) can take activations x: `enable`
+    turned them on in this process, and x is float32 on tinygrad's CPU device."""
+    return _enabled and x.dtype == dtypes.float32 and str(x.device).split(":")[0] == "CPU"
 
 
 def applies(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: int) -> bool:
     """Whether `matvec` (one token) or `matmul` (a prompt chunk) computes this product: activations in float32,
     weights in blocks of 8 rows, a group whose integer sums fit in int32 (matvec's)."""
-    if not _enabled or packed.ndim != 3 or packed.shape[-1] != ROW_BLOCK:
+    if not takes(x) or packed.ndim != 3 or packed.shape[-1] != ROW_BLOCK:
         return False
-    if bits not in (4, 8) or x.dtype != dtypes.float32 or scales.dtype != dtypes.float32:
+    if bits not in (4, 8) or scales.dtype != dtypes.float32:
         return False
     n_in = int(x.shape[-1])
     per_word = 32 // bits
-    return (
-        n_in % group_size == 0
-        and group_size % per_word == 0
-        and ((1 << bits) - 1) * INT16_MAX * group_size < 2**31
-        and str(x.device).split(":")[0] == "CPU"
-    )
+    return n_in % group_size == 0 and group_size % per_word == 0 and ((1 << bits) - 1) * INT16_MAX * group_size < 2**31
 
 
 def matvec(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int, group_size: int) -> Tensor:
@@ -271,14 +267,12 @@ def matmul(x: Tensor, packed: Tensor, scales: Tensor, biases: Tensor, bits: int,
 def bf16_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether `bf16_matmul` computes this product: a prompt chunk in float32, bf16 bits in blocks of 8 rows."""
     return (
-        _enabled
+        takes(x)
         and isinstance(x.shape[-2], int)
         and x.shape[-2] > 1
-        and x.dtype == dtypes.float32
         and weight.dtype == dtypes.uint16
         and weight.ndim == 3
         and weight.shape[-1] == ROW_BLOCK
-        and str(x.device).split(":")[0] == "CPU"
     )
 
 
@@ -302,6 +296,5 @@ def _product(template: str, form: str, x: Tensor, weights: list[Tensor], bits: i
     estimates = Estimates(ops=2 * n_in * n_out * tokens, lds=weight_bytes + io_bytes, mem=weight_bytes + io_bytes)
 
     out = Tensor.empty(tokens * n_out, dtype=dtypes.float32, device=x.device)
-    flat = x.reshape(tokens * n_in).contiguous()
-    y = run_c_kernel(name, source, threads, estimates, out, flat, *weights)
+    y = run_c_kernel(name, source, threads, estimates, out, x.reshape(tokens * n_in), *weights)
     return y.reshape(*x.shape[:-1], n_out)

@@ -3,7 +3,7 @@
 tinygrad's CPU code for it computes exp2 four lanes at a time with its range checks and a division per element, on
 one core: 1.3 ms for a 16-token chunk of the 1B model (8192 wide, ~10 ns a value), ~6% of a short prompt's time
 (bench/RESULTS.md). Here 8 lanes a step on every core, e^-|x| from c_kernel.EXP_NEG (so no overflow for either
-sign): 0.10 ms for the same chunk. Decode steps use it too. Used where cpu_quant's kernels are (`cpu_quant.enabled()`).
+sign): 0.10 ms for the same chunk. Decode steps use it too. Used where cpu_quant's kernels are (`cpu_quant.takes`).
 """
 
 from __future__ import annotations
@@ -37,13 +37,7 @@ void NAME(float* restrict y, const float* restrict gate, const float* restrict u
 
 def applies(gate: Tensor) -> bool:
     """Whether `silu_mul` computes silu(gate) * up for this gate: float32 on the CPU, a multiple of 8 wide."""
-    return (
-        cpu_quant.enabled()
-        and gate.dtype == dtypes.float32
-        and all(isinstance(d, int) for d in gate.shape)
-        and int(gate.shape[-1]) % 8 == 0
-        and str(gate.device).split(":")[0] == "CPU"
-    )
+    return cpu_quant.takes(gate) and all(isinstance(d, int) for d in gate.shape) and int(gate.shape[-1]) % 8 == 0
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -54,5 +48,4 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     source = _SOURCE.replace("NAME", name) % {"n": n, "threads": threads, "exp": EXP_NEG}
     estimates = Estimates(ops=20 * n, lds=12 * n, mem=12 * n)
     out = Tensor.empty(n, dtype=dtypes.float32, device=gate.device)
-    flat = [t.reshape(n).contiguous() for t in (gate, up)]
-    return run_c_kernel(name, source, threads, estimates, out, *flat).reshape(gate.shape)
+    return run_c_kernel(name, source, threads, estimates, out, gate.reshape(n), up.reshape(n)).reshape(gate.shape)

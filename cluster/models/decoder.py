@@ -349,10 +349,12 @@ class Block:
             F = cfg.intermediate_size
             gate, up = gate_up[..., :F], gate_up[..., F:]
         else:
-            # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)
-            gate, up = m["gate"](h).contiguous(), m["up"](h).contiguous()
+            gate, up = m["gate"](h), m["up"](h)
         if cpu_silu.applies(gate):  # x86 with AVX2: 8 lanes on every core, ~12x tinygrad's code
-            return x + m["down"](cpu_silu.silu_mul(gate, up))
+            return x + m["down"](cpu_silu.silu_mul(gate, up))  # it realizes gate and up on their own
+        if "gate_up" not in m:
+            # realized separately: fused into one kernel, tinygrad's CPU matvecs run ~1.6x slower (bench/)
+            gate, up = gate.contiguous(), up.contiguous()
         return x + m["down"]((gate.silu() * up).contiguous())
 
 
